@@ -1,0 +1,1 @@
+"""The ``cka-split`` command line: parses, prints, exits. No logic beyond wiring."""

@@ -1,0 +1,58 @@
+"""The typer app and the one error path: a :class:`UserError` (or a usage error) becomes one line
+on stderr and exit code 2; any other exception is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from vitsplit.errors import UserError
+
+app = typer.Typer(
+    name="cka-split",
+    help="Find where a ViT's layers split into shared and task-specific groups (CKA), and train ViT-Split with that split.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def not_built(what: str) -> UserError:
+    return UserError(f"'{what}' is not built yet in this version of cka-split; see the README for what works")
+
+
+# Each command lives in its own module and registers itself on `app`.
+from cli import analyze, demo, evaluate, recommend, report, train  # noqa: E402,F401
+
+
+# typer >= 0.20 vendors click; take its exception classes from typer itself.
+_MRO = {c.__name__: c for c in typer.BadParameter.__mro__}
+_UsageError, _ClickException = _MRO["UsageError"], _MRO["ClickException"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``cka-split`` and ``python -m cli``."""
+    try:
+        rv = app(args=argv, prog_name="cka-split", standalone_mode=False)
+    except UserError as e:
+        print(f"cka-split: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except _UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `cka-split`: help was wanted
+            print(e.ctx.get_help() if e.ctx is not None else e.format_message())
+            sys.exit(0)
+        cmd = e.ctx.command_path if e.ctx is not None else "cka-split"
+        msg = " ".join(e.format_message().split())
+        print(f"cka-split: error: {msg} (see '{cmd} --help')", file=sys.stderr)
+        sys.exit(2)
+    except _ClickException as e:
+        print(f"cka-split: error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("cka-split: aborted", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,56 @@
+"""Rich rendering of :class:`vitsplit.progress.Progress` for the terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichBar, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+from vitsplit.progress import Progress, ProgressTask
+
+console = Console(stderr=True)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class _RichTask(ProgressTask):
+    def __init__(self, bar: RichBar, task_id: int):
+        self.bar, self.task_id = bar, task_id
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        info = "  ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
+        self.bar.update(self.task_id, advance=n, info=info)
+
+    def close(self) -> None:
+        self.bar.stop_task(self.task_id)
+
+
+class RichProgress(Progress):
+    """Use as a context manager around the work: ``with RichProgress() as p: lib_call(progress=p)``."""
+
+    def __init__(self, enabled: bool = True):
+        self.bar = RichBar(
+            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.speed}" if False else ""), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, disable=not enabled,
+            transient=False,
+        )
+
+    def __enter__(self) -> "RichProgress":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.stop()
+
+    def task(self, description: str, total: int | None = None, completed: int = 0) -> ProgressTask:
+        return _RichTask(self.bar, self.bar.add_task(description, total=total, completed=completed, info=""))
+
+    def log(self, message: str) -> None:
+        self.bar.console.log(message)

@@ -1,0 +1,28 @@
+"""The CLI's one error path: user errors print one line on stderr and exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cli.app import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_command():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for cmd in ("analyze", "recommend", "train", "evaluate", "report", "demo"):
+        assert cmd in r.stdout
+
+
+@pytest.mark.parametrize("args", [["train", "--bogus"], ["train", "--iters", "abc"], ["recommend"]])
+def test_usage_errors_are_one_line_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cka-split: error:") and "\n" not in err and "Traceback" not in err

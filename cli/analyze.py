@@ -7,11 +7,16 @@ from typing import List, Optional
 
 import typer
 
-from cli.app import app, not_built
+from cli.app import app
+from vitsplit.errors import UserError
+from cli.options import parse_task_map
+from cli.progress import RichProgress
+from cli.recommend import print_recommendation
 
 
-@app.command(help="Collect per-layer activations of the pretrained model and task-finetuned copies, compute CKA for all layer pairs, draw PCA maps, and recommend K_t and prior layers per task.")
+@app.command(context_settings={"allow_extra_args": True}, help="Collect per-layer activations of the pretrained model and task-finetuned copies, compute CKA for all layer pairs, draw PCA maps, and recommend K_t and prior layers per task.")
 def analyze(
+    ctx: typer.Context,
     model: str = typer.Option("dinov2_vits14", help="dinov2_vit{s,b,l,g}14[_reg], a timm ViT name, hf:<dir>, or demo-vit."),
     weights: str = typer.Option("auto", help="auto (pretrained from the local caches), random, or a weights file."),
     tasks: List[str] = typer.Option(["seg", "det"], "--tasks", help="Tasks to analyse: seg, det, depth (repeat or list)."),
@@ -26,5 +31,24 @@ def analyze(
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast; features are upcast for CKA)."),
     seed: int = typer.Option(0, help="Seed for data order, fine-tuning and initialisation."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<timestamp>)."),
+    pca_images: int = typer.Option(4, help="Probe images drawn as PCA feature maps (0: none)."),
+    max_trainable_params: Optional[float] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions)."),
 ) -> None:
-    raise not_built("analyze")
+    from cka_split.run import AnalyzeConfig, parse_data_options, run_analyze
+
+    # `--tasks seg det` (the documented form): click takes one value per --tasks; the rest arrive as extra args
+    task_list = [t for item in tasks for t in item.replace(",", " ").split()]
+    for extra in ctx.args:
+        if extra.startswith("-"):
+            raise UserError(f"unexpected argument '{extra}' (see 'cka-split analyze --help')")
+        task_list.append(extra)
+    cfg = AnalyzeConfig(
+        model=model, weights=weights, tasks=task_list, finetuned=parse_task_map(finetuned, "--finetuned"),
+        data=parse_data_options(data), finetune_steps=finetune_steps, probe_images=probe_images,
+        batch_size=batch_size, features=features, image_size=image_size, device=device, precision=precision,
+        seed=seed, out=str(out) if out is not None else None, pca_images=pca_images,
+        max_trainable_params=None if max_trainable_params is None else int(round(max_trainable_params * 1e6)),
+    )
+    with RichProgress() as progress:
+        run, rec = run_analyze(cfg, progress=progress)
+    print_recommendation(rec, run)

@@ -6,8 +6,30 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from cli.app import app, not_built
+from cli.app import app
+
+
+def print_recommendation(rec, run: Path) -> None:
+    """A table of K_t and prior layers per task, then the evidence, on stdout."""
+    console = Console(soft_wrap=False)
+    table = Table(title=f"ViT-Split recommendation for {rec.model or 'the model'} ({rec.num_layers} blocks)")
+    for col in ("task", "K_t", "task-head blocks", "prior layers", "b", "K_p", "divergence start", "trainable params"):
+        table.add_column(col)
+    for t, s in rec.per_task.items():
+        blocks = f"{s.task_head_layers[0]}-{s.task_head_layers[-1]}" if len(s.task_head_layers) > 1 else str(s.task_head_layers[0])
+        params = f"{s.trainable_params / 1e6:.2f}M" if s.trainable_params is not None else "-"
+        start = "flat" if s.divergence_start is None else str(s.divergence_start)
+        table.add_row(t, str(s.k_t), blocks, ",".join(map(str, s.prior_layers)), str(s.b), str(s.k_p), start, params)
+    console.print(table)
+    for t, s in rec.per_task.items():
+        console.print(f"[bold]{t}[/bold]")
+        for sentence in s.evidence:
+            console.print(f"  - {sentence}", markup=False)
+    console.print(f"run: {run}  (recommendation.json, cka.npz, pca/, report.html)", markup=False)
+    console.print(f"train with it: cka-split train --auto-split {run} --task {next(iter(rec.per_task))} ...", markup=False)
 
 
 @app.command(help="Recompute the K_t / prior-layer recommendation from a saved analysis run, without touching a model.")
@@ -15,4 +37,8 @@ def recommend(
     run_dir: Path = typer.Argument(..., help="An analysis run directory."),
     max_trainable_params: Optional[float] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions)."),
 ) -> None:
-    raise not_built("recommend")
+    from cka_split.run import recommend_run
+
+    budget = None if max_trainable_params is None else int(round(max_trainable_params * 1e6))
+    run, rec = recommend_run(run_dir, max_trainable_params=budget)
+    print_recommendation(rec, run)

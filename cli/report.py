@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 
-from cli.app import app, not_built
+from cli.app import app
 
 
-@app.command(help="Rebuild the self-contained HTML report of an analysis run.")
-def report(run_dir: Path = typer.Argument(..., help="An analysis run directory.")) -> None:
-    raise not_built("report")
+@app.command(help="Rebuild the self-contained HTML report of an analysis run (and of the training runs linked to it).")
+def report(
+    run_dir: Path = typer.Argument(..., help="An analysis run directory (or runs/latest)."),
+    training: Optional[List[Path]] = typer.Option(None, "--training", help="A training run directory to include (repeatable); runs under RUN/training/ and runs whose config names RUN are found anyway."),
+) -> None:
+    from reports import build_report
+
+    path = build_report(run_dir, training_runs=training or None)
+    rec = path.parent / "recommendation.json"
+    if rec.is_file():
+        from cka_split.recommend import SplitRecommendation
+        from cli.recommend import print_recommendation
+        from vitsplit.errors import UserError
+
+        try:
+            print_recommendation(SplitRecommendation.load(rec), path.parent)
+        except UserError as e:  # the report is written; the table is a convenience
+            print(f"(recommendation table not printed: {e})")
+    print(f"report: {path}")

@@ -1,0 +1,125 @@
+"""How much the CKA engine costs on top of the forward passes, and how it compares with pytorch-cka.
+
+Three models: the DINOv2-S architecture (``dinov2_vits14``, random weights) and two deep copies
+perturbed from block 4 and from block 8 on. 64 random images at 224 px, minibatches of 32, all twelve
+blocks, "tokens" features (patch tokens flattened, 256 x 384 per image). The six matrices are the
+three self-similarities and the three cross-similarities; ``analyze`` gets all of them from one pass
+(a 36 x 36 matrix), pytorch-cka 1.1.3 (``cka.compute_cka``) needs one call per pair.
+
+Prints: our time / the bare forward passes of the three models (target <= 1.10) and pytorch-cka's
+time / ours (target >= 2.5). Each timing is the best of ``--repeats`` runs (the CPU may be shared).
+
+    OMP_NUM_THREADS=2 python benchmarks/cka_speed.py [--repeats 2] [--skip-pytorch-cka]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import time
+
+import torch
+
+from cka_split import analyze
+from vitsplit.backbones import build_backbone
+
+
+def perturbed_from(bb, k: int, seed: int, scale: float = 0.2):
+    out = copy.deepcopy(bb)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in out.vit.blocks[k:]:
+            for p in block.parameters():
+                p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=g))
+    return out
+
+
+class Loader:
+    """A list of minibatches with ``len`` (pytorch-cka reads a bare list as several loaders)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def best_of(repeats: int, fn) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-pytorch-cka", action="store_true")
+    args = ap.parse_args()
+
+    base = build_backbone("dinov2_vits14", weights="random", seed=0).eval()
+    with torch.no_grad():      # trained DINOv2 layer scales are O(0.1), not the 1e-5 of a fresh init
+        for name, p in base.named_parameters():
+            if name.endswith(".gamma"):
+                p.fill_(0.1)
+    models = {"pretrained": base, "from4": perturbed_from(base, 4, seed=1), "from8": perturbed_from(base, 8, seed=2)}
+    for m in models.values():
+        m.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(args.batch_size, 3, args.size, args.size, generator=g)
+               for _ in range(args.images // args.batch_size)]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 3 x {base.name} ({base.num_layers} blocks, "
+          f"C={base.embed_dim}), {len(batches)} x {args.batch_size} images at {args.size} px")
+
+    with torch.inference_mode():                                   # warm-up (allocator, kernels)
+        for m in models.values():
+            m(batches[0][:2])
+
+    def bare():
+        with torch.inference_mode():
+            for x in batches:
+                for m in models.values():
+                    m(x)
+
+    def ours():
+        return analyze(models, batches, features="tokens", unbiased=True)
+
+    t_bare, _ = best_of(args.repeats, bare)
+    t_ours, res = best_of(args.repeats, ours)
+    print(f"bare forward of the three models: {t_bare:.2f} s")
+    print(f"cka_split.analyze (all six matrices, one pass): {t_ours:.2f} s")
+    print(f"ours / bare forward = {t_ours / t_bare:.3f}  (target <= 1.10)")
+    diag = torch.diagonal(res.matrix("pretrained", "from8"))
+    print("same-layer CKA pretrained vs from8:", " ".join(f"{v:.4f}" for v in diag.tolist()))
+
+    if args.skip_pytorch_cka:
+        return
+    from cka import compute_cka
+
+    layers = [f"vit.blocks.{i}" for i in range(base.num_layers)]
+    names = list(models)
+    pairs = [(a, a) for a in names] + list(itertools.combinations(names, 2))
+
+    def theirs():
+        return {(a, b): compute_cka(models[a], models[b], Loader(batches), layers=layers, device="cpu", progress=False)[0]
+                for a, b in pairs}
+
+    t_theirs, mats = best_of(1, theirs)
+    print(f"pytorch-cka 1.1.3, six compute_cka calls: {t_theirs:.2f} s")
+    print(f"speed-up over pytorch-cka = {t_theirs / t_ours:.2f}x  (target >= 2.5)")
+    worst = max(float((mats[(a, b)].double() - res.matrix(a, b)).abs().max()) for a, b in pairs)
+    print(f"largest |ours - pytorch-cka| over the six matrices: {worst:.3g} (theirs: float32 Grams of the"
+          " uncentred features incl. the class token, clamped to [0, 1]; ours: patch tokens, float64)")
+
+
+if __name__ == "__main__":
+    main()

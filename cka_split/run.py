@@ -1,0 +1,370 @@
+"""The ``analyze`` pipeline and the run directory it writes (ARCHITECTURE.md, "Run directory").
+
+1. Load the pretrained backbone (``model``, ``weights``).
+2. Per task: load ``finetuned[task]`` (a backbone fine-tuned elsewhere) or fine-tune a copy with the
+   trainer (:func:`vitsplit.train.finetune_backbone`, ``finetune_steps`` on that task's data) and
+   save it to ``RUN/finetuned/TASK.safetensors`` (timm state-dict layout).
+3. CKA of every block of every model, one pass over ``probe_images`` validation images
+   (:func:`cka_split.analysis.analyze`), saved as ``RUN/cka.npz``.
+4. PCA maps of the first ``pca_images`` probe images (:func:`cka_split.pca.pca_maps`) in ``RUN/pca/``.
+5. The recommendation (:func:`cka_split.recommend.recommend_split`) in ``RUN/recommendation.json``,
+   ``RUN/config.json`` (every resolved option, versions, seed, weights sources and hashes) and
+   ``RUN/report.html`` (:func:`reports.build_report` when installed, else a minimal page). Then
+   ``runs/latest`` (the ``latest`` entry beside the run directory) points at this run.
+
+:func:`recommend_run` recomputes step 5's recommendation from a saved run without any model weights.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitsplit.errors import UserError
+from vitsplit.fileio import atomic_write, atomic_write_json, atomic_write_text
+from vitsplit.progress import NULL_PROGRESS, Progress
+
+from .recommend import SplitRecommendation, recommend_split, vitsplit_param_counter
+
+TASKS = ("seg", "det", "depth")
+FEATURES = ("tokens", "mean", "cls")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class AnalyzeConfig:
+    """Every option of ``cka-split analyze`` (saved in RUN/config.json under "options")."""
+
+    model: str = "dinov2_vits14"
+    weights: str = "auto"
+    tasks: list[str] = field(default_factory=lambda: ["seg", "det"])
+    finetuned: dict[str, str] = field(default_factory=dict)
+    data: dict[str, str] = field(default_factory=dict)  # task -> spec; "*" = every task and the probes
+    finetune_steps: int = 300
+    finetune_batch_size: int = 8
+    probe_images: int = 256
+    batch_size: int = 32
+    features: str = "tokens"
+    image_size: int = 224
+    device: str = "auto"
+    precision: str = "fp32"
+    seed: int = 0
+    out: str | None = None
+    unbiased: bool = True
+    pca_images: int = 4
+    max_trainable_params: int | None = None
+
+    def data_for(self, task: str) -> str:
+        return self.data.get(task, self.data.get("*", "synthetic"))
+
+    def probe_spec(self) -> str:
+        """The probe images: the generic --data spec, else the first task's, else synthetic."""
+        return self.data.get("*", self.data_for(self.tasks[0]))
+
+
+def parse_data_options(items: list[str] | None) -> dict[str, str]:
+    """['synthetic'] or ['seg=ade20k:DIR', 'det=coco:A.json:IMG'] -> {'*': ...} / {task: spec}."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        head, sep, rest = item.partition("=")
+        key, spec = (head, rest) if sep and head in TASKS else ("*", item)
+        if not spec:
+            raise UserError(f"--data takes SPEC or TASK=SPEC, not '{item}'")
+        if key in out:
+            raise UserError("--data gives " + ("a generic spec" if key == "*" else f"task '{key}'") + " twice")
+        out[key] = spec
+    return out
+
+
+def validate(cfg: AnalyzeConfig) -> None:
+    """Every check that needs no model or data, so mistakes fail before minutes of work."""
+    if not cfg.tasks:
+        raise UserError("--tasks is empty; give at least one of seg, det, depth")
+    for t in cfg.tasks:
+        if t not in TASKS:
+            raise UserError(f"unknown task '{t}': use seg, det or depth")
+    if len(set(cfg.tasks)) != len(cfg.tasks):
+        raise UserError(f"--tasks lists a task twice: {' '.join(cfg.tasks)}")
+    for t, path in cfg.finetuned.items():
+        if t not in cfg.tasks:
+            raise UserError(f"--finetuned {t}=... names task '{t}', which is not in --tasks ({' '.join(cfg.tasks)}); add it there or drop it")
+        if not Path(path).is_file():
+            raise UserError(f"--finetuned {t}={path}: no such file")
+    for t in cfg.data:
+        if t != "*" and t not in cfg.tasks:
+            raise UserError(f"--data {t}=... names task '{t}', which is not in --tasks ({' '.join(cfg.tasks)})")
+    if cfg.weights not in ("auto", "random") and not Path(cfg.weights).is_file():
+        raise UserError(f"--weights {cfg.weights}: no such file (use auto, random, or a weights file)")
+    if cfg.features not in FEATURES:
+        raise UserError(f"--features {cfg.features}: use tokens, mean or cls")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"--precision {cfg.precision}: use fp32 or bf16")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {cfg.device}: use auto, cpu or cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available; use --device cpu or auto")
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    if cfg.unbiased and cfg.batch_size < 4:
+        raise UserError(f"--batch-size {cfg.batch_size} is too small for the unbiased CKA estimator, which needs at least 4 images per minibatch")
+    if cfg.probe_images < cfg.batch_size:
+        raise UserError(f"--probe-images {cfg.probe_images} is smaller than one minibatch (--batch-size {cfg.batch_size}); use more probe images or a smaller batch")
+    if cfg.image_size < 1:
+        raise UserError(f"--image-size {cfg.image_size}: must be positive")
+    if cfg.pca_images < 0:
+        raise UserError(f"--pca-images {cfg.pca_images}: must be 0 (no PCA maps) or more")
+    if any(t not in cfg.finetuned for t in cfg.tasks) and cfg.finetune_steps < 1:
+        raise UserError(f"--finetune-steps {cfg.finetune_steps}: tasks without --finetuned need at least 1 fine-tuning step")
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("cka-split", "torch", "timm", "torchvision", "numpy", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def default_run_dir(root: str | Path = "runs") -> Path:
+    base = Path(root) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, k = base, 1
+    while out.exists():
+        out, k = Path(f"{base}-{k}"), k + 1
+    return out
+
+
+def update_latest(run_dir: Path) -> Path:
+    """Point ``latest`` beside ``run_dir`` (runs/latest for the default runs/<time>) at it: a relative
+    symlink, replaced atomically; a text file holding the path where symlinks are not allowed."""
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.{os.getpid()}.tmp"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(run_dir.name, tmp, target_is_directory=True)
+        if link.is_dir() and not link.is_symlink():
+            raise UserError(f"{link} is a directory; remove it so that it can point at the newest run")
+        os.replace(tmp, link)
+    except OSError:
+        if tmp.is_symlink():
+            tmp.unlink()
+        atomic_write_text(link, str(run_dir.resolve()) + "\n")
+    return link
+
+
+def resolve_run_dir(path: str | Path) -> Path:
+    """A run directory, or a ``latest`` link / text file pointing at one."""
+    p = Path(path)
+    if p.is_file() and not (p / "config.json").exists():
+        p = Path(p.read_text().strip())
+    if not p.is_dir():
+        raise UserError(f"{path} is not a run directory; give one written by 'cka-split analyze'")
+    return p
+
+
+def save_backbone(bb, path: Path) -> Path:
+    """The backbone's timm ``VisionTransformer`` state dict as safetensors (the layout loaders read)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in bb.vit.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "timm", "model": bb.name}))
+
+
+def probe_loader(cfg: AnalyzeConfig):
+    """Validation images of the probe spec, ``batch_size`` per minibatch, whole minibatches only."""
+    from torch.utils.data import DataLoader
+
+    from vitsplit.data import build_dataset, collate
+
+    ds = build_dataset(cfg.probe_spec(), "val", task="seg", crop=cfg.image_size, augment=False,
+                       length=cfg.probe_images, seed=cfg.seed)
+    n = min(len(ds), cfg.probe_images)
+    if n < cfg.batch_size:
+        raise UserError(f"the probe data '{cfg.probe_spec()}' has {n} validation images, fewer than one minibatch "
+                        f"(--batch-size {cfg.batch_size}); use a smaller batch or more data")
+    if n < len(ds):
+        ds = torch.utils.data.Subset(ds, range(n))
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, drop_last=True, collate_fn=collate, generator=g)
+    return loader, (n // cfg.batch_size) * cfg.batch_size
+
+
+def task_num_classes(cfg: AnalyzeConfig) -> dict[str, int]:
+    """Classes of each task's data (seg classes, det object classes; 1 for depth)."""
+    from vitsplit.data import build_dataset
+
+    out = {}
+    for t in cfg.tasks:
+        if t == "depth":
+            out[t] = 1
+            continue
+        ds = build_dataset(cfg.data_for(t), "val", task=t, crop=cfg.image_size, augment=False, length=1, seed=cfg.seed)
+        out[t] = int(ds.num_classes)
+    return out
+
+
+def _param_counter(model: str, num_classes: dict[str, int]):
+    """ViT-Split's trainable-parameter count on the meta device, or None where the model code is absent."""
+    try:
+        import vitsplit.model  # noqa: F401
+    except ImportError:
+        return None
+    return vitsplit_param_counter(model, num_classes)
+
+
+def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple[Path, SplitRecommendation]:
+    """The whole pipeline (module docstring). Returns (run directory, recommendation)."""
+    validate(cfg)
+    from vitsplit.backbones import backbone_config, build_backbone
+
+    from .analysis import analyze
+
+    t0 = time.time()
+    started = datetime.now().isoformat(timespec="seconds")
+    run = Path(cfg.out) if cfg.out else default_run_dir()
+    if run.exists() and any(run.iterdir()):
+        raise UserError(f"{run} already holds files; give a new --out directory")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    pretrained = build_backbone(cfg.model, cfg.weights, seed=cfg.seed if cfg.weights == "random" else None)
+    pretrained.to(device).eval()
+    models = {"pretrained": pretrained}
+    sources: dict[str, dict[str, Any]] = {"pretrained": {"origin": "pretrained", "weights": cfg.weights}}
+    run.mkdir(parents=True, exist_ok=True)
+    for t in cfg.tasks:
+        if t in cfg.finetuned:
+            bb = build_backbone(cfg.model, cfg.finetuned[t])
+            sources[t] = {"origin": "given (--finetuned)", "file": str(Path(cfg.finetuned[t]).resolve())}
+        else:
+            from vitsplit.train import finetune_backbone
+
+            progress.log(f"fine-tuning a copy of {cfg.model} for {t}: {cfg.finetune_steps} steps on {cfg.data_for(t)}")
+            bb = finetune_backbone(pretrained, t, cfg.data_for(t), cfg.finetune_steps, batch_size=cfg.finetune_batch_size,
+                                   crop=cfg.image_size, seed=cfg.seed, device=str(device), progress=progress)
+            path = save_backbone(bb, run / "finetuned" / f"{t}.safetensors")
+            sources[t] = {"origin": "fine-tuned by analyze (method full)", "steps": cfg.finetune_steps,
+                          "data": cfg.data_for(t), "file": str(path)}
+        bb.to(device).eval()
+        for p in bb.parameters():
+            p.requires_grad_(False)
+        models[t] = bb
+
+    loader, n_used = probe_loader(cfg)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    with torch.no_grad(), autocast:
+        res = analyze(models, loader, features=cfg.features, device=device, progress=progress,
+                      unbiased=cfg.unbiased)
+    res.save(run / "cka.npz")
+
+    pca_index = None
+    if cfg.pca_images > 0:
+        from .pca import pca_maps
+
+        k = min(cfg.pca_images, len(loader.dataset))
+        images = torch.stack([loader.dataset[i]["image"] for i in range(k)])
+        with torch.no_grad(), autocast:
+            pca_index = pca_maps(models, images, run / "pca", device=device, progress=progress)
+
+    num_classes = task_num_classes(cfg)
+    counter = _param_counter(cfg.model, num_classes)
+    rec = recommend_split(res, tasks=cfg.tasks, model=cfg.model, num_layers=pretrained.num_layers,
+                          max_trainable_params=cfg.max_trainable_params, param_count=counter)
+    atomic_write_json(run / "recommendation.json", rec.to_json())
+
+    config = {
+        "command": "analyze",
+        "options": asdict(cfg) | {"out": str(run)},
+        "resolved": {"device": str(device), "probe_spec": cfg.probe_spec(), "probe_images_used": int(res.num_images),
+                     "probe_images_available": n_used, "data": {t: cfg.data_for(t) for t in cfg.tasks},
+                     "num_classes": num_classes, "pca": "pca/index.json" if pca_index else None},
+        "seed": cfg.seed,
+        "versions": versions(),
+        "weights_source": pretrained.weights_source,
+        "models": {name: backbone_config(bb) | sources[name] for name, bb in models.items()},
+        "started": started,
+        "seconds": round(time.time() - t0, 2),
+    }
+    atomic_write_json(run / "config.json", config)
+    write_report(run)
+    update_latest(run)
+    return run, rec
+
+
+def recommend_run(run_dir: str | Path, max_trainable_params: int | None = None, **kwargs) -> tuple[Path, SplitRecommendation]:
+    """Recompute RUN/recommendation.json from RUN/cka.npz and RUN/config.json (no model weights; a
+    budget builds ViT-Split on the meta device to count parameters). ``kwargs`` go to recommend_split."""
+    import json
+
+    run = resolve_run_dir(run_dir)
+    for name in ("config.json", "cka.npz"):
+        if not (run / name).is_file():
+            raise UserError(f"{run / name} is missing; is {run} a run written by 'cka-split analyze'?")
+    from .result import CKAResult
+    try:
+        config = json.loads((run / "config.json").read_text())
+        opts = config["options"]
+        model, tasks = opts["model"], list(opts["tasks"])
+        num_layers = int(config["models"]["pretrained"]["num_layers"])
+        num_classes = {t: int(n) for t, n in config["resolved"]["num_classes"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{run / 'config.json'} is not an analyze config ({e}); rerun 'cka-split analyze'") from e
+    res = CKAResult.load(run / "cka.npz")
+    counter = _param_counter(model, num_classes)
+    if max_trainable_params is not None and counter is None:
+        raise UserError("--max-trainable-params needs vitsplit.model to count ViT-Split's parameters, and it is not installed")
+    rec = recommend_split(res, tasks=tasks, model=model, num_layers=num_layers, max_trainable_params=max_trainable_params,
+                          param_count=counter, **kwargs)
+    atomic_write_json(run / "recommendation.json", rec.to_json())
+    return run, rec
+
+
+def write_report(run: Path) -> Path:
+    """RUN/report.html: the report package's page when it is installed, else a minimal valid page."""
+    try:
+        from reports import build_report
+    except ImportError:
+        return write_minimal_report(run)
+    return build_report(run)
+
+
+def write_minimal_report(run: Path) -> Path:
+    """A self-contained HTML page with the recommendation, its evidence and the PCA grids."""
+    import base64
+    import json
+
+    rec = json.loads((run / "recommendation.json").read_text())
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(t)}</td><td>{s['k_t']}</td><td>{e(str(s['task_head_layers']))}</td><td>{e(str(s['prior_layers']))}</td>"
+        f"<td>{s['b']}</td><td>{s['k_p']}</td><td>{s['divergence_start']}</td></tr>" for t, s in rec["per_task"].items())
+    evidence = "".join(f"<h3>{e(t)}</h3><ul>" + "".join(f"<li>{e(x)}</li>" for x in s["evidence"]) + "</ul>"
+                       for t, s in rec["per_task"].items())
+    grids = ""
+    idx_path = run / "pca" / "index.json"
+    if idx_path.is_file():
+        idx = json.loads(idx_path.read_text())
+        for im in idx["images"]:
+            data = base64.b64encode((run / "pca" / im["grid"]).read_bytes()).decode()
+            grids += f'<figure><img alt="PCA maps" src="data:image/png;base64,{data}"><figcaption>rows: {e(", ".join(idx["grid_rows"]))}; columns: blocks {e(", ".join(map(str, idx["grid_cols"])))}</figcaption></figure>'
+    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>cka-split: {e(rec['model'])}</title></head><body>"
+            f"<h1>cka-split analysis of {e(rec['model'])} ({rec['num_layers']} blocks)</h1>"
+            "<table border=\"1\"><tr><th>task</th><th>K_t</th><th>task-head blocks</th><th>prior layers</th><th>b</th><th>K_p</th><th>divergence start</th></tr>"
+            f"{rows}</table><h2>Evidence</h2>{evidence}<h2>PCA feature maps</h2>{grids}</body></html>\n")
+    return atomic_write_text(run / "report.html", page)

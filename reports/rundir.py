@@ -1,0 +1,198 @@
+"""Reading an analysis run directory for the report, defensively (ARCHITECTURE.md, "Run directory").
+
+Only ``RUN`` itself must exist. Every part is optional and read on its own: a part that is missing or
+unreadable is left out of the report (and named in :attr:`RunData.problems`), never a crash:
+
+- ``RUN/config.json``: the options, versions, weights source and hashes, time taken (analyze).
+- ``RUN/cka.npz``: the CKA matrices, read with ``cka_split``'s ``CKAResult.load`` when that class is
+  importable, else straight from the arrays (``full`` (F, F), ``models``, per-model layer lists).
+- ``RUN/recommendation.json``: :meth:`cka_split.recommend.SplitRecommendation.to_json`'s layout.
+- ``RUN/pca/index.json``: :func:`cka_split.pca.pca_maps`'s index (file names relative to ``RUN/pca``).
+- Linked training runs: see :mod:`reports.training`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class CKAView:
+    """The part of a CKA result the report draws: model names, layers per model and the full matrix.
+
+    ``full`` is (F, F) float64 with feature sets ordered model-major then layer, as ``CKAResult.full``.
+    """
+
+    models: list[str]
+    layers: dict[str, list[int]]
+    full: np.ndarray
+    num_images: int | None = None
+    features: str | None = None
+    unbiased: bool | None = None
+
+    def _offset(self, name: str) -> int:
+        if name not in self.layers:
+            raise KeyError(f"no model '{name}' in the CKA result (it has {', '.join(self.models)})")
+        off = 0
+        for m in self.models:
+            if m == name:
+                return off
+            off += len(self.layers[m])
+        raise KeyError(name)
+
+    def matrix(self, a: str, b: str) -> np.ndarray:
+        """(L_a, L_b) float64: CKA between every listed block of model ``a`` and of model ``b``."""
+        ia, ib = self._offset(a), self._offset(b)
+        return np.asarray(self.full[ia:ia + len(self.layers[a]), ib:ib + len(self.layers[b])], dtype=np.float64)
+
+
+def _from_result(res: Any) -> CKAView:
+    """A CKAView from the CKA engine's CKAResult (any object with models, layers, full)."""
+    full = res.full
+    full = full.detach().cpu().numpy() if hasattr(full, "detach") else np.asarray(full)
+    models = [str(m) for m in res.models]
+    layers = {str(m): [int(x) for x in res.layers[m]] for m in res.models}
+    return CKAView(models=models, layers=layers, full=np.asarray(full, dtype=np.float64),
+                   num_images=_int_or_none(getattr(res, "num_images", None)),
+                   features=getattr(res, "features", None), unbiased=_bool_or_none(getattr(res, "unbiased", None)))
+
+
+def _int_or_none(v: Any) -> int | None:
+    try:
+        return None if v is None else int(np.asarray(v).item())
+    except (TypeError, ValueError):
+        return None
+
+
+def _bool_or_none(v: Any) -> bool | None:
+    return None if v is None else bool(np.asarray(v).item())
+
+
+def _str_or_none(v: Any) -> str | None:
+    return None if v is None else str(np.asarray(v).item())
+
+
+def _npz_layers(z: Any, models: list[str], n_full: int) -> dict[str, list[int]]:
+    """Per-model layer lists from the npz: ``layers_<model>`` / ``layers/<model>`` / ``layers:<model>``
+    (one array per model), or one ``layers`` array shared by every model."""
+    out: dict[str, list[int]] = {}
+    for i, m in enumerate(models):
+        for key in (f"layers_{m}", f"layers/{m}", f"layers:{m}", f"layers__{m}", f"layers_{i}"):
+            if key in z.files:
+                out[m] = [int(x) for x in np.asarray(z[key]).ravel()]
+                break
+    if len(out) == len(models):
+        return out
+    if "layers" in z.files:
+        arr = np.asarray(z["layers"])
+        if arr.ndim == 2 and arr.shape[0] == len(models):
+            return {m: [int(x) for x in arr[i]] for i, m in enumerate(models)}
+        if arr.ndim == 1 and arr.size * len(models) == n_full:
+            return {m: [int(x) for x in arr] for m in models}
+    if n_full % max(1, len(models)) == 0:  # no labels: every model has the same consecutive blocks
+        n = n_full // len(models)
+        return {m: list(range(n)) for m in models}
+    raise ValueError("cka.npz has no layer lists that fit its matrix")
+
+
+def read_cka_npz(path: str | Path) -> CKAView:
+    """Read ``cka.npz`` without the CKA engine: arrays ``full`` (F, F), ``models`` and layer lists."""
+    with np.load(Path(path), allow_pickle=False) as z:
+        full = np.asarray(z["full"], dtype=np.float64)
+        models = [str(m) for m in np.asarray(z["models"]).ravel()]
+        layers = _npz_layers(z, models, full.shape[0])
+        meta = {k: z[k] for k in ("num_images", "features", "unbiased") if k in z.files}
+    if sum(len(v) for v in layers.values()) != full.shape[0] or full.shape[0] != full.shape[1]:
+        raise ValueError(f"cka.npz: matrix {full.shape} does not match the layer lists")
+    return CKAView(models=models, layers=layers, full=full, num_images=_int_or_none(meta.get("num_images")),
+                   features=_str_or_none(meta.get("features")), unbiased=_bool_or_none(meta.get("unbiased")))
+
+
+def load_cka(path: str | Path) -> CKAView:
+    """The CKA engine's ``CKAResult.load`` where it exists (it knows its own format), else the arrays
+    (also when ``load`` refuses the file, e.g. another format version whose arrays still fit)."""
+    for mod in ("cka_split.result", "cka_split.cka", "cka_split"):
+        try:
+            cls = getattr(__import__(mod, fromlist=["CKAResult"]), "CKAResult")
+        except (ImportError, AttributeError):
+            continue
+        try:
+            return _from_result(cls.load(path))
+        except Exception as first:  # noqa: BLE001 -- retried below; re-raised if the arrays do not fit either
+            try:
+                return read_cka_npz(path)
+            except Exception:  # noqa: BLE001
+                raise first from None
+    return read_cka_npz(path)
+
+
+@dataclass
+class RunData:
+    """Everything the report shows, read from one run directory; ``None`` where a part is missing."""
+
+    run_dir: Path
+    config: dict[str, Any] | None = None
+    cka: CKAView | None = None
+    recommendation: dict[str, Any] | None = None
+    pca: dict[str, Any] | None = None
+    training: list = field(default_factory=list)  # reports.training.TrainingRun
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def pca_dir(self) -> Path:
+        return self.run_dir / "pca"
+
+
+def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problems.append(f"{path.name} could not be read ({e}); its part of the report is left out.")
+        return None
+    if not isinstance(d, dict):
+        problems.append(f"{path.name} does not hold a JSON object; its part of the report is left out.")
+        return None
+    return d
+
+
+def read_json_file(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None (and a line in ``problems``) if missing or unreadable."""
+    return _read_json(path, problems)
+
+
+def read_run(run_dir: str | Path) -> RunData:
+    """Read every part of ``run_dir`` that exists (training runs are added by the caller)."""
+    run = Path(run_dir)
+    data = RunData(run_dir=run)
+    data.config = _read_json(run / "config.json", data.problems)
+    if data.config is None and not (run / "config.json").exists():
+        data.problems.append("config.json is missing, so where the weights came from, the data and the versions are unknown.")
+    data.recommendation = _read_json(run / "recommendation.json", data.problems)
+    if data.recommendation is not None and not isinstance(data.recommendation.get("per_task"), dict):
+        data.problems.append("recommendation.json has no per_task table; the recommendation is left out.")
+        data.recommendation = None
+    if (run / "cka.npz").is_file():
+        try:
+            data.cka = load_cka(run / "cka.npz")
+        except Exception as e:  # any unreadable npz: report it, keep going
+            data.problems.append(f"cka.npz could not be read ({type(e).__name__}: {e}); the CKA figures are left out.")
+    pca = _read_json(run / "pca" / "index.json", data.problems)
+    if pca is not None and isinstance(pca.get("images"), list):
+        data.pca = pca
+    return data
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def slug(text: str) -> str:
+    """A string usable as an HTML id."""
+    return _SAFE.sub("-", text).strip("-") or "x"

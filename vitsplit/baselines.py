@@ -1,0 +1,156 @@
+"""Baselines trained by the same trainer as ViT-Split: ``linear``, ``full`` and ``lora``.
+
+All three put a head on the backbone's **final** feature map (final-normed patch tokens reshaped
+to (B, C, h, w)) and expose ViT-Split's interface: ``forward(images)``, ``loss(batch)``,
+``trainable_state_dict()``, ``load_trainable_state_dict(state)``, ``param_groups(lr, wd)``, ``config()``.
+
+- ``linear``: frozen backbone (no grad, eval mode); segmentation head = BatchNorm + 1x1 conv with
+  bilinearly upsampled logits, DINOv2's linear evaluation (Oquab et al. 2023, ``BNHead`` of the
+  DINOv2 segmentation configs, "lin." setting on the last layer).
+- ``full``: every backbone parameter trained, same head.
+- ``lora``: LoRA (Hu et al. 2022) from ``peft`` on each block's attention ``qkv``/``proj`` and MLP
+  ``fc1``/``fc2``; the pretrained weights stay frozen; same head.
+
+Detection and depth use :class:`vitsplit.heads.DetHead` / :class:`vitsplit.heads.DepthHead` on the
+final map, as ViT-Split uses them on its fused map. Learning rates: parameters that start from
+pretrained weights (the backbone under ``full``) get lr x 0.1, as ViT-Split's task head (copied
+pretrained blocks) does; new parameters (heads, LoRA matrices) get lr.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import Backbone, backbone_config
+from .errors import UserError
+from .heads import DepthHead, DetHead, SegHead
+
+METHODS = ("linear", "full", "lora")
+LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+
+
+class LinearSegHead(nn.Module):
+    """(B, C, h, w) -> BatchNorm -> 1x1 conv -> logits (B, K, H, W), bilinear to the image size."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.cls = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(self.cls(self.bn(feats)), size=size, mode="bilinear", align_corners=False)
+
+    loss = SegHead.loss  # the same cross-entropy (mmseg 0.20 averaging) as ViT-Split's head
+
+
+class Baseline(nn.Module):
+    """``Baseline(backbone, method, task, num_classes, masks=True, lora_rank=8, lora_alpha=16)``."""
+
+    def __init__(self, backbone: Backbone, method: str, task: str, num_classes: int = 1, *, masks: bool = True,
+                 lora_rank: int = 8, lora_alpha: int = 16):
+        super().__init__()
+        if method not in METHODS:
+            raise UserError(f"unknown baseline method '{method}': use one of {', '.join(METHODS)}")
+        if task not in ("seg", "det", "depth"):
+            raise UserError(f"unknown task '{task}': use seg, det or depth")
+        if task in ("det", "depth") and backbone.embed_dim % 32:
+            raise UserError(f"{backbone.name} has width {backbone.embed_dim}; the det/depth heads' GroupNorm(32, C) needs a multiple of 32")
+        self.method, self.task = method, task
+        self.num_classes = int(num_classes) if task != "depth" else 1
+        self.masks = bool(masks) if task == "det" else False
+        self.lora_rank, self.lora_alpha = int(lora_rank), int(lora_alpha)
+        self.backbone = backbone
+        C = backbone.embed_dim
+        for p in backbone.parameters():
+            p.requires_grad_(method == "full")
+        if method == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            cfg = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
+            inject_adapter_in_model(cfg, backbone.vit)
+            for n, p in backbone.named_parameters():
+                p.requires_grad_("lora_" in n)
+        if task == "seg":
+            self.head: nn.Module = LinearSegHead(C, self.num_classes)
+        elif task == "depth":
+            self.head = DepthHead(C)
+        else:
+            self.head = DetHead(C, self.num_classes, self.masks, patch_size=backbone.patch_size)
+
+    def train(self, mode: bool = True) -> "Baseline":
+        super().train(mode)
+        if self.method == "linear":
+            self.backbone.eval()
+        return self
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) normalised -> final-normed patch-token map (B, C, h, w)."""
+        hw = self.backbone.grid_size(*images.shape[-2:])
+        if self.method == "linear":
+            with torch.no_grad():
+                tokens = self.backbone(images)
+        else:
+            tokens = self.backbone(images)
+        return self.backbone.tokens_to_map(tokens, hw)
+
+    def forward(self, images: torch.Tensor) -> Any:
+        """Seg logits (B, K, H, W) | depth (B, 1, H, W) metres | det list of dicts (torchvision style)."""
+        size = tuple(images.shape[-2:])
+        f = self.features(images)
+        if self.task == "depth":
+            return torch.exp(self.head(f, size))
+        return self.head(f, size)
+
+    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Same losses as ViT-Split: CE (seg), scale-invariant log (depth), Mask/Faster R-CNN (det)."""
+        images = batch["image"]
+        size = tuple(images.shape[-2:])
+        f = self.features(images)
+        if self.task == "seg":
+            ce = self.head.loss(self.head(f, size), batch["seg"].to(f.device))
+            return {"loss": ce, "loss_ce": ce.detach()}
+        if self.task == "depth":
+            si = DepthHead.loss(self.head(f, size), batch["depth"].to(f.device))
+            return {"loss": si, "loss_silog": si.detach()}
+        keys = ("boxes", "labels", "masks") if self.masks else ("boxes", "labels")
+        targets = [{k: batch[k][i] for k in keys} for i in range(f.shape[0])]
+        parts = self.head.loss(f, targets, size)
+        return {"loss": sum(parts.values()), **{k: v.detach() for k, v in parts.items()}}
+
+    def _is_trainable_key(self, key: str) -> bool:
+        return key.startswith("head.") or self.method == "full" or (self.method == "lora" and "lora_" in key)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What training changes: the head (with BN buffers), plus all backbone weights (full) or
+        the LoRA matrices (lora)."""
+        return {k: v for k, v in self.state_dict().items() if self._is_trainable_key(k)}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        want = set(self.trainable_state_dict())
+        missing, unexpected = want - set(state), set(state) - want
+        if missing or unexpected:
+            raise UserError(f"checkpoint does not fit this {self.method} baseline (missing {sorted(missing)[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]}); build the model with the checkpoint's config")
+        self.load_state_dict(state, strict=False)
+
+    def param_groups(self, lr: float, weight_decay: float = 1e-2) -> list[dict[str, Any]]:
+        pretrained = [p for p in self.backbone.parameters() if p.requires_grad] if self.method == "full" else []
+        new = [p for n, p in self.named_parameters() if p.requires_grad and (n.startswith("head.") or "lora_" in n)]
+        groups = [{"params": new, "lr": lr, "weight_decay": weight_decay, "name": "heads"}]
+        if pretrained:
+            groups.insert(0, {"params": pretrained, "lr": lr * 0.1, "weight_decay": weight_decay, "name": "backbone"})
+        return groups
+
+    def config(self) -> dict[str, Any]:
+        bb = self.backbone
+        info = {"name": bb.name, "weights_source": bb.weights_source, "num_layers": bb.num_layers,
+                "embed_dim": bb.embed_dim, "patch_size": bb.patch_size, "num_prefix_tokens": bb.num_prefix_tokens}
+        if self.method != "lora":  # LoRA-wrapped modules hash differently from the plain backbone
+            info = backbone_config(bb)
+        return {"method": self.method, "task": self.task, "num_classes": self.num_classes, "masks": self.masks,
+                "lora_rank": self.lora_rank if self.method == "lora" else None,
+                "lora_alpha": self.lora_alpha if self.method == "lora" else None, "backbone": info}

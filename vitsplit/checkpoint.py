@@ -1,0 +1,68 @@
+"""The resume checkpoint ``OUT/last.pt``: everything a run needs to continue bit-identically.
+
+Contents (one ``torch.save`` dict, written atomically through :func:`vitsplit.fileio.atomic_write`):
+``model`` (the trainable state dict, buffers included), ``optimizer``, ``scheduler``, ``step``
+(optimizer steps done), ``rng`` (torch CPU, CUDA per device, numpy's global, Python's ``random``),
+``data`` (the sampler position, a pure function of seed and step, stored to check it), ``elapsed``
+(training seconds so far) and ``config`` (the run's TrainConfig, to refuse a mismatched resume).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .fileio import atomic_write
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG state that training draws from."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
+                    step: int, data: dict[str, Any], elapsed: float, config: dict[str, Any]) -> Path:
+    """Write the resume checkpoint atomically (temp file in the same folder, then rename)."""
+    payload = {
+        "format": "cka-split-resume-1",
+        "model": {k: v.detach().cpu().clone() for k, v in model_state.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": int(step),
+        "rng": rng_state(),
+        "data": dict(data),
+        "elapsed": float(elapsed),
+        "config": config,
+    }
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (our own file: full unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"cannot resume: {path} does not exist (run without --resume, or point --out at the run to continue)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"cannot resume: {path} is not a readable checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "cka-split-resume-1":
+        raise UserError(f"cannot resume: {path} was not written by cka-split train")
+    return ckpt

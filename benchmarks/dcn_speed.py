@@ -2,9 +2,11 @@
 
 Shapes are ViT-Split's (the 3x3 DCN C -> C on the patch grid; S: C=384, 32x32 maps at crop 448 or
 37x37 at crop 518). Offsets are random (std 2 px) so sampling is genuinely deformable. Prints the
-time per fwd+bwd of each, their ratio, and the largest output difference.
+time per fwd+bwd of each, their ratio, and the largest output difference; then one whole ViT-Split-S
+training step (forward + backward, 150 classes, random DINOv2-S weights) with each implementation.
 
-    python benchmarks/dcn_speed.py [--channels 384] [--sizes 32 37] [--batches 2 8] [--reps 3] [--threads N]
+    python benchmarks/dcn_speed.py [--channels 384] [--sizes 32 37] [--batches 2 8] [--reps 3]
+                                   [--step-batch 2] [--step-crop 224] [--threads N]
 """
 
 from __future__ import annotations

@@ -27,16 +27,26 @@ from vitsplit.model import ViTSplit, prior_layers_uniform
 from vitsplit.multitask import MultiTaskViTSplit
 
 
-def _time(fn, iters: int) -> float:
-    """Fastest seconds per call over ``iters`` calls after one warm-up (on a shared CPU the minimum is the
-    least disturbed run, as ``timeit`` recommends)."""
-    fn()
-    times = []
+def _time_pair(fa, fb, iters: int) -> tuple[float, float]:
+    """Fastest seconds per call of ``fa`` and ``fb``, measured alternately (so that load changes on
+    a shared CPU hit both alike) after one warm-up each; the minimum is the least disturbed run."""
+    fa(), fb()
+    ta, tb = [], []
     for _ in range(iters):
-        t = time.perf_counter()
+        for f, ts in ((fa, ta), (fb, tb)):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+    return min(ta), min(tb)
+
+
+def _flops(fn) -> int:
+    """FLOPs that ``torch.utils.flop_counter`` attributes to one call (matmuls, convs, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -47,6 +57,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--det-config", choices=["seg", "published"], default="seg")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-masks", action="store_true", help="Faster R-CNN instead of Mask R-CNN")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,7 +67,7 @@ def main() -> None:
                          40: (8, prior_layers_uniform(40, 14, 27))}.get(L, (3, prior_layers_uniform(L, 4, 2)))
     seg = ViTSplit(bb, seg_kt, seg_prior, "seg", 150).eval()
     det_kt, det_prior = (seg_kt, seg_prior) if args.det_config == "seg" else (11, [2, 4, 6, 8, 11])
-    det = ViTSplit(bb, det_kt, det_prior, "det", 80, masks=True).eval()
+    det = ViTSplit(bb, det_kt, det_prior, "det", 80, masks=not args.no_masks).eval()
     multi = MultiTaskViTSplit.from_models({"seg": seg, "det": det}).eval()
     x = torch.randn(args.batch, 3, args.crop, args.crop)
 
@@ -65,8 +76,9 @@ def main() -> None:
         sep = {"seg": seg(x), "det": det(x)}
         same = torch.equal(shared["seg"], sep["seg"]) and all(
             torch.equal(a[k], b[k]) for a, b in zip(shared["det"], sep["det"]) for k in a)
-        t_multi = _time(lambda: multi(x), args.iters)
-        t_sep = _time(lambda: (seg(x), det(x)), args.iters)
+        t_multi, t_sep = _time_pair(lambda: multi(x), lambda: (seg(x), det(x)), args.iters)
+        flops = {name: _flops(f) for name, f in (("frozen", lambda: multi.backbone.forward_layers(x, multi.needed_layers)),
+                                                  ("shared", lambda: multi(x)), ("separate", lambda: (seg(x), det(x))))}
     n = args.batch
     print(f"{args.model} random, crop {args.crop}, batch {n}, threads {torch.get_num_threads()}, "
           f"seg split K_t={seg_kt}, det split K_t={det_kt} prior {det_prior}; frozen blocks run: shared {max(multi.needed_layers) + 1}, "
@@ -74,7 +86,10 @@ def main() -> None:
     print(f"outputs identical: {same}")
     print(f"one shared pass : {n / t_multi:7.2f} img/s ({t_multi * 1e3:.0f} ms/batch)")
     print(f"two models      : {n / t_sep:7.2f} img/s ({t_sep * 1e3:.0f} ms/batch)")
-    print(f"throughput ratio: {t_sep / t_multi:.2f}x")
+    print(f"throughput ratio: {t_sep / t_multi:.2f}x (wall clock, shared CPU: noisy)")
+    g = {k: v / 1e9 / n for k, v in flops.items()}
+    print(f"GFLOP per image (matmul/conv/attention, load-independent): frozen pass {g['frozen']:.1f}, "
+          f"shared {g['shared']:.1f}, separate {g['separate']:.1f}; ratio {g['separate'] / g['shared']:.2f}x")
 
 
 if __name__ == "__main__":

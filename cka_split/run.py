@@ -282,6 +282,11 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
         with torch.no_grad(), autocast:
             pca_index = pca_maps(models, images, run / "pca", device=device, progress=progress)
 
+    weights_arg, weights_file_sha = cfg.weights, None
+    if cfg.weights not in ("auto", "random"):
+        from vitsplit.backbones import sha256_file
+
+        weights_arg, weights_file_sha = str(Path(cfg.weights).resolve()), sha256_file(cfg.weights)
     num_classes = task_num_classes(cfg)
     counter = _param_counter(cfg.model, num_classes)
     rec = recommend_split(res, tasks=cfg.tasks, model=cfg.model, num_layers=pretrained.num_layers,
@@ -296,7 +301,9 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
                      "num_classes": num_classes, "pca": "pca/index.json" if pca_index else None},
         "seed": cfg.seed,
         "versions": versions(),
+        "weights": weights_arg,
         "weights_source": pretrained.weights_source,
+        "weights_file_sha256": weights_file_sha,
         "models": {name: backbone_config(bb) | sources[name] for name, bb in models.items()},
         "started": started,
         "seconds": round(time.time() - t0, 2),

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from cli.app import app, not_built
+from cli.app import app
 
 
 @app.command(help="Evaluate a trained checkpoint (mIoU, COCO mAP, or depth errors).")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A training output directory or its model.safetensors."),
-    data: str = typer.Option("synthetic", help="Data spec."),
+    data: Optional[str] = typer.Option(None, help="Data spec (default: the one the model was trained with; its val split)."),
     mode: str = typer.Option("whole", help="whole or slide (sliding window at the training crop)."),
+    stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default 2/3 of the crop, mmseg's 341 for 512)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    out: Optional[Path] = typer.Option(None, help="Also write the metrics to this JSON file."),
 ) -> None:
-    raise not_built("evaluate")
+    from vitsplit.evaluate import evaluate_checkpoint
+    from vitsplit.fileio import atomic_write_json
+
+    from cli.progress import RichProgress, console
+
+    with RichProgress() as progress:
+        result = evaluate_checkpoint(checkpoint, data=data, mode=mode, stride=stride, device=device, progress=progress)
+    if out is not None:
+        atomic_write_json(out, result)
+    shown = {k: v for k, v in result.items() if k not in ("IoU", "class_names")}
+    console.print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+    typer.echo(json.dumps(shown))

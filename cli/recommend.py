@@ -27,9 +27,10 @@ def print_recommendation(rec, run: Path) -> None:
     for t, s in rec.per_task.items():
         console.print(f"[bold]{t}[/bold]")
         for sentence in s.evidence:
-            console.print(f"  - {sentence}", markup=False)
-    console.print(f"run: {run}  (recommendation.json, cka.npz, pca/, report.html)", markup=False)
-    console.print(f"train with it: cka-split train --auto-split {run} --task {next(iter(rec.per_task))} ...", markup=False)
+            console.print(f"  - {sentence}", markup=False, soft_wrap=True)
+    console.print(f"run: {run}  (recommendation.json, cka.npz, pca/, report.html)", markup=False, soft_wrap=True)
+    console.print(f"train with it: cka-split train --auto-split {run} --task {next(iter(rec.per_task))} ...",
+                  markup=False, soft_wrap=True)
 
 
 @app.command(help="Recompute the K_t / prior-layer recommendation from a saved analysis run, without touching a model.")

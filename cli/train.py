@@ -2,31 +2,64 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from cli.app import app, not_built
+from cli.app import app
+from cli.options import parse_int_list
 
 
 @app.command(help="Train ViT-Split (with --auto-split: the split an analysis recommended) or a baseline: linear, full, lora.")
 def train(
-    auto_split: Optional[str] = typer.Option(None, "--auto-split", help="Take K_t and prior layers from RUN/recommendation.json (give 'latest' or a run dir).", is_flag=False, flag_value="runs/latest"),
+    auto_split: Optional[str] = typer.Option(None, "--auto-split", help="Take model, weights, K_t and prior layers from RUN/recommendation.json: a run dir, or 'latest' for runs/latest. Explicit options override."),
     k_t: Optional[int] = typer.Option(None, "--k-t", help="Task-head blocks (copies of the last K_t blocks)."),
     prior_layers: Optional[str] = typer.Option(None, help="Comma-separated 0-based prior layers, e.g. 2,5,8,11."),
     task: str = typer.Option("seg", help="seg, det or depth."),
     method: str = typer.Option("vitsplit", help="vitsplit, linear, full or lora."),
-    model: str = typer.Option("dinov2_vits14", help="Backbone name."),
-    weights: str = typer.Option("auto", help="auto, random, or a weights file."),
+    model: Optional[str] = typer.Option(None, help="Backbone name (default dinov2_vits14, or the recommendation's)."),
+    weights: Optional[str] = typer.Option(None, help="auto, random, or a weights file (default auto, or the recommendation's)."),
     data: str = typer.Option("synthetic", help="Data spec."),
-    iters: int = typer.Option(40000, help="Training iterations."),
-    batch_size: int = typer.Option(8, help="Images per step."),
+    val_data: Optional[str] = typer.Option(None, help="Data spec for the final evaluation (default: --data's val split)."),
+    iters: int = typer.Option(40000, help="Training iterations (optimizer steps)."),
+    batch_size: int = typer.Option(8, help="Images per optimizer step (over all processes and accumulation steps)."),
+    grad_accum: int = typer.Option(1, help="Gradient accumulation steps per optimizer step."),
     crop: int = typer.Option(512, help="Training crop size."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the published one for the model size)."),
-    seed: int = typer.Option(0, help="Seed."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the published one for the model size and task)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 1e-2; 0.05 for det)."),
+    warmup_iters: Optional[int] = typer.Option(None, help="Linear warm-up steps (default min(1500, iters // 10))."),
+    seed: int = typer.Option(0, help="Seed (data order, augmentation, head init)."),
     checkpoint_every: int = typer.Option(500, help="Write OUT/last.pt every N steps."),
+    log_every: int = typer.Option(10, help="Append to OUT/metrics.jsonl every N steps."),
     out: Path = typer.Option(Path("runs/train"), help="Output directory."),
     resume: bool = typer.Option(False, help="Continue from OUT/last.pt."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."),
+    num_workers: int = typer.Option(0, help="DataLoader worker processes."),
+    train_length: Optional[int] = typer.Option(None, help="Training set length (synthetic: number of scenes)."),
+    val_length: Optional[int] = typer.Option(None, help="Validation set length (synthetic: number of scenes)."),
+    eval_mode: str = typer.Option("whole", help="Final evaluation: whole or slide."),
+    lora_rank: int = typer.Option(8, help="LoRA rank (--method lora)."),
+    no_masks: bool = typer.Option(False, "--no-masks", help="Detection without masks (Faster R-CNN)."),
 ) -> None:
-    raise not_built("train")
+    from vitsplit.train import TrainConfig, train as run_train
+
+    from cli.progress import RichProgress, console
+
+    cfg = TrainConfig(task=task, method=method, model=model, weights=weights, data=data, val_data=val_data, k_t=k_t,
+                      prior_layers=parse_int_list(prior_layers, "--prior-layers"), auto_split=auto_split, iters=iters,
+                      batch_size=batch_size, grad_accum=grad_accum, crop=crop, lr=lr, weight_decay=weight_decay,
+                      warmup_iters=warmup_iters, seed=seed, checkpoint_every=checkpoint_every, log_every=log_every,
+                      out=str(out), resume=resume, device=device, precision=precision, num_workers=num_workers,
+                      train_length=train_length, val_length=val_length, eval_mode=eval_mode, lora_rank=lora_rank,
+                      masks=not no_masks)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with RichProgress(enabled=main) as progress:
+        result = run_train(cfg, progress)
+    if main:
+        shown = {k: v for k, v in result.items() if k not in ("IoU", "class_names")}
+        console.print("[bold]final metrics[/bold] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                            for k, v in shown.items()))
+        console.print(f"wrote {out}/config.json, metrics.jsonl, last.pt, model.safetensors, eval.json")

@@ -1,8 +1,9 @@
 """The report's figures (matplotlib, Agg backend; seaborn heatmaps), as Figure objects and PNG bytes.
 
 Every ``*_figure`` function returns a :class:`matplotlib.figure.Figure` and does not save or show it,
-so the CLI or a notebook can reuse it; :func:`png_bytes` renders one (and closes it), and
-:func:`data_uri` inlines PNG bytes into the page.
+so the CLI or a notebook can reuse it; :func:`png_bytes` renders one with the Agg renderer, and
+:func:`data_uri` inlines PNG bytes into the page. Figures are made without pyplot (no global state,
+no display, nothing to close), so building a report never opens a window or leaks figures.
 
 The CKA heatmaps follow Kornblith et al. 2019 (Fig. 3 ff.) and Nguyen, Raghu & Kornblith 2021: block
 0 at the bottom-left, CKA on a fixed [0, 1] colour scale so that figures compare. The split drawn on
@@ -17,15 +18,11 @@ import io
 from dataclasses import dataclass
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)  # no display: the report is made headless
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+import numpy as np
+import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
 PRIOR_COLOR = "#00a6d6"
@@ -48,10 +45,10 @@ def task_color(i: int) -> str:
 
 
 def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
-    """Render ``fig`` as PNG and close it."""
+    """Render ``fig`` as PNG (Agg)."""
     buf = io.BytesIO()
+    FigureCanvasAgg(fig)
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -80,7 +77,8 @@ def cka_heatmap_figure(m: np.ndarray, row_layers: Sequence[int], col_layers: Seq
     """
     m = np.asarray(m, dtype=np.float64)
     nr, nc = m.shape
-    fig, ax = plt.subplots(figsize=(size + 1.1, size))
+    fig = Figure(figsize=(size + 1.1, size + 0.25 * max(0, len(marks) - 1)))
+    ax = fig.subplots()
     sns.heatmap(m, ax=ax, vmin=0.0, vmax=1.0, cmap=CMAP, square=True, mask=~np.isfinite(m),
                 cbar_kws={"label": "CKA", "shrink": 0.82}, xticklabels=False, yticklabels=False,
                 linewidths=0)
@@ -142,7 +140,8 @@ def same_layer_figure(layers: Sequence[int], curves: dict[str, np.ndarray], mark
     head's blocks are shaded, and the plateau threshold (1 - d threshold) is dotted where known.
     """
     tasks = list(curves)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.6, 3.9 * len(tasks)), 3.7), sharey=True, squeeze=False)
+    fig = Figure(figsize=(max(4.6, 3.9 * len(tasks)), 3.7))
+    axes = fig.subplots(1, len(tasks), sharey=True, squeeze=False)
     x = np.asarray(layers)
     for ax, t in zip(axes[0], tasks):
         mk = marks.get(t)
@@ -177,7 +176,8 @@ def same_layer_figure(layers: Sequence[int], curves: dict[str, np.ndarray], mark
 def cross_task_figure(layers: Sequence[int], pairs: dict[str, np.ndarray], references: dict[str, np.ndarray]) -> Figure:
     """Same-layer CKA between task copies (solid, one line per pair ``"a vs b"``) and, for
     reference, between the pretrained model and each copy (dashed). Values at ``layers``."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    fig = Figure(figsize=(6.4, 3.4))
+    ax = fig.subplots()
     x = np.asarray(layers)
     for i, (name, y) in enumerate(pairs.items()):
         ax.plot(x, y, "o-", color=PALETTE[(i + 4) % len(PALETTE)], lw=1.8, ms=4, label=name)
@@ -209,7 +209,7 @@ def pca_grid_figure(input_image: np.ndarray | None, tiles: dict[str, dict[int, n
     ch, gap, left, top, sep = cw * aspect, 0.05, 1.0, 0.3 + (0.25 if title else 0.0), 0.15 if extra else 0.0
     width = left + ncols * cw + (ncols - 1) * gap + sep + 0.1
     height = top + nrows * ch + (nrows - 1) * gap + 0.1
-    fig = plt.figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height))
     for r, name in enumerate(models):
         y = height - top - (r + 1) * ch - r * gap
         for c in range(ncols):
@@ -247,7 +247,8 @@ def training_curves_figure(series: dict[str, tuple[Sequence[float], Sequence[flo
                            title: str, log_y: bool = False) -> Figure:
     """One line per training run: ``series[label] = (iters, values)``. Noisy series (over 40 points)
     are drawn faint with a trailing mean over ~5% of the points on top."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.3))
+    fig = Figure(figsize=(6.4, 3.3))
+    ax = fig.subplots()
     for i, (label, (x, y)) in enumerate(series.items()):
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
         color = task_color(i)
@@ -273,7 +274,8 @@ def final_metric_figure(labels: Sequence[str], values: Sequence[float], *, metri
     """Horizontal bars: the final ``metric`` of each training run (``notes[i]``, e.g. its trainable
     parameters, written after the value)."""
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.42 * n))
+    fig = Figure(figsize=(6.4, 0.9 + 0.42 * n))
+    ax = fig.subplots()
     v = np.asarray(values, dtype=np.float64)
     best = int(np.argmax(v) if higher_is_better else np.argmin(v))
     colors = [PALETTE[0] if i == best else "#9aa5b8" for i in range(n)]

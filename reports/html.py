@@ -173,12 +173,19 @@ def report_context(data: RunData) -> dict[str, Any]:
         "curves": _section("same-layer CKA curves", curve_figures, data),
         "pca": _section("PCA maps", pca_figures, data),
         "rec_rows": _section("recommendation table", recommendation_rows, data),
+        "shared_evidence": [],
         "rec_settings": ", ".join(f"{k}={v}" for k, v in (rec.get("settings") or {}).items()),
         "budget": fmt_params(rec.get("max_trainable_params")) if rec.get("max_trainable_params") else None,
         "training": _section("training runs", lambda d: training_section(d.training), data),
         "problems": data.problems,
         "generated": datetime.now().isoformat(timespec="seconds"),
     }
+    rows = ctx["rec_rows"] or []
+    if len(rows) > 1:  # sentences every task shares (the pretrained model's b, K_p, prior layers): once
+        common = [e for e in rows[0]["evidence"] if all(e in r["evidence"] for r in rows[1:])]
+        ctx["shared_evidence"] = common
+        for r in rows:
+            r["evidence"] = [e for e in r["evidence"] if e not in common]
     return ctx
 
 

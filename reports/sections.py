@@ -209,7 +209,7 @@ def training_section(runs: list[TrainingRun]) -> dict[str, Any] | None:
         st = r.step_time
         mem = r.peak_memory_mb
         table.append({"label": label, "method": r.method, "task": r.task, "params": fmt_params(r.trainable_params),
-                      "step": "-" if st is None else (f"{st * 1000:.0f} ms" if st < 10 else f"{st:.1f} s"),
+                      "step": "-" if st is None else (f"{st * 1000:.0f} ms" if st < 1 else f"{st:.2f} s"),
                       "memory": "-" if mem is None else (f"{mem:,.0f} MB" if mem < 10_000 else f"{mem / 1024:.1f} GB"),
                       "metric": "-" if fm is None else f"{fm[0]} {fm[1]:.2f}", "iters": _last_iter(r),
                       "path": str(r.path), "_fm": fm})

@@ -140,14 +140,15 @@ def test_planted_divergence_run_recovers_k_t_and_trains_with_it(tmp_path, capsys
     assert (run / "cka.npz").is_file() and (run / "pca" / "index.json").is_file() and (run / "report.html").is_file()
     assert os.readlink(run.parent / "latest") == "planted"
 
-    # recommend recomputes from the saved run alone, with a budget that forces a smaller K_t
-    seg_params = rec["per_task"]["seg"]["trainable_params"]
+    # recommend recomputes from the saved run alone, with a budget that forces det's K_t down by one
+    det_params = rec["per_task"]["det"]["trainable_params"]
+    assert rec["per_task"]["seg"]["trainable_params"] < det_params  # Mask R-CNN is the big one
     with pytest.raises(SystemExit) as e:
-        main(["recommend", str(run), "--max-trainable-params", str((seg_params - 1) / 1e6)])
+        main(["recommend", str(run), "--max-trainable-params", str((det_params - 1) / 1e6)])
     assert e.value.code == 0, capsys.readouterr().err
     tight = json.loads((run / "recommendation.json").read_text())
-    assert tight["per_task"]["seg"]["k_t"] == 5 and tight["per_task"]["seg"]["k_t_from_cka"] == 6
-    assert tight["per_task"]["det"]["k_t"] == 3  # det already fits
+    assert tight["per_task"]["det"]["k_t"] == 2 and tight["per_task"]["det"]["k_t_from_cka"] == 3
+    assert tight["per_task"]["seg"]["k_t"] == 6  # seg already fits
     with pytest.raises(SystemExit) as e:  # back to the unconstrained recommendation
         main(["recommend", str(run)])
     assert e.value.code == 0
@@ -155,10 +156,34 @@ def test_planted_divergence_run_recovers_k_t_and_trains_with_it(tmp_path, capsys
 
     out = tmp_path / "train_seg"
     with pytest.raises(SystemExit) as e:
-        main(["train", "--auto-split", str(run), "--task", "seg", "--model", "demo-vit", "--weights", str(pre),
-              "--data", "synthetic", "--iters", "5", "--batch-size", "2", "--crop", "112", "--checkpoint-every", "5",
-              "--out", str(out)])
+        # model and weights come from the run too
+        main(["train", "--auto-split", str(run), "--task", "seg", "--data", "synthetic", "--iters", "5",
+              "--batch-size", "2", "--crop", "112", "--checkpoint-every", "5", "--train-length", "10",
+              "--val-length", "2", "--out", str(out)])
     assert e.value.code == 0, capsys.readouterr().err
     tcfg = json.loads((out / "config.json").read_text())
     assert _find_key(tcfg, "k_t") == 6
     assert _find_key(tcfg, "prior_layers") == [2, 5, 8, 11]
+    assert "recommendation" in _find_key(tcfg, "split_source") and _find_key(tcfg, "model") == "demo-vit"
+    assert _find_key(tcfg, "weights") == str(pre.resolve())
+
+
+def test_minimal_report_without_the_report_package(tmp_path):
+    import numpy as np
+
+    from cka_split.recommend import recommend_split
+    from cka_split.result import CKAResult
+    from cka_split.run import write_minimal_report
+
+    L = 6
+    d = np.r_[np.zeros(3), 0.2, 0.4, 0.6]
+    full = np.ones((2 * L, 2 * L))
+    full[:L, L:] = full[L:, :L] = np.full((L, L), 0.4)
+    full[np.arange(L), L + np.arange(L)] = full[L + np.arange(L), np.arange(L)] = 1 - d
+    res = CKAResult(models=["pretrained", "seg"], layers={"pretrained": list(range(L)), "seg": list(range(L))},
+                    full=torch.as_tensor(full), num_images=8)
+    rec = recommend_split(res, model="tiny<vit>")
+    (tmp_path / "recommendation.json").write_text(json.dumps(rec.to_json()))
+    page = write_minimal_report(tmp_path).read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "tiny&lt;vit&gt;" in page and "<td>seg</td><td>3</td><td>[3, 4, 5]</td>" in page

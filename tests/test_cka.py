@@ -10,7 +10,7 @@ import torch
 from ckatorch import cka_base, cka_batch, hsic1
 
 from cka_split import MinibatchCKA, linear_cka
-from cka_split.cka import GRAM_BLOCK_ELEMENTS, BatchTooSmallError, GramWorkspace, centered_gram
+from cka_split.cka import BatchTooSmallError, GramWorkspace, centered_gram
 from vitsplit.errors import UserError
 
 f64 = torch.float64
@@ -188,13 +188,19 @@ def test_float32_dinov2_like_features_match_float64_reference(unbiased):
     assert (acc.compute() - ref_mb).abs().max() < 1e-5
 
 
-def test_blocked_gram_equals_plain_float64_gram():
-    x = 1e3 + torch.randn(5, 3 * GRAM_BLOCK_ELEMENTS // 5 + 7, generator=gen(13))      # 4 column blocks
+def test_blocked_gram_equals_plain_float64_gram(monkeypatch):
+    import cka_split.cka as cka_module
+
+    monkeypatch.setattr(cka_module, "GRAM_BLOCK_ELEMENTS", 1 << 12)
+    x = 1e3 + torch.randn(5, 3 * (1 << 12) // 5 + 7, generator=gen(13))      # 4 column blocks
     x64 = x.double() - x.double().mean(0)
-    ref = x64 @ x64.T
     ws = GramWorkspace()
     got = ws(x)
-    assert (got - ref).abs().max() < 1e-12 * ref.abs().max()
+    n = x.shape[0]
+    h = torch.eye(n, dtype=f64) - 1.0 / n
+    ref = x64 @ x64.T
+    assert (h @ got @ h - ref).abs().max() < 1e-9 * ref.abs().max()    # = mean-centred Gram once centred
+    assert (got - ref).abs().max() > 1e-3 * ref.abs().max()             # (but it is the example-0 shift)
     assert torch.equal(got, centered_gram(x)) and torch.equal(ws(x[:, :9]), centered_gram(x[:, :9]))
     assert len(ws.buffers) == 1
 

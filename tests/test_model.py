@@ -219,13 +219,40 @@ def test_fixed_stride_anchors_match_torchvision_when_strides_are_integers():
     assert head.roi_heads.box_roi_pool.scales == [1 / 3.5, 1 / 7, 1 / 14, 1 / 28]
 
 
-def test_det_targets_move_into_the_padded_frame():
-    head = DetHead(64, 2, patch_size=14)
+def test_det_targets_and_detections_move_through_the_padding():
+    head = DetHead(64, 2, patch_size=14).eval()
     fused = torch.randn(1, 64, 4, 5)
     padded, top, left = head._geometry(fused, (50, 62))  # 56 x 70 padded: 3 above, 4 left
     assert (padded, top, left) == ((56, 70), 3, 4)
     with pytest.raises(ValueError):
         head._geometry(fused, (40, 62))
+    seen = {}
+
+    def fake_roi_heads(feats, proposals, sizes, targets=None):
+        seen.update(sizes=sizes, targets=targets)
+        if targets is not None:
+            return [], {"loss_classifier": torch.tensor(0.0)}
+        boxes = torch.tensor([[14.0, 8.0, 24.0, 18.0], [0.0, 0.0, 3.0, 2.0]])  # padded frame; 2nd in padding
+        return [{"boxes": boxes, "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.8]),
+                 "masks": torch.ones(2, 1, 28, 28)}], {}
+
+    head.roi_heads.forward = fake_roi_heads
+    mask = torch.zeros(1, 50, 62, dtype=torch.uint8)
+    mask[0, 0, 0] = 1
+    head.loss(fused, [{"boxes": torch.tensor([[1.0, 2.0, 11.0, 12.0]]), "labels": torch.tensor([1]), "masks": mask}], (50, 62))
+    t = seen["targets"][0]
+    assert seen["sizes"] == [(56, 70)]
+    assert t["boxes"].tolist() == [[5.0, 5.0, 15.0, 15.0]]  # + (left, top)
+    assert t["masks"].shape == (1, 56, 70) and t["masks"][0, 3, 4] == 1 and t["masks"].sum() == 1
+    (d,) = head(fused, (50, 62))
+    assert d["boxes"].tolist() == [[10.0, 5.0, 20.0, 15.0]] and d["labels"].tolist() == [1]
+    assert d["masks"].shape == (1, 1, 50, 62)
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    full = paste_masks_in_image(torch.ones(1, 1, 28, 28), torch.tensor([[14.0, 8.0, 24.0, 18.0]]), (56, 70))
+    torch.testing.assert_close(d["masks"], full[:, :, 3:53, 4:66])  # cropped at the padding offset
+    ys, xs = torch.nonzero(d["masks"][0, 0] > 0.5, as_tuple=True)
+    assert abs(ys.float().mean().item() - 10.0) < 0.6 and abs(xs.float().mean().item() - 15.0) < 0.6  # box centre
 
 
 def test_deform_impls_give_the_same_model_outputs():

@@ -172,3 +172,17 @@ def test_cached_demo_weights_load_into_a_fresh_demo_vit(monkeypatch, tmp_path):
     assert f"recipe {pt.QUICK_RECIPE.recipe_id}" in source and "pretrained by cka-split" in source
     assert pt.find_cached_demo_vit() == pt.cache_path(pt.QUICK_RECIPE)
     assert pt.QUICK_RECIPE.vit_kwargs() == DEMO_VIT_KWARGS and pt.FULL_RECIPE.vit_kwargs() == DEMO_VIT_KWARGS
+
+
+def test_rendered_images_round_trip_the_dataset_exactly():
+    from vitsplit.data import build_dataset
+
+    recipe = dataclasses.replace(TINY, dataset_length=8, batch_size=4)
+    images = pt.render_images(recipe)
+    assert images.shape == (8, 3, 56, 56) and images.dtype == torch.uint8
+    ds = build_dataset("synthetic", "train", task="seg", crop=56, augment=False, length=8, seed=0)
+    idx = torch.tensor([2, 5])
+    x = pt._batch(images, idx, torch.tensor([False, True]))
+    assert torch.allclose(x[0], ds[2]["image"], atol=1e-5)  # 8-bit scenes survive the uint8 cache
+    assert torch.allclose(x[1], ds[5]["image"].flip(-1), atol=1e-5)
+    assert not torch.allclose(x[1], ds[5]["image"], atol=1e-2)

@@ -22,7 +22,6 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .progress import NULL_PROGRESS, Progress
 
@@ -280,6 +279,23 @@ def evaluate_model(model: Any, dataset: Any, task: str, *, mode: str = "whole", 
     res["num_images"] = len(dataset)
     res["mode"] = mode
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in res.items()}
+
+
+def evaluate_checkpoint(path: Any, *, data: str | None = None, mode: str = "whole", stride: int | None = None,
+                        device: str = "auto", batch_size: int = 4, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
+    """Metrics of a trained model (OUT or OUT/model.safetensors) on the val split of ``data``
+    (default: the data it was trained on), at its training crop."""
+    from .data import build_dataset
+    from .train import _Dist, load_trained, resolve_device
+
+    model, cfg = load_trained(path)
+    dev = resolve_device(device, _Dist())
+    val = build_dataset(data or cfg.val_data or cfg.data, "val", task=cfg.task, crop=cfg.crop, augment=False,
+                        length=cfg.val_length if data is None else None, seed=cfg.seed)
+    model.to(dev)
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    return evaluate_model(model, val, cfg.task, mode=mode, crop=cfg.crop, stride=stride, batch_size=batch_size,
+                          device=dev, autocast_dtype=amp, progress=progress)
 
 
 def finite_or_none(values: Iterable[float]) -> list[float | None]:

@@ -167,8 +167,9 @@ class DetHead(nn.Module):
     ``patch_size`` p sets the strides (p/4, p/2, p, 2p and 4p for the FPN's extra max-pool level).
     Hyper-parameters are torchvision's ``MaskRCNN`` defaults (anchor sizes 32..512, ratios
     0.5/1/2, RPN 2000/1000 proposals train/test, RoIAlign 7x7 boxes and 14x14 masks, 512 RoIs per
-    image, 100 detections per image); these equal mmdet's Mask R-CNN 1x except its 1000 RPN
-    proposals after NMS in training.
+    image, 100 detections per image). They are close to, not identical with, the release's mmdet
+    2.x Mask R-CNN 1x (mmdet keeps 1000 RPN proposals after NMS in training and uses mmcv's
+    aligned RoIAlign with adaptive sampling).
     """
 
     def __init__(self, channels: int, num_classes: int, masks: bool = True, *, patch_size: int = 14):

@@ -28,9 +28,9 @@ import os
 import platform
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -118,11 +118,12 @@ def _read_pointer(path: Path) -> Path:
 def split_from_recommendation(run_dir: str | os.PathLike, task: str) -> tuple[int, list[int], str, str | None, str]:
     """(k_t, prior_layers, model, weights, source) for ``task`` from ``RUN/recommendation.json``.
 
-    ``run_dir`` is a run directory, a symlink to one, or a text file with its path (``runs/latest``).
+    ``run_dir`` is a run directory, a symlink to one, or a text file with its path (``runs/latest``);
+    ``"latest"`` means ``runs/latest``.
     ``weights`` comes from the recommendation, else from ``RUN/config.json`` ("weights"), else None.
     ``source`` is the resolved path of the recommendation file.
     """
-    run = _read_pointer(Path(run_dir))
+    run = _read_pointer(Path("runs/latest") if str(run_dir) == "latest" else Path(run_dir))
     rec_path = run / "recommendation.json"
     if not rec_path.is_file():
         raise UserError(f"{rec_path} does not exist: run 'cka-split analyze' first, or give --k-t and --prior-layers")
@@ -324,9 +325,11 @@ def _init_distributed(device_pref: str) -> _Dist:
 def resolve_device(pref: str, dist_info: _Dist) -> torch.device:
     if pref == "auto":
         pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref == "cuda":
+    if pref.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+            raise UserError(f"--device {pref} was asked for but no CUDA GPU is visible; use --device cpu")
+        if ":" in pref:
+            return torch.device(pref)
         return torch.device("cuda", dist_info.local_rank if dist_info.world > 1 else torch.cuda.current_device())
     if pref != "cpu":
         raise UserError(f"unknown device '{pref}': use auto, cpu or cuda")
@@ -357,11 +360,12 @@ def save_model(model: nn.Module, path: str | Path, train_config: dict[str, Any])
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
-def load_trained(path: str | Path) -> tuple[nn.Module, TrainConfig, Any]:
-    """(model in eval mode, its TrainConfig, its val dataset) from OUT or OUT/model.safetensors."""
-    from safetensors import safe_open
+def load_trained(path: str | Path) -> tuple[nn.Module, TrainConfig]:
+    """(model in eval mode, its resolved TrainConfig) from OUT or OUT/model.safetensors.
 
-    from .data import build_dataset
+    The backbone is rebuilt from the config's model and weights (ViT-Split's frozen backbone must
+    be the same; full fine-tuning and LoRA restore their trained backbone weights from the file)."""
+    from safetensors import safe_open
 
     path = Path(path)
     if path.is_dir():
@@ -377,12 +381,14 @@ def load_trained(path: str | Path) -> tuple[nn.Module, TrainConfig, Any]:
     if "train_config" not in meta:
         raise UserError(f"{path} was not written by 'cka-split train' (no train_config in its metadata)")
     cfg = TrainConfig.from_dict(json.loads(meta["train_config"]))
-    val = build_dataset(cfg.val_data or cfg.data, "val", task=cfg.task, crop=cfg.crop, augment=False,
-                        length=cfg.val_length, seed=cfg.seed)
+    model_cfg = json.loads(meta["vitsplit_config"])
+    if cfg.weights == "given":
+        raise UserError(f"{path} was trained on a backbone given through the Python API; rebuild it and call "
+                        "vitsplit.train.build_model + load_trainable_state_dict")
     backbone = build_backbone(cfg.model, cfg.weights, seed=cfg.seed if cfg.weights == "random" else None)
-    model = build_model(cfg, backbone, val.num_classes)
+    model = build_model(cfg, backbone, int(model_cfg["num_classes"]))
     model.load_trainable_state_dict(state)
-    return model.eval(), cfg, val
+    return model.eval(), cfg
 
 
 # ------------------------------------------------------------------------------------- training
@@ -390,13 +396,19 @@ def _metrics_upto(path: Path, step: int) -> None:
     """Keep only the metrics lines of steps <= ``step`` (a killed run may have logged past its checkpoint)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iter"] <= step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if rec["iter"] <= step:
+            keep.append(ln)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.device, dist_info: _Dist | None = None,
-        out: Path | None = None, progress: Progress = NULL_PROGRESS, start: dict[str, Any] | None = None,
-        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        out: Path | None = None, progress: Progress = NULL_PROGRESS, start: dict[str, Any] | None = None) -> dict[str, Any]:
     """The training loop. Writes metrics.jsonl and last.pt under ``out`` (rank 0) when ``out`` is given.
 
     ``start``: a loaded resume checkpoint. Returns {"step", "stopped", "elapsed"}.
@@ -475,7 +487,7 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
                 if metrics_path is not None and d.main:
                     with open(metrics_path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(rec) + "\n")
-            bar.advance(1, loss=parts["loss"], lr=lr_now)
+            bar.advance(1, loss=parts["loss"], lr=lr_now, it_s=run_steps / max(time.perf_counter() - t_seg, 1e-9))
             if out is not None and (step % cfg.checkpoint_every == 0 or step == cfg.iters):
                 if d.main:
                     save_checkpoint(out / "last.pt", model_state=model.trainable_state_dict(), optimizer=opt,
@@ -484,8 +496,6 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
                                           "epoch": step * cfg.batch_size // len(dataset),
                                           "offset": step * cfg.batch_size % len(dataset)})
                 d.barrier()
-            if on_step is not None:
-                on_step(step)
     finally:
         bar.close()
     return {"step": step, "stopped": stopped, "elapsed": elapsed}
@@ -540,7 +550,7 @@ def train(cfg: TrainConfig, progress: Progress = NULL_PROGRESS, *, backbone: Bac
         if d.main:
             out.mkdir(parents=True, exist_ok=True)
             record = {**cfg.to_dict(), "weights_source": backbone.weights_source, "num_classes": train_set.num_classes,
-                      "trainable_params": count_trainable(model), "world_size": d.world, "device": str(device),
+                      "trainable_params": count_trainable(model), "world_size": d.world, "device_used": str(device),
                       "versions": versions(), "model_config": model.config()}
             atomic_write_json(out / "config.json", record)
             if ckpt is not None:

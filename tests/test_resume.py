@@ -1,0 +1,122 @@
+"""--resume exactness: a run stopped (or SIGKILLed) after its checkpoint and resumed ends with
+exactly the weights, and logs exactly the losses, of a run never interrupted (same seed, CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+
+from vitsplit.backbones import Backbone
+from vitsplit.errors import UserError
+from vitsplit.train import TrainConfig, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread (shared CPU); the killed subprocess uses the same count, so that float
+    reductions split the same way in every run."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_backbone() -> Backbone:
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0,
+                            dynamic_img_size=True)
+    return Backbone(vit, name="tiny", weights_source="random (seed 0)").eval()
+
+
+def cfg(out, **kw) -> TrainConfig:
+    # 5 training scenes and 8 steps of 2 images: the data order crosses three epoch boundaries;
+    # grad_accum 2 exercises accumulation; warm-up 2 steps so the schedule changes during the run.
+    base = dict(task="seg", method="vitsplit", data="synthetic:size=32,classes=3", iters=8, batch_size=2, grad_accum=2,
+                crop=32, lr=1e-3, k_t=2, prior_layers=[0, 1, 2], seed=3, checkpoint_every=3, log_every=1,
+                train_length=5, val_length=2, out=str(out), warmup_iters=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(out) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(out) / "model.safetensors"))
+
+
+def losses(out) -> list[tuple[int, float]]:
+    return [(r["iter"], r["loss"], r["lr"]) for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())]
+
+
+def assert_same(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert losses(a) == losses(b)
+
+
+def test_stop_after_checkpoint_then_resume_is_bit_identical(tmp_path):
+    bb = tiny_backbone()
+    straight = train(cfg(tmp_path / "a"), backbone=bb)
+    # stop at step 5: the checkpoint is at step 3, so steps 4-5 are lost work that resume redoes
+    assert train(cfg(tmp_path / "b", max_steps_this_run=5), backbone=bb) == {"stopped_at": 5}
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["step"] == 3
+    assert len(losses(tmp_path / "b")) == 5  # logged past the checkpoint ...
+    resumed = train(cfg(tmp_path / "b", resume=True), backbone=bb)
+    assert_same(tmp_path / "a", tmp_path / "b")  # ... and trimmed back on resume
+    assert resumed["mIoU"] == straight["mIoU"]
+    # the weights did move (so equality above is not trivial)
+    first = train(cfg(tmp_path / "c", iters=8, max_steps_this_run=None, lr=1e-5), backbone=bb)
+    assert not torch.equal(weights(tmp_path / "a")["fusion.reduce.weight"], weights(tmp_path / "c")["fusion.reduce.weight"])
+    assert first["iters"] == 8
+
+
+def test_resume_refuses_changed_options_and_missing_checkpoint(tmp_path):
+    bb = tiny_backbone()
+    train(cfg(tmp_path / "a", iters=4, max_steps_this_run=3), backbone=bb)
+    with pytest.raises(UserError, match="lr"):
+        train(cfg(tmp_path / "a", iters=4, lr=2e-3, resume=True), backbone=bb)
+    with pytest.raises(UserError, match="does not exist"):
+        train(cfg(tmp_path / "nothing", resume=True), backbone=bb)
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg(tmp_path / "a", iters=4), backbone=bb)  # would overwrite a run
+
+
+SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads({threads})
+from test_resume import cfg, tiny_backbone
+from vitsplit.train import train
+train(cfg({out!r}, iters=40, checkpoint_every=2, resume={resume}), backbone=tiny_backbone())
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
+    out = tmp_path / "killed"
+    script = SCRIPT.format(tests=str(Path(__file__).parent), threads=torch.get_num_threads(), out=str(out), resume=False)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # kill once a few checkpoints exist, mid-run
+            ckpt = out / "last.pt"
+            if ckpt.exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 7:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    step = torch.load(out / "last.pt", weights_only=False)["step"]
+    assert 2 <= step < 40
+    train(cfg(out, iters=40, checkpoint_every=2, resume=True), backbone=tiny_backbone())
+    train(cfg(tmp_path / "straight", iters=40, checkpoint_every=2), backbone=tiny_backbone())
+    assert_same(out, tmp_path / "straight")

@@ -8,16 +8,15 @@
    (:func:`cka_split.analysis.analyze`), saved as ``RUN/cka.npz``.
 4. PCA maps of the first ``pca_images`` probe images (:func:`cka_split.pca.pca_maps`) in ``RUN/pca/``.
 5. The recommendation (:func:`cka_split.recommend.recommend_split`) in ``RUN/recommendation.json``,
-   ``RUN/config.json`` (every resolved option, versions, seed, weights sources and hashes) and
-   ``RUN/report.html`` (:func:`reports.build_report` when installed, else a minimal page). Then
-   ``runs/latest`` (the ``latest`` entry beside the run directory) points at this run.
+   ``RUN/config.json`` (every resolved option, versions, seed, weights sources and hashes). Then
+   ``runs/latest`` (the ``latest`` entry beside the run directory) points at this run. The report
+   (``RUN/report.html``) is the ``reports`` package's job; the CLI builds it right after this.
 
 :func:`recommend_run` recomputes step 5's recommendation from a saved run without any model weights.
 """
 
 from __future__ import annotations
 
-import html
 import os
 import platform
 import time
@@ -309,7 +308,6 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
         "seconds": round(time.time() - t0, 2),
     }
     atomic_write_json(run / "config.json", config)
-    write_report(run)
     update_latest(run)
     return run, rec
 
@@ -340,38 +338,3 @@ def recommend_run(run_dir: str | Path, max_trainable_params: int | None = None, 
                           param_count=counter, **kwargs)
     atomic_write_json(run / "recommendation.json", rec.to_json())
     return run, rec
-
-
-def write_report(run: Path) -> Path:
-    """RUN/report.html: the report package's page when it is installed, else a minimal valid page."""
-    try:
-        from reports import build_report
-    except ImportError:
-        return write_minimal_report(run)
-    return build_report(run)
-
-
-def write_minimal_report(run: Path) -> Path:
-    """A self-contained HTML page with the recommendation, its evidence and the PCA grids."""
-    import base64
-    import json
-
-    rec = json.loads((run / "recommendation.json").read_text())
-    e = html.escape
-    rows = "".join(
-        f"<tr><td>{e(t)}</td><td>{s['k_t']}</td><td>{e(str(s['task_head_layers']))}</td><td>{e(str(s['prior_layers']))}</td>"
-        f"<td>{s['b']}</td><td>{s['k_p']}</td><td>{s['divergence_start']}</td></tr>" for t, s in rec["per_task"].items())
-    evidence = "".join(f"<h3>{e(t)}</h3><ul>" + "".join(f"<li>{e(x)}</li>" for x in s["evidence"]) + "</ul>"
-                       for t, s in rec["per_task"].items())
-    grids = ""
-    idx_path = run / "pca" / "index.json"
-    if idx_path.is_file():
-        idx = json.loads(idx_path.read_text())
-        for im in idx["images"]:
-            data = base64.b64encode((run / "pca" / im["grid"]).read_bytes()).decode()
-            grids += f'<figure><img alt="PCA maps" src="data:image/png;base64,{data}"><figcaption>rows: {e(", ".join(idx["grid_rows"]))}; columns: blocks {e(", ".join(map(str, idx["grid_cols"])))}</figcaption></figure>'
-    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>cka-split: {e(rec['model'])}</title></head><body>"
-            f"<h1>cka-split analysis of {e(rec['model'])} ({rec['num_layers']} blocks)</h1>"
-            "<table border=\"1\"><tr><th>task</th><th>K_t</th><th>task-head blocks</th><th>prior layers</th><th>b</th><th>K_p</th><th>divergence start</th></tr>"
-            f"{rows}</table><h2>Evidence</h2>{evidence}<h2>PCA feature maps</h2>{grids}</body></html>\n")
-    return atomic_write_text(run / "report.html", page)

@@ -49,6 +49,9 @@ def analyze(
         seed=seed, out=str(out) if out is not None else None, pca_images=pca_images,
         max_trainable_params=None if max_trainable_params is None else int(round(max_trainable_params * 1e6)),
     )
+    from reports import build_report
+
     with RichProgress() as progress:
         run, rec = run_analyze(cfg, progress=progress)
+        build_report(run)
     print_recommendation(rec, run)

@@ -166,24 +166,3 @@ def test_planted_divergence_run_recovers_k_t_and_trains_with_it(tmp_path, capsys
     assert _find_key(tcfg, "prior_layers") == [2, 5, 8, 11]
     assert "recommendation" in _find_key(tcfg, "split_source") and _find_key(tcfg, "model") == "demo-vit"
     assert _find_key(tcfg, "weights") == str(pre.resolve())
-
-
-def test_minimal_report_without_the_report_package(tmp_path):
-    import numpy as np
-
-    from cka_split.recommend import recommend_split
-    from cka_split.result import CKAResult
-    from cka_split.run import write_minimal_report
-
-    L = 6
-    d = np.r_[np.zeros(3), 0.2, 0.4, 0.6]
-    full = np.ones((2 * L, 2 * L))
-    full[:L, L:] = full[L:, :L] = np.full((L, L), 0.4)
-    full[np.arange(L), L + np.arange(L)] = full[L + np.arange(L), np.arange(L)] = 1 - d
-    res = CKAResult(models=["pretrained", "seg"], layers={"pretrained": list(range(L)), "seg": list(range(L))},
-                    full=torch.as_tensor(full), num_images=8)
-    rec = recommend_split(res, model="tiny<vit>")
-    (tmp_path / "recommendation.json").write_text(json.dumps(rec.to_json()))
-    page = write_minimal_report(tmp_path).read_text()
-    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    assert "tiny&lt;vit&gt;" in page and "<td>seg</td><td>3</td><td>[3, 4, 5]</td>" in page

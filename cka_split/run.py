@@ -48,6 +48,8 @@ class AnalyzeConfig:
     finetuned: dict[str, str] = field(default_factory=dict)
     data: dict[str, str] = field(default_factory=dict)  # task -> spec; "*" = every task and the probes
     finetune_steps: int = 300
+    finetune_steps_per_task: dict[str, int] = field(default_factory=dict)  # overrides finetune_steps
+    finetune_lr: float | None = None  # None: the trainer's default for the model
     finetune_batch_size: int = 8
     probe_images: int = 256
     batch_size: int = 32
@@ -254,11 +256,13 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
         else:
             from vitsplit.train import finetune_backbone
 
-            progress.log(f"fine-tuning a copy of {cfg.model} for {t}: {cfg.finetune_steps} steps on {cfg.data_for(t)}")
-            bb = finetune_backbone(pretrained, t, cfg.data_for(t), cfg.finetune_steps, batch_size=cfg.finetune_batch_size,
-                                   crop=cfg.image_size, seed=cfg.seed, device=str(device), progress=progress)
+            steps = cfg.finetune_steps_per_task.get(t, cfg.finetune_steps)
+            progress.log(f"fine-tuning a copy of {cfg.model} for {t}: {steps} steps on {cfg.data_for(t)}")
+            bb = finetune_backbone(pretrained, t, cfg.data_for(t), steps, batch_size=cfg.finetune_batch_size,
+                                   crop=cfg.image_size, lr=cfg.finetune_lr, seed=cfg.seed, device=str(device),
+                                   progress=progress)
             path = save_backbone(bb, run / "finetuned" / f"{t}.safetensors")
-            sources[t] = {"origin": "fine-tuned by analyze (method full)", "steps": cfg.finetune_steps,
+            sources[t] = {"origin": "fine-tuned by analyze (method full)", "steps": steps,
                           "data": cfg.data_for(t), "file": str(path)}
         bb.to(device).eval()
         for p in bb.parameters():

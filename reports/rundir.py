@@ -141,6 +141,7 @@ class RunData:
     cka: CKAView | None = None
     recommendation: dict[str, Any] | None = None
     pca: dict[str, Any] | None = None
+    pca_photos: dict[str, Any] | None = None  # RUN/pca/photos/index.json: the same maps on photographs
     training: list = field(default_factory=list)  # reports.training.TrainingRun
     problems: list[str] = field(default_factory=list)
 
@@ -187,6 +188,9 @@ def read_run(run_dir: str | Path) -> RunData:
     pca = _read_json(run / "pca" / "index.json", data.problems)
     if pca is not None and isinstance(pca.get("images"), list):
         data.pca = pca
+    photos = _read_json(run / "pca" / "photos" / "index.json", data.problems)
+    if photos is not None and isinstance(photos.get("images"), list):
+        data.pca_photos = photos
     return data
 
 

@@ -156,15 +156,23 @@ def _pick_layers(layers: list[int], k: int) -> list[int]:
 
 
 def pca_figures(data: RunData) -> list[dict[str, str]]:
-    idx = data.pca
+    """Probe-image PCA grids, then (when the run has them) the same maps on photographs."""
+    figs = _pca_set(data.pca, data.pca_dir, "Probe image", "pca")
+    if data.pca_photos is not None:
+        names = data.pca_photos.get("photo_names") or []
+        figs += _pca_set(data.pca_photos, data.pca_dir / "photos", "Photograph", "pca-photo", names, max_images=8)
+    return figs
+
+
+def _pca_set(idx: dict[str, Any] | None, root: Path, title: str, anchor: str,
+             names: list[str] | None = None, max_images: int = MAX_PCA_IMAGES) -> list[dict[str, str]]:
     if idx is None:
         return []
-    root = data.pca_dir
     models = [str(m) for m in idx.get("grid_rows") or idx.get("models") or []]
     layers = [int(x) for x in idx.get("grid_cols") or idx.get("layers") or []]
     shown = _pick_layers(layers, MAX_PCA_LAYERS)
     figs = []
-    for i, im in enumerate(idx.get("images", [])[:MAX_PCA_IMAGES]):
+    for i, im in enumerate(idx.get("images", [])[:max_images]):
         if not isinstance(im, dict):
             continue
         maps = im.get("maps") or {}
@@ -184,7 +192,8 @@ def pca_figures(data: RunData) -> list[dict[str, str]]:
                 continue
             png = _array_png(grid)
             cap = f"Rows: {', '.join(models)}; columns: blocks {', '.join(map(str, layers))}."
-        figs.append(_figure(png, f"Probe image {i}", cap, f"pca-{i}"))
+        label = f"{title} {i}" + (f" ({names[i]}, from scikit-image's bundled data)" if names and i < len(names) else "")
+        figs.append(_figure(png, label, cap, f"{anchor}-{i}"))
     return figs
 
 

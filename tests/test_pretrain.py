@@ -189,3 +189,15 @@ def test_rendered_images_round_trip_the_dataset_exactly():
     assert torch.allclose(x[0], ds[2]["image"], atol=1e-5)  # 8-bit scenes survive the uint8 cache
     assert torch.allclose(x[1], ds[5]["image"].flip(-1), atol=1e-5)
     assert not torch.allclose(x[1], ds[5]["image"], atol=1e-2)
+
+
+def test_a_demo_vit_file_loaded_by_path_says_it_was_pretrained_by_cka_split(tmp_path):
+    """build_backbone('demo-vit', PATH) on a cache file keeps the recipe in weights_source."""
+    from vitsplit.backbones import build_backbone
+    from vitsplit.pretrain import FULL_RECIPE, save_demo_vit, _create_demo_vit
+
+    vit = _create_demo_vit(FULL_RECIPE)
+    path = save_demo_vit(vit, FULL_RECIPE, tmp_path / "demo.safetensors", [1.0], [1.0])
+    bb = build_backbone("demo-vit", str(path))
+    assert bb.weights_source.startswith("demo-vit pretrained by cka-split (recipe " + FULL_RECIPE.recipe_id)
+    assert "sha256:" in bb.weights_source

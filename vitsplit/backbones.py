@@ -10,7 +10,8 @@ Names (``resolve_name``):
   DINOv2 with registers (Darcet et al. 2024), built as timm's ``vit_*_patch14_dinov2`` and
   ``vit_*_patch14_reg4_dinov2`` architectures.
 - any timm ``VisionTransformer`` name (``vit_small_patch16_224``, ...).
-- ``hf:<dir>``: a Hugging Face ``Dinov2Model`` folder (``config.json`` + weights).
+- ``hf:<dir>``: a Hugging Face ``Dinov2Model``/``Dinov2WithRegistersModel`` folder (``config.json`` +
+  weights), or ``hf:<org>/<model>`` already in the Hugging Face cache (:func:`vitsplit.checkpoints.hf_spec`).
 - ``demo-vit``: the small DINOv2-architecture ViT that ``cka-split demo`` pretrains itself.
 
 Where the weights come from (``weights``): ``"random"`` (explicit, and recorded as such),
@@ -230,14 +231,17 @@ def create_vit(spec: BackboneSpec) -> nn.Module:
         raise UserError(f"cannot build '{spec.name}' as timm '{spec.timm_name}': {e}") from e
 
 
-def build_backbone(name: str, weights: str = "auto", *, seed: int | None = None) -> Backbone:
+def build_backbone(name: str | BackboneSpec, weights: str = "auto", *, seed: int | None = None) -> Backbone:
     """Build a named backbone with weights from ``weights``: "random", "auto", or a file path.
 
+    ``name`` is a model name (see :func:`resolve_name`) or an already resolved
+    :class:`BackboneSpec` (for architectures without a name, such as tests' tiny ViTs).
     "random" gives freshly initialised weights (``seed`` makes them reproducible) and records
     ``weights_source="random"``. "auto" and paths are resolved by :mod:`vitsplit.checkpoints`;
     loading is strict (a checkpoint for another architecture fails naming the mismatched keys).
     """
-    spec = resolve_name(name)
+    spec = name if isinstance(name, BackboneSpec) else resolve_name(name)
+    name = spec.name
     if seed is not None:
         torch.manual_seed(seed)
     vit = create_vit(spec)

@@ -51,8 +51,9 @@ class Baseline(nn.Module):
     """``Baseline(backbone, method, task, num_classes, masks=True, lora_rank=8, lora_alpha=16)``."""
 
     def __init__(self, backbone: Backbone, method: str, task: str, num_classes: int = 1, *, masks: bool = True,
-                 lora_rank: int = 8, lora_alpha: int = 16):
+                 lora_rank: int = 8, lora_alpha: int = 16, det_preset: str = "coco"):
         super().__init__()
+        self.det_preset = det_preset
         if method not in METHODS:
             raise UserError(f"unknown baseline method '{method}': use one of {', '.join(METHODS)}")
         if task not in ("seg", "det", "depth"):
@@ -79,7 +80,7 @@ class Baseline(nn.Module):
         elif task == "depth":
             self.head = DepthHead(C)
         else:
-            self.head = DetHead(C, self.num_classes, self.masks, patch_size=backbone.patch_size)
+            self.head = DetHead(C, self.num_classes, self.masks, patch_size=backbone.patch_size, preset=det_preset)
 
     def train(self, mode: bool = True) -> "Baseline":
         super().train(mode)
@@ -152,5 +153,6 @@ class Baseline(nn.Module):
         if self.method != "lora":  # LoRA-wrapped modules hash differently from the plain backbone
             info = backbone_config(bb)
         return {"method": self.method, "task": self.task, "num_classes": self.num_classes, "masks": self.masks,
+                "det_preset": self.det_preset if self.task == "det" else None,
                 "lora_rank": self.lora_rank if self.method == "lora" else None,
                 "lora_alpha": self.lora_alpha if self.method == "lora" else None, "backbone": info}

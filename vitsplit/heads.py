@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import UserError
 
 
 def _up_block(c: int) -> list[nn.Module]:
@@ -160,6 +162,21 @@ class DetNeck(nn.Module):
         return [bn(m) for bn, m in zip(self.norms, maps)]
 
 
+# Detection hyper-parameters that must follow the image scale. "coco" is torchvision's MaskRCNN default
+# (images of 800-1333 px). "small" is for crops below ~320 px (tests, the demo's 112 px scenes):
+# anchors 8..128 instead of 32..512, which would all be larger than the image, and fewer RoIs per
+# image (the mask head's four 256-channel convs on 14x14 RoIs dominate a CPU step at 512 RoIs).
+DET_PRESETS: dict[str, dict[str, Any]] = {
+    "coco": dict(anchor_sizes=(32, 64, 128, 256, 512), rois_per_image=512, rpn_train=2000, rpn_test=1000),
+    "small": dict(anchor_sizes=(8, 16, 32, 64, 128), rois_per_image=64, rpn_train=300, rpn_test=300),
+}
+
+
+def det_preset_for(crop: int) -> str:
+    """The preset a crop of ``crop`` pixels gets when none is named."""
+    return "small" if crop < 320 else "coco"
+
+
 class DetHead(nn.Module):
     """Four-scale neck + FPN + Mask R-CNN (``masks=True``) or Faster R-CNN (``masks=False``).
 
@@ -172,8 +189,13 @@ class DetHead(nn.Module):
     aligned RoIAlign with adaptive sampling).
     """
 
-    def __init__(self, channels: int, num_classes: int, masks: bool = True, *, patch_size: int = 14):
+    def __init__(self, channels: int, num_classes: int, masks: bool = True, *, patch_size: int = 14,
+                 preset: str = "coco"):
         super().__init__()
+        if preset not in DET_PRESETS:
+            raise UserError(f"unknown detection preset '{preset}': use {' or '.join(DET_PRESETS)}")
+        hp = DET_PRESETS[preset]
+        self.preset = preset
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
         from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
         from torchvision.models.detection.roi_heads import RoIHeads
@@ -189,11 +211,12 @@ class DetHead(nn.Module):
         self.strides = (p / 4, p / 2, p, 2 * p, 4 * p)
         self.neck = DetNeck(channels)
         self.fpn = FeaturePyramidNetwork([channels] * 4, 256, extra_blocks=LastLevelMaxPool())
-        anchors = FixedStrideAnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5, self.strides)
+        anchors = FixedStrideAnchorGenerator(tuple((s,) for s in hp["anchor_sizes"]), ((0.5, 1.0, 2.0),) * 5, self.strides)
         self.rpn = RegionProposalNetwork(
             anchors, RPNHead(256, anchors.num_anchors_per_location()[0]),
             fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
-            pre_nms_top_n=dict(training=2000, testing=1000), post_nms_top_n=dict(training=2000, testing=1000),
+            pre_nms_top_n=dict(training=hp["rpn_train"], testing=hp["rpn_test"]),
+            post_nms_top_n=dict(training=hp["rpn_train"], testing=hp["rpn_test"]),
             nms_thresh=0.7,
         )
         names = ["0", "1", "2", "3"]
@@ -212,7 +235,7 @@ class DetHead(nn.Module):
                                mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1))
         self.roi_heads = RoIHeads(
             pooler(7), TwoMLPHead(256 * 7 * 7, 1024), FastRCNNPredictor(1024, num_classes + 1),
-            fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25,
+            fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=hp["rois_per_image"], positive_fraction=0.25,
             bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100, **mask_kwargs,
         )
 

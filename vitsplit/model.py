@@ -125,8 +125,9 @@ class SplitHeads(nn.Module):
     """
 
     def __init__(self, backbone: Backbone, k_t: int, prior_layers: Iterable[int], task: str,
-                 num_classes: int = 1, *, masks: bool = True, deform_impl: str = "fast"):
+                 num_classes: int = 1, *, masks: bool = True, deform_impl: str = "fast", det_preset: str = "coco"):
         super().__init__()
+        self.det_preset = det_preset
         self.k_t, self.prior_layers = _check_args(backbone, k_t, prior_layers, task, num_classes)
         self.task = task
         self.num_classes = int(num_classes) if task != "depth" else 1
@@ -141,7 +142,7 @@ class SplitHeads(nn.Module):
         elif task == "depth":
             self.head = DepthHead(C)
         else:
-            self.head = DetHead(C, self.num_classes, self.masks, patch_size=backbone.patch_size)
+            self.head = DetHead(C, self.num_classes, self.masks, patch_size=backbone.patch_size, preset=det_preset)
 
     @property
     def task_input_layer(self) -> int:
@@ -200,7 +201,8 @@ class SplitHeads(nn.Module):
 
     def head_config(self) -> dict[str, Any]:
         return {"k_t": self.k_t, "prior_layers": list(self.prior_layers), "task": self.task,
-                "num_classes": self.num_classes, "masks": self.masks}
+                "num_classes": self.num_classes, "masks": self.masks,
+                **({"det_preset": self.det_preset} if self.task == "det" else {})}
 
 
 def freeze_backbone(backbone: Backbone) -> None:
@@ -236,9 +238,10 @@ class ViTSplit(nn.Module):
     """
 
     def __init__(self, backbone: Backbone, k_t: int, prior_layers: Iterable[int], task: str,
-                 num_classes: int = 1, *, masks: bool = True, deform_impl: str = "fast"):
+                 num_classes: int = 1, *, masks: bool = True, deform_impl: str = "fast", det_preset: str = "coco"):
         super().__init__()
-        self.split = SplitHeads(backbone, k_t, prior_layers, task, num_classes, masks=masks, deform_impl=deform_impl)
+        self.split = SplitHeads(backbone, k_t, prior_layers, task, num_classes, masks=masks, deform_impl=deform_impl,
+                                det_preset=det_preset)
         self.backbone = backbone
         freeze_backbone(backbone)
 
@@ -349,6 +352,6 @@ def load_trainable(path: str | Path, backbone: Backbone, *, deform_impl: str = "
         raise UserError(f"{path} was trained on backbone weights {want['state_sha256'][:12]} ({want['weights_source']}); "
                         f"the given backbone's weights are {got[:12]} ({backbone.weights_source}): load the same weights")
     model = ViTSplit(backbone, cfg["k_t"], cfg["prior_layers"], cfg["task"], cfg["num_classes"],
-                     masks=cfg["masks"], deform_impl=deform_impl)
+                     masks=cfg["masks"], deform_impl=deform_impl, det_preset=cfg.get("det_preset", "coco"))
     model.load_trainable_state_dict(state)
     return model

@@ -40,6 +40,7 @@ from .backbones import Backbone, build_backbone, load_json
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .errors import UserError
 from .fileio import atomic_write, atomic_write_json, atomic_write_text
+from .heads import DET_PRESETS, det_preset_for
 from .progress import NULL_PROGRESS, Progress
 from .schedule import PolyWarmup, default_warmup
 
@@ -93,6 +94,7 @@ class TrainConfig:
     eval_batch_size: int = 4
     evaluate: bool = True
     masks: bool = True
+    det_preset: str | None = None  # "coco" | "small"; None: by crop (vitsplit.heads.det_preset_for)
     lora_rank: int = 8
     lora_alpha: int = 16
     max_steps_this_run: int | None = None
@@ -195,6 +197,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         cfg.weight_decay = 0.05 if cfg.task == "det" else 1e-2
     if cfg.warmup_iters is None:
         cfg.warmup_iters = default_warmup(cfg.iters)
+    if cfg.task == "det":
+        cfg.det_preset = cfg.det_preset or det_preset_for(cfg.crop)
+        if cfg.det_preset not in DET_PRESETS:
+            raise UserError(f"unknown detection preset '{cfg.det_preset}': use {' or '.join(DET_PRESETS)}")
     if cfg.batch_size % cfg.grad_accum:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {cfg.grad_accum} accumulation steps")
     return cfg
@@ -217,10 +223,12 @@ def build_model(cfg: TrainConfig, backbone: Backbone, num_classes: int) -> nn.Mo
     if cfg.method == "vitsplit":
         from .model import ViTSplit
 
-        return ViTSplit(backbone, cfg.k_t, cfg.prior_layers, cfg.task, num_classes, masks=cfg.masks)
+        return ViTSplit(backbone, cfg.k_t, cfg.prior_layers, cfg.task, num_classes, masks=cfg.masks,
+                        det_preset=cfg.det_preset or det_preset_for(cfg.crop))
     from .baselines import Baseline
 
-    return Baseline(backbone, cfg.method, cfg.task, num_classes, masks=cfg.masks, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+    return Baseline(backbone, cfg.method, cfg.task, num_classes, masks=cfg.masks, lora_rank=cfg.lora_rank,
+                    lora_alpha=cfg.lora_alpha, det_preset=cfg.det_preset or det_preset_for(cfg.crop))
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -585,7 +593,7 @@ def train(cfg: TrainConfig, progress: Progress = NULL_PROGRESS, *, backbone: Bac
 
 def finetune_backbone(backbone: Backbone, task: str, data_spec: str, steps: int, *, batch_size: int = 8, crop: int = 224,
                       lr: float | None = None, seed: int = 0, device: str = "auto", grad_accum: int = 1,
-                      progress: Progress = NULL_PROGRESS) -> Backbone:
+                      masks: bool = True, progress: Progress = NULL_PROGRESS) -> Backbone:
     """A copy of ``backbone`` fine-tuned on ``task`` for ``steps`` steps (method "full": every
     backbone weight plus the baseline head, the trainer's recipe); ``backbone`` is left untouched.
 
@@ -598,12 +606,14 @@ def finetune_backbone(backbone: Backbone, task: str, data_spec: str, steps: int,
         raise UserError(f"fine-tuning needs at least 1 step, got {steps}")
     cfg = resolve_config(TrainConfig(task=task, method="full", model=backbone.name, weights="given", data=data_spec,
                                      iters=steps, batch_size=batch_size, grad_accum=grad_accum, crop=crop, lr=lr,
-                                     seed=seed, device=device, checkpoint_every=steps, log_every=max(1, steps)))
+                                     seed=seed, device=device, checkpoint_every=steps, log_every=max(1, steps),
+                                     masks=masks))
     dev = resolve_device(cfg.device, _Dist())
     seed_everything(seed)
     data = build_dataset(data_spec, "train", task=task, crop=crop, augment=True, seed=seed)
     copy_bb = copy.deepcopy(backbone).cpu()
-    model = Baseline(copy_bb, "full", task, data.num_classes)
+    model = Baseline(copy_bb, "full", task, data.num_classes, masks=cfg.masks,
+                     det_preset=cfg.det_preset or det_preset_for(crop))
     fit(model, data, cfg, device=dev, progress=progress)
     copy_bb.weights_source = f"{backbone.weights_source} + full fine-tune on {task} ({data_spec}, {steps} steps, seed {seed})"
     for p in copy_bb.parameters():

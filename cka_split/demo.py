@@ -1,0 +1,178 @@
+"""The embedded default: the whole idea, offline, on a laptop CPU (``cka-split demo``).
+
+1. The synthetic scenes (:mod:`vitsplit.data.synthetic`).
+2. ``demo-vit``, a small DINOv2-architecture ViT that cka-split pretrains itself with a pretext that
+   is neither segmentation nor detection (MAE-style masked patch reconstruction,
+   :mod:`vitsplit.pretrain`), cached under a name that includes its recipe and reused.
+3. ``analyze`` with tasks seg and det (both copies fine-tuned here), the recommendation, PCA maps on
+   synthetic probes and on real photographs that scikit-image ships in its wheel.
+4. ``train --auto-split`` for seg, and the ``linear`` and ``full`` baselines at the same budget
+   (same data, schedule, iterations, batch and crop), each evaluated on the same validation scenes.
+
+The report (``reports``) and the terminal summary are the CLI's part. Everything here is measured,
+not assumed: whichever method wins on the synthetic data is what the summary and report say.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitsplit.errors import UserError
+from vitsplit.fileio import atomic_write_json
+from vitsplit.progress import NULL_PROGRESS, Progress
+
+from .run import AnalyzeConfig, run_analyze
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
+METHODS = ("vitsplit", "linear", "full")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run. ``quick`` is the same steps, smaller everything."""
+
+    quick: bool = False
+    image_size: int = 112
+    finetune_steps_seg: int = 300
+    finetune_steps_det: int = 60
+    finetune_batch_size: int = 8
+    finetune_lr: float = 3e-3
+    probe_images: int = 128
+    cka_batch_size: int = 32
+    pca_images: int = 3
+    train_iters: int = 300
+    train_batch_size: int = 8
+    train_lr: float = 1e-3
+    train_length: int = 2000
+    val_length: int = 64
+    seed: int = 0
+
+
+FULL_PLAN = DemoPlan()
+QUICK_PLAN = DemoPlan(quick=True, finetune_steps_seg=60, finetune_steps_det=12, probe_images=32, cka_batch_size=16,
+                      pca_images=2, train_iters=60, train_length=480, val_length=32)
+
+
+def demo_plan(quick: bool) -> DemoPlan:
+    return QUICK_PLAN if quick else FULL_PLAN
+
+
+def photographs(size: int) -> tuple[list[str], torch.Tensor]:
+    """Real photographs shipped inside scikit-image's wheel, centre-cropped square, resized to
+    ``size`` and ImageNet-normalised: (names, (N, 3, size, size))."""
+    import skimage.data
+    from PIL import Image
+
+    from vitsplit.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+    out, names = [], []
+    for name in PHOTOS:
+        img = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+        img = np.asarray(img)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        h, w = img.shape[:2]
+        s = min(h, w)
+        img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s, :3]
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+        t = (torch.from_numpy(img).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+        out.append(t)
+        names.append(name)
+    return names, torch.stack(out)
+
+
+def _photo_pca(run: Path, size: int, device: str, progress: Progress) -> None:
+    """PCA maps of the photographs for every model of the run, in RUN/pca/photos/."""
+    from vitsplit.backbones import build_backbone
+
+    from .pca import pca_maps
+
+    cfg = json.loads((run / "config.json").read_text())
+    models = {"pretrained": build_backbone("demo-vit", cfg["weights"])}
+    for task in cfg["options"]["tasks"]:
+        models[task] = build_backbone("demo-vit", str(run / "finetuned" / f"{task}.safetensors"))
+    names, images = photographs(size)
+    with torch.no_grad():
+        index = pca_maps(models, images, run / "pca" / "photos", device=device, progress=progress)
+    index["photo_names"] = names
+    atomic_write_json(run / "pca" / "photos" / "index.json", index)
+
+
+def run_demo(out: Path, plan: DemoPlan = FULL_PLAN, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
+    """Steps 1-4 of the module docstring into ``out`` (the analysis run directory; training runs go
+    to ``out/training/<method>``). Returns a summary dict (also saved as ``out/demo.json``)."""
+    from vitsplit.pretrain import cache_path, demo_recipe, load_or_pretrain_demo_vit
+    from vitsplit.train import TrainConfig, train
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already holds files; give a new --out directory")
+    t0 = time.time()
+    timings: dict[str, float] = {}
+
+    recipe = demo_recipe(plan.quick)
+    cached = cache_path(recipe).is_file()
+    t = time.time()
+    progress.log(("using the cached demo-vit " if cached else "pretraining demo-vit (cached for later runs): ")
+                 + recipe.describe())
+    backbone = load_or_pretrain_demo_vit(recipe, progress=progress)
+    timings["pretrain" if not cached else "load cached demo-vit"] = time.time() - t
+    weights = str(cache_path(recipe))
+
+    t = time.time()
+    cfg = AnalyzeConfig(model="demo-vit", weights=weights, tasks=["seg", "det"], finetune_steps=plan.finetune_steps_seg,
+                        finetune_steps_per_task={"det": plan.finetune_steps_det}, finetune_lr=plan.finetune_lr,
+                        finetune_batch_size=plan.finetune_batch_size, probe_images=plan.probe_images,
+                        batch_size=plan.cka_batch_size, image_size=plan.image_size, device="cpu", seed=plan.seed,
+                        out=str(out), pca_images=plan.pca_images)
+    run, rec = run_analyze(cfg, progress=progress)
+    _photo_pca(run, plan.image_size, "cpu", progress)
+    timings["analyze (fine-tune seg and det copies, CKA, PCA)"] = time.time() - t
+
+    results: dict[str, Any] = {}
+    for method in METHODS:
+        t = time.time()
+        tcfg = TrainConfig(task="seg", method=method, model="demo-vit", weights=weights, data="synthetic",
+                           auto_split=str(run) if method == "vitsplit" else None, iters=plan.train_iters,
+                           batch_size=plan.train_batch_size, crop=plan.image_size, lr=plan.train_lr, seed=plan.seed,
+                           checkpoint_every=max(1, plan.train_iters // 2), log_every=max(1, plan.train_iters // 30),
+                           out=str(run / "training" / method), device="cpu", train_length=plan.train_length,
+                           val_length=plan.val_length)
+        metrics = train(tcfg, progress=progress)
+        results[method] = _training_summary(run / "training" / method, metrics)
+        timings[f"train seg ({method})"] = time.time() - t
+
+    timings["total"] = time.time() - t0
+    summary = {"plan": asdict(plan), "recipe_id": recipe.recipe_id, "weights_source": backbone.weights_source,
+               "recommendation": rec.to_json(), "results": results, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+               "verdict": verdict(results)}
+    atomic_write_json(run / "demo.json", summary)
+    return summary
+
+
+def _training_summary(out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    cfg = json.loads((out / "config.json").read_text())
+    speeds = [json.loads(line).get("it_s") for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    speeds = [s for s in speeds if s]
+    return {"mIoU": metrics.get("mIoU"), "aAcc": metrics.get("aAcc"),
+            "trainable_params": cfg.get("trainable_params"), "k_t": cfg.get("k_t"), "prior_layers": cfg.get("prior_layers"),
+            "step_time_s": float(np.median([1.0 / s for s in speeds])) if speeds else None}
+
+
+def verdict(results: dict[str, Any]) -> str:
+    """One sentence saying which method reached the best mIoU, as measured."""
+    scored = {m: r["mIoU"] for m, r in results.items() if r.get("mIoU") is not None}
+    if not scored:
+        return "no method was evaluated"
+    best = max(scored, key=scored.get)
+    parts = ", ".join(f"{m} {v:.1f}" for m, v in scored.items())
+    if best == "vitsplit":
+        return f"ViT-Split reached the best mIoU on the synthetic validation scenes ({parts})."
+    return f"ViT-Split did not beat the {best} baseline on the synthetic validation scenes ({parts})."

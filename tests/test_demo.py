@@ -1,0 +1,37 @@
+"""`cka-split demo --quick`: the whole pipeline, offline, end to end (slow; runs in CI)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_the_whole_pipeline(tmp_path):
+    env = dict(os.environ, CKA_SPLIT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "cli", "demo", "--quick", "--out", str(out)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "demo.json").read_text())
+    assert set(summary["results"]) == {"vitsplit", "linear", "full"}
+    for method, res in summary["results"].items():
+        assert 0.0 <= res["mIoU"] <= 100.0 and res["trainable_params"] > 0, method
+    # ViT-Split trains far fewer parameters than full fine-tuning, more than the linear probe
+    p = {m: r["trainable_params"] for m, r in summary["results"].items()}
+    assert p["linear"] < p["vitsplit"] < p["full"]
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert set(rec["per_task"]) == {"seg", "det"}
+    vcfg = json.loads((out / "training" / "vitsplit" / "config.json").read_text())
+    assert vcfg["k_t"] == rec["per_task"]["seg"]["k_t"] and vcfg["prior_layers"] == rec["per_task"]["seg"]["prior_layers"]
+    assert summary["weights_source"].startswith("demo-vit pretrained by cka-split (recipe ")
+    assert (out / "finetuned" / "seg.safetensors").is_file() and (out / "finetuned" / "det.safetensors").is_file()
+    photos = json.loads((out / "pca" / "photos" / "index.json").read_text())
+    assert photos["photo_names"] == ["astronaut", "chelsea", "coffee", "rocket", "motorcycle"]
+    page = (out / "report.html").read_text()
+    assert "demo-vit" in page and "astronaut" in page and "data:image/png;base64," in page
+    assert "report:" in r.stdout and summary["verdict"].split(" (")[0] in " ".join(r.stdout.split())
+    # the cached demo-vit is reused by a second run (no pretraining again)
+    assert len(list((tmp_path / "cache").glob("demo-vit-*.safetensors"))) == 1

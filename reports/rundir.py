@@ -4,8 +4,7 @@ Only ``RUN`` itself must exist. Every part is optional and read on its own: a pa
 unreadable is left out of the report (and named in :attr:`RunData.problems`), never a crash:
 
 - ``RUN/config.json``: the options, versions, weights source and hashes, time taken (analyze).
-- ``RUN/cka.npz``: the CKA matrices, read with ``cka_split``'s ``CKAResult.load`` when that class is
-  importable, else straight from the arrays (``full`` (F, F), ``models``, per-model layer lists).
+- ``RUN/cka.npz``: the CKA matrices, read with ``cka_split``'s ``CKAResult.load``.
 - ``RUN/recommendation.json``: :meth:`cka_split.recommend.SplitRecommendation.to_json`'s layout.
 - ``RUN/pca/index.json``: :func:`cka_split.pca.pca_maps`'s index (file names relative to ``RUN/pca``).
 - Linked training runs: see :mod:`reports.training`.
@@ -74,62 +73,11 @@ def _bool_or_none(v: Any) -> bool | None:
     return None if v is None else bool(np.asarray(v).item())
 
 
-def _str_or_none(v: Any) -> str | None:
-    return None if v is None else str(np.asarray(v).item())
-
-
-def _npz_layers(z: Any, models: list[str], n_full: int) -> dict[str, list[int]]:
-    """Per-model layer lists from the npz: ``layers_<model>`` / ``layers/<model>`` / ``layers:<model>``
-    (one array per model), or one ``layers`` array shared by every model."""
-    out: dict[str, list[int]] = {}
-    for i, m in enumerate(models):
-        for key in (f"layers_{m}", f"layers/{m}", f"layers:{m}", f"layers__{m}", f"layers_{i}"):
-            if key in z.files:
-                out[m] = [int(x) for x in np.asarray(z[key]).ravel()]
-                break
-    if len(out) == len(models):
-        return out
-    if "layers" in z.files:
-        arr = np.asarray(z["layers"])
-        if arr.ndim == 2 and arr.shape[0] == len(models):
-            return {m: [int(x) for x in arr[i]] for i, m in enumerate(models)}
-        if arr.ndim == 1 and arr.size * len(models) == n_full:
-            return {m: [int(x) for x in arr] for m in models}
-    if n_full % max(1, len(models)) == 0:  # no labels: every model has the same consecutive blocks
-        n = n_full // len(models)
-        return {m: list(range(n)) for m in models}
-    raise ValueError("cka.npz has no layer lists that fit its matrix")
-
-
-def read_cka_npz(path: str | Path) -> CKAView:
-    """Read ``cka.npz`` without the CKA engine: arrays ``full`` (F, F), ``models`` and layer lists."""
-    with np.load(Path(path), allow_pickle=False) as z:
-        full = np.asarray(z["full"], dtype=np.float64)
-        models = [str(m) for m in np.asarray(z["models"]).ravel()]
-        layers = _npz_layers(z, models, full.shape[0])
-        meta = {k: z[k] for k in ("num_images", "features", "unbiased") if k in z.files}
-    if sum(len(v) for v in layers.values()) != full.shape[0] or full.shape[0] != full.shape[1]:
-        raise ValueError(f"cka.npz: matrix {full.shape} does not match the layer lists")
-    return CKAView(models=models, layers=layers, full=full, num_images=_int_or_none(meta.get("num_images")),
-                   features=_str_or_none(meta.get("features")), unbiased=_bool_or_none(meta.get("unbiased")))
-
-
 def load_cka(path: str | Path) -> CKAView:
-    """The CKA engine's ``CKAResult.load`` where it exists (it knows its own format), else the arrays
-    (also when ``load`` refuses the file, e.g. another format version whose arrays still fit)."""
-    for mod in ("cka_split.result", "cka_split.cka", "cka_split"):
-        try:
-            cls = getattr(__import__(mod, fromlist=["CKAResult"]), "CKAResult")
-        except (ImportError, AttributeError):
-            continue
-        try:
-            return _from_result(cls.load(path))
-        except Exception as first:  # noqa: BLE001 -- retried below; re-raised if the arrays do not fit either
-            try:
-                return read_cka_npz(path)
-            except Exception:  # noqa: BLE001
-                raise first from None
-    return read_cka_npz(path)
+    """``RUN/cka.npz`` through the CKA engine's own reader (:meth:`cka_split.result.CKAResult.load`)."""
+    from cka_split.result import CKAResult
+
+    return _from_result(CKAResult.load(path))
 
 
 @dataclass

@@ -18,7 +18,7 @@ from PIL import Image
 
 from cka_split.result import CKAResult
 from reports import build_report
-from reports.rundir import read_cka_npz
+from reports.rundir import load_cka
 from reports.training import find_training_runs
 
 L = 12
@@ -284,10 +284,10 @@ def test_find_training_runs_keys(tmp_path):
     assert lin.step_time == pytest.approx(12.0 / 40)
 
 
-def test_npz_fallback_reader_matches_cka_result(tmp_path):
+def test_report_reads_cka_npz_through_cka_result(tmp_path):
     res = planted_cka()
     res.save(tmp_path / "cka.npz")
-    view = read_cka_npz(tmp_path / "cka.npz")
+    view = load_cka(tmp_path / "cka.npz")
     assert view.models == res.models and view.layers == res.layers and view.num_images == 64
     for a in res.models:
         for b in res.models:

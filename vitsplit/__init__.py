@@ -6,7 +6,7 @@ Public names: :func:`build_backbone`, :class:`Backbone`, :class:`ViTSplit`, :cla
 from .backbones import Backbone, build_backbone
 from .errors import UserError
 
-__all__ = ["Backbone", "build_backbone", "UserError", "ViTSplit"]
+__all__ = ["Backbone", "build_backbone", "UserError", "ViTSplit", "MultiTaskViTSplit"]
 
 
 def __getattr__(name: str):  # ViTSplit is imported lazily so that backbones load without torchvision ops
@@ -14,4 +14,8 @@ def __getattr__(name: str):  # ViTSplit is imported lazily so that backbones loa
         from .model import ViTSplit
 
         return ViTSplit
+    if name == "MultiTaskViTSplit":
+        from .multitask import MultiTaskViTSplit
+
+        return MultiTaskViTSplit
     raise AttributeError(name)

@@ -19,10 +19,6 @@ app = typer.Typer(
 )
 
 
-def not_built(what: str) -> UserError:
-    return UserError(f"'{what}' is not built yet in this version of cka-split; see the README for what works")
-
-
 # Each command lives in its own module and registers itself on `app`.
 from cli import analyze, demo, evaluate, recommend, report, train  # noqa: E402,F401
 

@@ -42,7 +42,7 @@ def demo(
         res.add_column(col, justify="right" if col != "method" else "left")
     for method, r in summary["results"].items():
         res.add_row(method, _num(r["mIoU"]), _num(r["aAcc"]),
-                    f"{r['trainable_params'] / 1e6:.2f}M" if r.get("trainable_params") else "-",
+                    _params(r.get("trainable_params")),
                     f"{r['step_time_s'] * 1000:.0f} ms" if r.get("step_time_s") else "-")
     console.print(rec)
     console.print(res)
@@ -50,6 +50,12 @@ def demo(
     console.print(f"weights: {summary['weights_source']}")
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items()))
     console.print(f"report: {report.resolve()}")
+
+
+def _params(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}K"
 
 
 def _num(v: float | None) -> str:

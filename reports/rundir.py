@@ -21,45 +21,23 @@ from typing import Any
 import numpy as np
 
 
-@dataclass
 class CKAView:
-    """The part of a CKA result the report draws: model names, layers per model and the full matrix.
+    """What the report draws from a :class:`cka_split.result.CKAResult`, as numpy: model names,
+    layers per model, ``matrix(a, b)`` (L_a, L_b) float64, and the estimator's settings."""
 
-    ``full`` is (F, F) float64 with feature sets ordered model-major then layer, as ``CKAResult.full``.
-    """
-
-    models: list[str]
-    layers: dict[str, list[int]]
-    full: np.ndarray
-    num_images: int | None = None
-    features: str | None = None
-    unbiased: bool | None = None
-
-    def _offset(self, name: str) -> int:
-        if name not in self.layers:
-            raise KeyError(f"no model '{name}' in the CKA result (it has {', '.join(self.models)})")
-        off = 0
-        for m in self.models:
-            if m == name:
-                return off
-            off += len(self.layers[m])
-        raise KeyError(name)
+    def __init__(self, result: Any):
+        self.result = result
+        self.models = [str(m) for m in result.models]
+        self.layers = {str(m): [int(x) for x in result.layers[m]] for m in result.models}
+        self.num_images = _int_or_none(getattr(result, "num_images", None))
+        self.features = getattr(result, "features", None)
+        self.unbiased = _bool_or_none(getattr(result, "unbiased", None))
 
     def matrix(self, a: str, b: str) -> np.ndarray:
         """(L_a, L_b) float64: CKA between every listed block of model ``a`` and of model ``b``."""
-        ia, ib = self._offset(a), self._offset(b)
-        return np.asarray(self.full[ia:ia + len(self.layers[a]), ib:ib + len(self.layers[b])], dtype=np.float64)
-
-
-def _from_result(res: Any) -> CKAView:
-    """A CKAView from the CKA engine's CKAResult (any object with models, layers, full)."""
-    full = res.full
-    full = full.detach().cpu().numpy() if hasattr(full, "detach") else np.asarray(full)
-    models = [str(m) for m in res.models]
-    layers = {str(m): [int(x) for x in res.layers[m]] for m in res.models}
-    return CKAView(models=models, layers=layers, full=np.asarray(full, dtype=np.float64),
-                   num_images=_int_or_none(getattr(res, "num_images", None)),
-                   features=getattr(res, "features", None), unbiased=_bool_or_none(getattr(res, "unbiased", None)))
+        if a not in self.layers or b not in self.layers:
+            raise KeyError(f"no model '{a if a not in self.layers else b}' in the CKA result (it has {', '.join(self.models)})")
+        return self.result.matrix(a, b).detach().cpu().numpy().astype(np.float64)
 
 
 def _int_or_none(v: Any) -> int | None:
@@ -77,7 +55,7 @@ def load_cka(path: str | Path) -> CKAView:
     """``RUN/cka.npz`` through the CKA engine's own reader (:meth:`cka_split.result.CKAResult.load`)."""
     from cka_split.result import CKAResult
 
-    return _from_result(CKAResult.load(path))
+    return CKAView(CKAResult.load(path))
 
 
 @dataclass

@@ -41,15 +41,20 @@ class RichProgress(Progress):
             TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, disable=not enabled,
             transient=False,
         )
+        self.started = False
 
     def __enter__(self) -> "RichProgress":
-        self.bar.start()
-        return self
+        self.started = False  # the live display starts with the first bar, so that an early user
+        return self           # error leaves stderr with its one line and nothing else
 
     def __exit__(self, *exc: Any) -> None:
-        self.bar.stop()
+        if self.started:
+            self.bar.stop()
 
     def task(self, description: str, total: int | None = None, completed: int = 0) -> ProgressTask:
+        if not self.started:
+            self.bar.start()
+            self.started = True
         return _RichTask(self.bar, self.bar.add_task(description, total=total, completed=completed, info=""))
 
     def log(self, message: str) -> None:

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from vitsplit.errors import UserError
-from vitsplit.fileio import atomic_write, atomic_write_json, atomic_write_text
+from vitsplit.fileio import atomic_write, atomic_write_json, atomic_write_text, versions
 from vitsplit.progress import NULL_PROGRESS, Progress
 
 from .recommend import SplitRecommendation, recommend_split, vitsplit_param_counter
@@ -128,18 +127,6 @@ def validate(cfg: AnalyzeConfig) -> None:
 
 def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("cka-split", "torch", "timm", "torchvision", "numpy", "safetensors"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def default_run_dir(root: str | Path = "runs") -> Path:

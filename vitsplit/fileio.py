@@ -55,3 +55,33 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Any]]:
+    """(metadata, tensors) of a safetensors file; a missing or corrupt file is a UserError."""
+    from safetensors import safe_open
+
+    from .errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a corrupt file
+        raise UserError(f"{path} is not a safetensors file ({e})") from e
+
+
+def versions() -> dict[str, str]:
+    """Versions a run records in its config.json (Python, platform and the packages that set results)."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("cka-split", "torch", "torchvision", "timm", "numpy", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

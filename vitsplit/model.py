@@ -321,17 +321,9 @@ def save_trainable(model: ViTSplit, path: str | Path) -> Path:
 
 def read_trainable(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config, state) from a file written by :func:`save_trainable`."""
-    from safetensors import safe_open
+    from .fileio import read_safetensors
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for a corrupt file
-        raise UserError(f"{path} is not a safetensors file ({e})") from e
+    meta, state = read_safetensors(path)
     if "vitsplit_config" not in meta:
         raise UserError(f"{path} has no ViT-Split config in its metadata; it was not written by save_trainable")
     return json.loads(meta["vitsplit_config"]), state

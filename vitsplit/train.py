@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import random
 import time
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from torch import nn
 from .backbones import Backbone, build_backbone, load_json
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .errors import UserError
-from .fileio import atomic_write, atomic_write_json, atomic_write_text
+from .fileio import atomic_write, atomic_write_json, atomic_write_text, read_safetensors, versions
 from .heads import DET_PRESETS, det_preset_for
 from .progress import NULL_PROGRESS, Progress
 from .schedule import PolyWarmup, default_warmup
@@ -344,14 +343,6 @@ def resolve_device(pref: str, dist_info: _Dist) -> torch.device:
     return torch.device("cpu")
 
 
-def versions() -> dict[str, str]:
-    import timm
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "numpy": np.__version__}
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
@@ -373,19 +364,12 @@ def load_trained(path: str | Path) -> tuple[nn.Module, TrainConfig]:
 
     The backbone is rebuilt from the config's model and weights (ViT-Split's frozen backbone must
     be the same; full fine-tuning and LoRA restore their trained backbone weights from the file)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
         raise UserError(f"{path} does not exist: give a training output directory or its model.safetensors")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types
-        raise UserError(f"{path} is not a safetensors file ({e})") from e
+    meta, state = read_safetensors(path)
     if "train_config" not in meta:
         raise UserError(f"{path} was not written by 'cka-split train' (no train_config in its metadata)")
     cfg = TrainConfig.from_dict(json.loads(meta["train_config"]))

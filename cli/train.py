@@ -44,7 +44,7 @@ def train(
     lora_rank: int = typer.Option(8, help="LoRA rank (--method lora)."),
     no_masks: bool = typer.Option(False, "--no-masks", help="Detection without masks (Faster R-CNN)."),
 ) -> None:
-    from vitsplit.train import TrainConfig, train as run_train
+    from vitsplit.engine import TrainConfig, train as run_train
 
     from cli.progress import RichProgress, console
 

@@ -6,8 +6,8 @@ import torch
 
 from vitsplit import UserError, build_backbone
 from vitsplit.backbones import Backbone, state_hash
-from vitsplit.heads import DetHead, FixedStrideAnchorGenerator
-from vitsplit.model import ViTSplit, count_trainable, load_trainable, prior_layers_uniform, save_trainable
+from vitsplit.model import ViTSplit, count_trainable, load_trainable, prior_layers_uniform, save_trained
+from vitsplit.model.heads import DetHead, FixedStrideAnchorGenerator
 
 SPEC = {  # size: (K_t, prior layers, {component: published count in M}, total)
     "s": (3, [2, 5, 8, 11], dict(task=5.33, prior=0.59, offsets=0.12, deform=2.65, fusion=0.30, up=1.18, linear=0.06), 10_231_098),
@@ -157,7 +157,7 @@ def test_seg_and_depth_shapes_and_losses():
     d = dep(batch["image"])
     assert d.shape == (2, 1, 50, 62) and bool((d > 0).all())
     # scale-invariant log loss: with lambda -> 1 it is blind to a global scale of the prediction
-    from vitsplit.heads import DepthHead
+    from vitsplit.model.heads import DepthHead
 
     gt = batch["depth"]
     log_pred = torch.log(gt * 3.0).unsqueeze(1)
@@ -273,7 +273,7 @@ def test_save_load_round_trip_and_backbone_check(tmp_path):
         for p in m.split.parameters():
             p.add_(torch.randn_like(p) * 0.01)  # trained-like, not the init
     x = torch.randn(1, 3, 42, 42)
-    path = save_trainable(m, tmp_path / "model.safetensors")
+    path = save_trained(m, tmp_path / "model.safetensors")
     m2 = load_trainable(path, tiny_backbone(seed=0)).eval()
     assert m2.config()["prior_layers"] == [0, 1, 1] and m2.config()["num_classes"] == 4
     torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)

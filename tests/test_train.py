@@ -8,11 +8,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vitsplit.backbones import Backbone, state_hash
-from vitsplit.baselines import Baseline
+from vitsplit.engine import (StepBatches, TrainConfig, epoch_permutation, finetune_backbone, split_from_recommendation,
+                             train)
+from vitsplit.engine.schedule import PolyWarmup, default_warmup, lr_factor
 from vitsplit.errors import UserError
-from vitsplit.schedule import PolyWarmup, default_warmup, lr_factor
-from vitsplit.train import (StepBatches, TrainConfig, default_split, epoch_permutation, finetune_backbone,
-                            split_from_recommendation, train)
+from vitsplit.model import Baseline, default_split
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,16 @@ A reader never sees a half-written file, and a run killed mid-write leaves the o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from safetensors import safe_open
+
+from .errors import UserError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -59,10 +64,6 @@ def _json_default(o: Any) -> Any:
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Any]]:
     """(metadata, tensors) of a safetensors file; a missing or corrupt file is a UserError."""
-    from safetensors import safe_open
-
-    from .errors import UserError
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist")
@@ -73,9 +74,28 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str,
         raise UserError(f"{path} is not a safetensors file ({e})") from e
 
 
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file's content; a missing or malformed file is a UserError."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise UserError(f"{path} does not exist") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from e
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def versions() -> dict[str, str]:
     """Versions a run records in its config.json (Python, platform and the packages that set results)."""
-    import platform
+    import platform  # noqa: PLC0415 - only a run's config.json needs these
     from importlib import metadata
 
     out = {"python": platform.python_version(), "platform": platform.platform()}

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .labels import IGNORE_INDEX
 from .readers import read_image
 
-IGNORE_INDEX = 255
 
 
 class CocoSource:

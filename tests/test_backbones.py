@@ -462,3 +462,56 @@ def test_tokens_to_map_drops_prefix_tokens_row_major():
     for i in range(2):
         for j in range(3):
             assert torch.equal(fmap[:, :, i, j], tokens[:, 5 + i * 3 + j])
+
+
+def test_seeded_random_build_leaves_the_global_rng_alone():
+    """build_backbone(seed=...) is reproducible and does not reseed the caller's global generator."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_backbone(tiny_spec(), "random", seed=5)
+    assert torch.equal(torch.rand(3), expected_next)
+    b = build_backbone(tiny_spec(), "random", seed=5)
+    torch.manual_seed(5)
+    ref = create_vit(tiny_spec())  # the weights a global seed of 5 gives
+    assert torch.equal(a.vit.blocks[1].mlp.fc1.weight, b.vit.blocks[1].mlp.fc1.weight)
+    assert torch.equal(a.vit.blocks[1].mlp.fc1.weight, ref.blocks[1].mlp.fc1.weight)
+
+
+@pytest.mark.parametrize("width,swiglu,expected", [(768, False, "vit_base_patch14_dinov2"),
+                                                   (1024, False, "vit_large_patch14_dinov2"),
+                                                   (384, False, "vit_small_patch14_dinov2"),
+                                                   (1536, True, "vit_giant_patch14_dinov2")])
+def test_hf_spec_names_the_timm_architecture_of_its_width(tmp_path, width, swiglu, expected):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "dinov2", "hidden_size": width, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "patch_size": 14, "image_size": 56, "use_swiglu_ffn": swiglu}))
+    spec = hf_spec(f"hf:{tmp_path}")
+    assert spec.timm_name == expected and spec.label == f"timm {expected}"
+
+
+def test_hf_model_of_another_width_is_named_by_its_shape_in_errors(tmp_path):
+    """A width-64 hf: model is built from timm's small architecture; a misfit file's error must give
+    its real width, not call it a ViT-S."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "dinov2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "patch_size": 14, "image_size": 56}))
+    other = save(randomize(create_vit(tiny_spec(embed_dim=32))).state_dict(), tmp_path / "other.safetensors")
+    with pytest.raises(UserError) as e:
+        build_backbone(f"hf:{tmp_path}", str(other))
+    assert "width 64 and 2 blocks" in str(e.value)
+
+
+def test_unreadable_metadata_of_a_loaded_file_is_an_error_not_silence(tmp_path, monkeypatch):
+    """The demo-vit source check reads a file's metadata after its tensors were read: a failure
+    there is reported, not swallowed into a weights_source without the file's origin."""
+    from safetensors import SafetensorError
+
+    path = save(randomize(create_vit(tiny_spec())).state_dict(), tmp_path / "w.safetensors")
+
+    def broken(*args, **kwargs):
+        raise SafetensorError("metadata unreadable")
+
+    monkeypatch.setattr(demo_vit, "safe_open", broken)
+    with pytest.raises(UserError, match="metadata unreadable"):
+        build_backbone(tiny_spec(), str(path))

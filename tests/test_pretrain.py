@@ -204,3 +204,15 @@ def test_a_demo_vit_file_loaded_by_path_says_it_was_pretrained_by_cka_split(tmp_
     bb = build_backbone("demo-vit", str(path))
     assert bb.weights_source.startswith("demo-vit pretrained by cka-split (recipe " + FULL_RECIPE.recipe_id)
     assert "sha256:" in bb.weights_source
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_pretraining_puts_back_the_callers_flush_denormal_setting(before):
+    """Flushing denormals is scoped to pretraining: the caller's setting (on or off) survives it."""
+    torch.set_flush_denormal(before)
+    try:
+        assert pretrain_loop.flush_denormal_enabled() == before
+        pt.pretrain(dataclasses.replace(TINY, steps=1, dataset_length=8))
+        assert pretrain_loop.flush_denormal_enabled() == before
+    finally:
+        torch.set_flush_denormal(False)

@@ -12,6 +12,8 @@ from ..fileio import read_json
 from .hub import hf_cache_dir, hf_download, offline_reason
 from .spec import BackboneSpec
 
+# timm's DINOv2 size names by (width, SwiGLU MLP).
+_TIMM_SIZES = {(384, False): "small", (768, False): "base", (1024, False): "large", (1536, True): "giant"}
 # Files of a Hugging Face model folder, in order of preference.
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
@@ -55,9 +57,16 @@ def hf_spec(name: str) -> BackboneSpec:
         kwargs["mlp_ratio"] = ratio
     if registers:
         kwargs.update(reg_tokens=registers, no_embed_class=True)
-    timm_name = "vit_{}_patch14{}_dinov2".format("giant" if swiglu else "small", "_reg4" if registers else "")
+    # timm's DINOv2 architecture of this width and MLP kind; a width timm has no name for is built
+    # from the architecture with the same MLP kind (SwiGLU: giant, else small) and named by its shape.
+    size = _TIMM_SIZES.get((c, swiglu))
+    reg = "_reg4" if registers else ""
+    timm_name = f"vit_{size or ('giant' if swiglu else 'small')}_patch14{reg}_dinov2"
+    label = None if size else (f"a DINOv2 ViT of width {c} and {kwargs['depth']} blocks (timm {timm_name} "
+                               f"architecture with embed_dim={c})")
     hub_id = ref if not Path(ref).expanduser().is_dir() else None
-    return BackboneSpec(name=name, timm_name=timm_name, timm_kwargs=kwargs, hf_id=hub_id, hf_dir=str(folder))
+    return BackboneSpec(name=name, timm_name=timm_name, timm_kwargs=kwargs, hf_id=hub_id, hf_dir=str(folder),
+                        arch_label=label)
 
 
 def _hf_folder(ref: str) -> Path:

@@ -130,6 +130,6 @@ def load_strict(vit: nn.Module, state: dict[str, torch.Tensor], spec: BackboneSp
             more = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
             problems.append(f"{title}: {', '.join(items[:4])}{more}")
     if problems:
-        raise UserError(f"{origin} does not fit '{spec.name}' (timm {spec.timm_name}): {'; '.join(problems)}; "
+        raise UserError(f"{origin} does not fit '{spec.name}' ({spec.label}): {'; '.join(problems)}; "
                         "pass weights made for this architecture, or the --model they were made for")
     vit.load_state_dict(state, strict=True)

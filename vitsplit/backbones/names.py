@@ -77,4 +77,4 @@ def create_vit(spec: BackboneSpec) -> nn.Module:
     try:
         return timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs)
     except (RuntimeError, ValueError, TypeError) as e:  # bad kwargs for that architecture
-        raise UserError(f"cannot build '{spec.name}' as timm '{spec.timm_name}': {e}") from e
+        raise UserError(f"cannot build '{spec.name}' as {spec.label}: {e}") from e

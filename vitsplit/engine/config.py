@@ -16,6 +16,7 @@ from ..model.configs import METHODS, TASKS, default_split
 from ..model.heads import DET_PRESETS, det_preset_for
 from .schedule import default_warmup
 
+SMALL_WIDTH = 384  # ViT-S's embedding width, the widest backbone that takes the small-model learning rate
 # Fields that may differ between a run and its resumption (they do not change the result).
 RESUME_FREE = ("resume", "max_steps_this_run", "out", "num_workers", "device", "evaluate", "eval_batch_size")
 
@@ -26,7 +27,8 @@ class TrainConfig:
 
     ``None`` means "the default for this model/task", filled in by :func:`resolve_config`:
     model dinov2_vits14, weights auto, K_t/prior layers from ``auto_split`` or the published table,
-    lr 3e-4 (S) / 2e-4 (others) / 1e-4 (det), weight decay 1e-2 (0.05 det), warm-up
+    lr :func:`default_lr` (3e-4 up to ViT-S width, 2e-4 wider, 1e-4 det; set once the backbone is
+    built, by :func:`finish_config`), weight decay 1e-2 (0.05 det), warm-up
     ``min(1500, iters // 10)``. ``batch_size`` is the global batch of one optimizer step.
     """
 
@@ -86,15 +88,17 @@ def _read_pointer(path: Path) -> Path:
     return path
 
 
-def split_from_recommendation(run_dir: str | os.PathLike, task: str) -> tuple[int, list[int], str, str | None, str]:
+def split_from_recommendation(run_dir: str | os.PathLike, task: str, *, runs_dir: str | os.PathLike = "runs"
+                              ) -> tuple[int, list[int], str, str | None, str]:
     """(k_t, prior_layers, model, weights, source) for ``task`` from ``RUN/recommendation.json``.
 
     ``run_dir`` is a run directory, a symlink to one, or a text file with its path (``runs/latest``);
-    ``"latest"`` means ``runs/latest``.
+    ``"latest"`` means ``latest`` in ``runs_dir``, the runs folder (for a training run: the folder
+    holding its ``--out``, ``runs/`` by default, where ``cka-split analyze`` keeps ``latest``).
     ``weights`` comes from the recommendation, else from ``RUN/config.json`` ("weights"), else None.
     ``source`` is the resolved path of the recommendation file.
     """
-    run = _read_pointer(Path("runs/latest") if str(run_dir) == "latest" else Path(run_dir))
+    run = _read_pointer(Path(runs_dir) / "latest" if str(run_dir) == "latest" else Path(run_dir))
     rec_path = run / "recommendation.json"
     if not rec_path.is_file():
         raise UserError(f"{rec_path} does not exist: run 'cka-split analyze' first, or give --k-t and --prior-layers")
@@ -134,7 +138,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.auto_split is not None:
         if cfg.method != "vitsplit":
             raise UserError("--auto-split sets ViT-Split's K_t and prior layers; use it with --method vitsplit")
-        k_t, prior, model, weights, source = split_from_recommendation(cfg.auto_split, cfg.task)
+        k_t, prior, model, weights, source = split_from_recommendation(cfg.auto_split, cfg.task,
+                                                                       runs_dir=Path(cfg.out).parent)
         overridden = [n for n in ("k_t", "prior_layers", "model", "weights") if getattr(cfg, n) is not None]
         cfg.k_t = k_t if cfg.k_t is None else cfg.k_t
         cfg.prior_layers = prior if cfg.prior_layers is None else cfg.prior_layers
@@ -145,8 +150,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         cfg.split_source = "explicit (--k-t/--prior-layers)"
     cfg.model = cfg.model or "dinov2_vits14"
     cfg.weights = cfg.weights or "auto"
-    if cfg.lr is None:
-        cfg.lr = 1e-4 if cfg.task == "det" else (3e-4 if cfg.model.startswith("dinov2_vits14") else 2e-4)
     if cfg.weight_decay is None:
         cfg.weight_decay = 0.05 if cfg.task == "det" else 1e-2
     if cfg.warmup_iters is None:
@@ -160,8 +163,20 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def default_lr(task: str, backbone: Backbone) -> float:
+    """The published learning rates, chosen by what the backbone is, not by its name: detection 1e-4
+    (the release's Mask R-CNN setting); otherwise 3e-4 for a ViT-S-width backbone (embedding width
+    up to ``SMALL_WIDTH`` = 384, so narrower ViTs such as demo-vit too) and 2e-4 for wider ones
+    (ViT-B/L/g, widths 768/1024/1536)."""
+    if task == "det":
+        return 1e-4
+    return 3e-4 if backbone.embed_dim <= SMALL_WIDTH else 2e-4
+
+
 def finish_config(cfg: TrainConfig, backbone: Backbone) -> None:
-    """Fill the defaults that need the backbone: ViT-Split's K_t and prior layers."""
+    """Fill the defaults that need the backbone: the learning rate, ViT-Split's K_t and prior layers."""
+    if cfg.lr is None:
+        cfg.lr = default_lr(cfg.task, backbone)
     if cfg.method != "vitsplit":
         cfg.k_t, cfg.prior_layers, cfg.split_source = None, None, None
         return

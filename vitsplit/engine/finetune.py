@@ -11,7 +11,7 @@ from ..errors import UserError
 from ..model import Baseline
 from ..model.heads import det_preset_for
 from ..progress import NULL_PROGRESS, Progress
-from .config import TrainConfig, resolve_config
+from .config import TrainConfig, finish_config, resolve_config
 from .loop import fit, seed_everything
 
 
@@ -29,6 +29,7 @@ def finetune_backbone(backbone: Backbone, task: str, data_spec: str, steps: int,
                                      iters=steps, batch_size=batch_size, grad_accum=grad_accum, crop=crop, lr=lr,
                                      seed=seed, device=device, checkpoint_every=steps, log_every=max(1, steps),
                                      masks=masks))
+    finish_config(cfg, backbone)
     dev = resolve_device(cfg.device)
     seed_everything(seed)
     data = build_dataset(data_spec, "train", task=task, crop=crop, augment=True, seed=seed)

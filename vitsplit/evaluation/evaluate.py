@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..data import build_dataset
-from ..device import resolve_device
+from ..device import eval_autocast_dtype, resolve_device
 from ..errors import UserError
 from ..model import load_trained
 from ..progress import NULL_PROGRESS, Progress
@@ -89,12 +89,13 @@ def evaluate_model(model: Any, dataset: Any, task: str, *, mode: str = "whole", 
 def evaluate_checkpoint(path: Any, *, data: str | None = None, mode: str = "whole", stride: int | None = None,
                         device: str = "auto", batch_size: int = 4, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
     """Metrics of a trained model (OUT or OUT/model.safetensors) on the val split of ``data``
-    (default: the data it was trained on), at its training crop."""
+    (default: the data it was trained on), at its training crop and in the precision its run
+    evaluated in (:func:`vitsplit.device.eval_autocast_dtype`), so that it reproduces eval.json."""
     model, cfg = load_trained(path)
     dev = resolve_device(device)
     val = build_dataset(data or cfg.get("val_data") or cfg["data"], "val", task=cfg["task"], crop=cfg["crop"],
                         augment=False, length=cfg.get("val_length") if data is None else None, seed=cfg["seed"])
     model.to(dev)
-    amp = torch.bfloat16 if dev.type == "cuda" else None
+    amp = eval_autocast_dtype(cfg.get("precision", "auto"), dev)  # the precision the run's own eval.json used
     return evaluate_model(model, val, cfg["task"], mode=mode, crop=cfg["crop"], stride=stride, batch_size=batch_size,
                           device=dev, autocast_dtype=amp, progress=progress)

@@ -21,9 +21,11 @@ The recipe, its cache and the weights file are :mod:`vitsplit.backbones.demo_vit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -99,14 +101,31 @@ def _batch(images: torch.Tensor, idx: torch.Tensor, flip: torch.Tensor) -> torch
 def pretrain(recipe: DemoRecipe, progress: Progress = NULL_PROGRESS) -> PretrainResult:
     """Pretrain a fresh demo-vit with the recipe's pretext on CPU; deterministic for a recipe
     (global RNG state is restored afterwards)."""
-    # AdamW's second moments of rarely moving parameters become tiny: flush denormal floats to
-    # zero so that CPU arithmetic on them cannot slow down (restored to the default afterwards).
-    flush = torch.set_flush_denormal(True)
-    try:
+    with flush_denormal():
         return _pretrain(recipe, progress)
+
+
+def flush_denormal_enabled() -> bool:
+    """Whether this thread flushes denormal floats to zero: with flushing on (DAZ), the smallest
+    positive float32 denormal reads as 0."""
+    return bool((torch.tensor([1e-45], dtype=torch.float32) * 1.0)[0] == 0.0)
+
+
+@contextlib.contextmanager
+def flush_denormal() -> Iterator[None]:
+    """Flush denormal floats to zero inside the block, then put back the caller's setting.
+
+    AdamW's second moments of rarely moving parameters become tiny; flushing their denormals
+    keeps CPU arithmetic on them from slowing down. PyTorch offers no getter for the setting,
+    so :func:`flush_denormal_enabled` measures it.
+    """
+    before = flush_denormal_enabled()
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield
     finally:
-        if flush:
-            torch.set_flush_denormal(False)
+        if supported:
+            torch.set_flush_denormal(before)
 
 
 def _pretrain(recipe: DemoRecipe, progress: Progress) -> PretrainResult:

@@ -231,7 +231,7 @@ def test_flat_but_high_curve_means_every_block_changed():
 
 
 def test_meta_device_param_count_matches_published_totals():
-    # VITSPLIT_SPEC.md: ViT-Split S 10.23M, B 40.52M trainable parameters (150 classes, K_t 3, 2,5,8,11)
+    # the ViT-Split paper: S 10.23M, B 40.52M trainable parameters (150 classes, K_t 3, 2,5,8,11)
     from cka_split.recommend import vitsplit_param_counter
 
     s = vitsplit_param_counter("dinov2_vits14", {"seg": 150})

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import secrets
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,9 +106,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def versions() -> dict[str, str]:
     """Versions a run records in its config.json (Python, platform and the packages that set results)."""
-    import platform  # noqa: PLC0415 - only a run's config.json needs these
-    from importlib import metadata
-
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in ("cka-split", "torch", "torchvision", "timm", "numpy", "safetensors"):
         try:

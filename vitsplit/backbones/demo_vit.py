@@ -32,13 +32,13 @@ FILE_FORMAT = "cka-split demo-vit"
 class DemoRecipe:
     """Everything that determines the pretrained demo-vit weights.
 
-    ``layer_scale_init`` is the starting value of every layer-scale gamma. DINOv2 starts at 1e-5 for
-    runs of hundreds of thousands of steps; in a few hundred CPU steps the blocks would then stay near
-    identity. At 0.1 (CaiT's value for 12 blocks, Touvron et al. 2021, sec. 3.1) the patch embedding
-    still dominates every block's output: the pretrained blocks' CKA with block 0 stayed >= 0.99 and
-    fine-tuned copies diverged by <= 0.005 at every block (measured), so the demo had nothing to find.
-    At 1.0 the blocks act at full strength: block 0 vs 11 CKA 0.94 after 600 steps, and seg/det copies
-    diverge by 0.08-0.16 / 0.01-0.21, growing with depth (measured, 300/40 fine-tuning steps). ``arch`` overrides entries of ``DEMO_VIT_KWARGS`` (a tuple of (key, value) pairs; tests use a
+    ``layer_scale_init`` is the starting value of every layer-scale gamma (pretraining overwrites
+    timm's ``init_values`` with it). DINOv2 starts at 1e-5 for runs of hundreds of thousands of
+    steps; in a few hundred CPU steps the blocks would then stay near identity, and at 0.1 (CaiT's
+    value for 12 blocks, Touvron et al. 2021, sec. 3.1) the patch embedding still dominated every
+    block's output, so that fine-tuned copies hardly diverged and the demo had nothing to find. At
+    1.0 the blocks act at full strength (the demo's measured CKA values are in the README).
+    ``arch`` overrides entries of ``DEMO_VIT_KWARGS`` (a tuple of (key, value) pairs; tests use a
     smaller ViT, the demo uses none). ``version`` changes when this module's training changes in a
     way that changes the weights, so that an old cache is not reused.
     """
@@ -102,9 +102,8 @@ class DemoRecipe:
         return f"recipe {self.recipe_id}: {PRETEXTS[self.pretext]}, {self.steps} steps on {data}"
 
 
-# The demo's recipes. A step at batch 32 / 112 px took 0.14-0.15 s on the idle 2-core CPU (0.3 s
-# of CPU time single-threaded), rendering a 112 px scene about 11 ms; the loss (relative to the
-# zero prediction) fell from 0.99 to 0.60 within about 100 steps and then slowly.
+# The demo's recipes: the full one (`cka-split demo`) and the quick one (`cka-split demo --quick`,
+# the tests); their cost and results on this project's machine are in the README.
 FULL_RECIPE = DemoRecipe()
 QUICK_RECIPE = DemoRecipe(steps=150, warmup_steps=10, dataset_length=512)
 

@@ -28,6 +28,8 @@ _DINOV2_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 # The demo backbone: DINOv2's architecture (layer scale, patch 14, cls token, no registers) at a
 # size a laptop CPU pretrains in minutes. Its weights come only from `cka-split demo`'s own
 # pretraining (cached under a name that includes the recipe), never from random init.
+# ``init_values`` is timm's layer-scale start for a fresh demo-vit (``--weights random``); pretraining
+# sets every gamma to its recipe's ``layer_scale_init`` (1.0, see vitsplit.backbones.demo_vit.DemoRecipe).
 DEMO_VIT_KWARGS: dict[str, Any] = dict(
     patch_size=14, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, init_values=1e-5,
     img_size=112, num_classes=0, dynamic_img_size=True,

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from vitsplit.errors import UserError
+
 from .options import parse_task_map
 from .progress import RichProgress
 from .recommend import print_recommendation

@@ -1,15 +1,12 @@
-"""The CLI's one error path: user errors print one line on stderr and exit 2."""
+"""The CLI's one error path: user errors print one line on stderr and exit 2. (That the CLI runs from
+outside the checkout and lists exactly its commands: test_packaging.py.)"""
 
 import subprocess
 import sys
 
 import pytest
 
-from cli.app import main
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=120)
+from cka_split.cli.app import main
 
 
 @pytest.mark.parametrize("cmd", ["analyze", "recommend", "train", "evaluate", "report", "demo"])
@@ -40,7 +37,7 @@ def test_user_errors_inside_commands_leave_exactly_one_stderr_line(tmp_path, arg
     import os
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_HOME=str(tmp_path / "torch"), HF_HUB_CACHE=str(tmp_path / "hf"))
-    r = subprocess.run([sys.executable, "-m", "cli", *args, "--out", str(tmp_path / "out")], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "cka_split.cli", *args, "--out", str(tmp_path / "out")], capture_output=True,
                        text=True, timeout=120, env=env, cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.startswith("cka-split: error:") and r.stderr.count("\n") == 1, repr(r.stderr)

@@ -12,7 +12,7 @@ import pytest
 def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     env = dict(os.environ, CKA_SPLIT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "cli", "demo", "--quick", "--out", str(out)], cwd=tmp_path, env=env,
+    r = subprocess.run([sys.executable, "-m", "cka_split.cli", "demo", "--quick", "--out", str(out)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "demo.json").read_text())

@@ -205,7 +205,7 @@ def test_cli_train_auto_split_then_evaluate(tmp_path, capsys):
     """`cka-split train --auto-split RUN` takes model, weights, K_t and prior layers from the
     recommendation (an explicit option overrides and is recorded); `cka-split evaluate` rebuilds
     the model from OUT and reproduces eval.json."""
-    from cli.app import main
+    from cka_split.cli.app import main
 
     run = tmp_path / "analysis"
     run.mkdir()

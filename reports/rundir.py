@@ -1,4 +1,4 @@
-"""Reading an analysis run directory for the report, defensively (ARCHITECTURE.md, "Run directory").
+"""Reading an analysis run directory for the report, defensively (docs/run-directory.md).
 
 Only ``RUN`` itself must exist. Every part is optional and read on its own: a part that is missing or
 unreadable is left out of the report (and named in :attr:`RunData.problems`), never a crash:

@@ -1,0 +1,1 @@
+"""Operators: a functional core and a module form each (torchvision ``ops/`` style)."""

@@ -136,12 +136,12 @@ def test_module_equals_formula_with_its_own_layers():
 
 def test_init_offsets_and_reference_points():
     attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=3)
-    bias = attn.sampling_offsets.bias.view(4, 2, 3, 2)
+    bias = attn.sampling_offsets.bias.detach().view(4, 2, 3, 2)
     # head 0 looks right (+x), head 1 down (+y), head 2 left, head 3 up; point k at distance k+1
     assert torch.allclose(bias[0, 1, 2], torch.tensor([3.0, 0.0]), atol=1e-6)
     assert torch.allclose(bias[1, 0, 0], torch.tensor([0.0, 1.0]), atol=1e-6)
     assert torch.allclose(bias[2, 0, 1], torch.tensor([-2.0, 0.0]), atol=1e-6)
-    assert float(attn.attention_weights.weight.abs().sum()) == 0.0
+    assert float(attn.attention_weights.weight.detach().abs().sum()) == 0.0
     pts = reference_points([(2, 4), (1, 1)])
     assert pts.shape == (1, 9, 1, 2)
     assert pts[0, 1, 0].tolist() == [0.375, 0.25] and pts[0, 8, 0].tolist() == [0.5, 0.5]

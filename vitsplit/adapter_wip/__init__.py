@@ -1,0 +1,1 @@
+"""ViT-Adapter and UperNet (temporary home until vitsplit/model/ exists)."""

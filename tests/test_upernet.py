@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from vitsplit.adapter_wip.upernet import AUX_LOSS_WEIGHT, FCNHead, UPerHead, UperNetSegHead
+from vitsplit.model.upernet import AUX_LOSS_WEIGHT, FCNHead, UPerHead, UperNetSegHead
 
 
 def conv_bn(cin, cout, k):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vitsplit.adapter_wip.adapter_blocks import InteractionBlock
-from vitsplit.adapter_wip.upernet import UperNetSegHead
-from vitsplit.adapter_wip.vit_adapter import PUBLISHED_ADAPTERS, ViTAdapter, adapter_config
+from vitsplit.model.adapter_blocks import InteractionBlock
+from vitsplit.model.upernet import UperNetSegHead
+from vitsplit.model.vit_adapter import PUBLISHED_ADAPTERS, ViTAdapter, adapter_config
 from vitsplit.backbones import Backbone, create_vit, resolve_name
 from vitsplit.ops.ms_deform_attn import MSDeformAttn, reference_points
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vitsplit.adapter_wip.adapter_baseline import LAYER_DECAY, ViTAdapterBaseline
+from vitsplit.model.adapter_baseline import LAYER_DECAY, ViTAdapterBaseline
 from vitsplit.backbones import Backbone
 from vitsplit.errors import UserError
 

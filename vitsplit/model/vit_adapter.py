@@ -87,23 +87,30 @@ PUBLISHED_ADAPTERS: dict[tuple[int, int], AdapterConfig] = {
 }
 
 
-def adapter_config(num_layers: int, embed_dim: int, num_heads: int) -> AdapterConfig:
-    """The published configuration for (depth, width) if there is one; else the rule the published
-    ones follow: four equal consecutive groups of blocks, as many deformable heads as the ViT has
-    heads, deform_ratio 0.5 for widths of 768 and more (1.0 below), stochastic depth 0.2."""
-    if (num_layers, embed_dim) in PUBLISHED_ADAPTERS:
-        return PUBLISHED_ADAPTERS[(num_layers, embed_dim)]
+def interaction_groups(num_layers: int) -> tuple[tuple[int, int], ...]:
+    """Four equal consecutive groups of blocks, [first, last] each: the published S/B (12 blocks)
+    and L (24) interaction indexes follow this rule. Raises ``UserError`` if ``num_layers`` is not a
+    positive multiple of 4."""
     if num_layers < 4 or num_layers % 4:
         raise UserError(f"ViT-Adapter splits the ViT into four equal groups of blocks; a ViT with {num_layers} blocks "
                         "does not split (use a depth divisible by 4)")
     g = num_layers // 4
-    groups = tuple((i * g, (i + 1) * g - 1) for i in range(4))
+    return tuple((i * g, (i + 1) * g - 1) for i in range(4))
+
+
+def adapter_config(num_layers: int, embed_dim: int, num_heads: int) -> AdapterConfig:
+    """The published configuration for (depth, width) if there is one; else the rule the published
+    ones follow: :func:`interaction_groups`, as many deformable heads as the ViT has heads,
+    deform_ratio 0.5 for widths of 768 and more (1.0 below), stochastic depth 0.2."""
+    if (num_layers, embed_dim) in PUBLISHED_ADAPTERS:
+        return PUBLISHED_ADAPTERS[(num_layers, embed_dim)]
+    groups = interaction_groups(num_layers)
     ratio = 0.5 if embed_dim >= 768 else 1.0
     if (embed_dim * ratio) % num_heads:
         raise UserError(f"ViT-Adapter's deformable attention needs width x ratio ({embed_dim} x {ratio}) divisible by "
                         f"its {num_heads} heads")
     return AdapterConfig(groups, deform_num_heads=num_heads, deform_ratio=ratio, drop_path_rate=0.2,
-                         source=f"rule (4 groups of {g} blocks, {num_heads} heads, ratio {ratio})")
+                         source=f"rule (4 groups of {num_layers // 4} blocks, {num_heads} heads, ratio {ratio})")
 
 
 UNUSED_BACKBONE_PARAMS = ("cls_token", "reg_token", "norm.weight", "norm.bias")

@@ -20,13 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones import Backbone
-from ..baselines import LinearSegHead
+from ..backbones import Backbone, backbone_config, state_hash
 from ..errors import UserError
+from .baselines import LinearSegHead, check_head
 from .upernet import UperNetSegHead
 from .vit_adapter import UNUSED_BACKBONE_PARAMS, AdapterConfig, ViTAdapter
 
-HEADS = ("linear", "upernet")
 LAYER_DECAY = 0.95  # the released ViT-Adapter ADE20K configs' layer_decay_rate
 
 
@@ -41,9 +40,9 @@ class ViTAdapterBaseline(nn.Module):
         if task != "seg":
             raise UserError(f"--method vit-adapter is built for segmentation (the paper's comparison), not '{task}'; "
                             "use vitsplit, linear, full or lora for det/depth")
-        if head not in HEADS:
-            raise UserError(f"unknown head '{head}': use {' or '.join(HEADS)}")
+        check_head(head, self.method, task)
         self.task, self.head_name, self.num_classes = task, head, int(num_classes)
+        self._built_on_sha256 = state_hash(backbone)  # the weights training starts from (recorded, checked on load)
         self.adapter = ViTAdapter(backbone, config)
         c = backbone.embed_dim
         self.head: nn.Module = UperNetSegHead([c] * 4, self.num_classes) if head == "upernet" else LinearSegHead(c, self.num_classes)
@@ -105,10 +104,12 @@ class ViTAdapterBaseline(nn.Module):
             groups[key]["params"].append(p)
         return [groups[k] for k in sorted(groups)]
 
+    def backbone_sha256(self) -> str:
+        """:func:`~vitsplit.backbones.state_hash` of the backbone weights before training."""
+        return self._built_on_sha256
+
     def config(self) -> dict[str, Any]:
-        bb = self.backbone
+        """JSON-ready: method, task, head, the adapter configuration and the backbone it was built on."""
         return {"method": self.method, "task": self.task, "head": self.head_name, "num_classes": self.num_classes,
-                "adapter": self.adapter.config.to_dict(),
-                "backbone": {"name": bb.name, "weights_source": bb.weights_source, "num_layers": bb.num_layers,
-                             "embed_dim": bb.embed_dim, "patch_size": bb.patch_size,
-                             "num_prefix_tokens": bb.num_prefix_tokens}}
+                "masks": False, "adapter": self.adapter.config.to_dict(),
+                "backbone": backbone_config(self.backbone, state_sha256=self._built_on_sha256)}

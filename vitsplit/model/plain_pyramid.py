@@ -8,8 +8,9 @@ but resized without parameters: bilinear 4x and 2x up-sampling, identity, 2x2 ma
 totals (120.7 M / 341.2 M with 150 classes) are exactly the backbone plus UperNet and its auxiliary
 head, which leaves no room for a neck with weights (BEiT's transposed convs would add 7.1 M at B).
 
-The blocks read are the last of each of four equal groups, ``(i + 1) * L // 4 - 1`` (2, 5, 8, 11 for
-12 blocks; 5, 11, 17, 23 for 24), the same depths at which ViT-Adapter's interactions hand over.
+The blocks read are the last of each of ViT-Adapter's four interaction groups
+(:func:`~vitsplit.model.vit_adapter.interaction_groups`: 2, 5, 8, 11 for 12 blocks; 5, 11, 17, 23
+for 24), the depths at which ViT-Adapter's interactions hand its ViT features over.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vit_adapter import interaction_groups
+
 
 def pyramid_layers(num_layers: int) -> list[int]:
-    """The last block of each of four equal groups: ``[(i + 1) * L // 4 - 1 for i in 0..3]``."""
-    return [(i + 1) * num_layers // 4 - 1 for i in range(4)]
+    """The last block of each of ViT-Adapter's four interaction groups."""
+    return [last for _, last in interaction_groups(num_layers)]
 
 
 class PlainPyramid(nn.Module):

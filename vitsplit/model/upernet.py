@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..heads import SegHead
+from .heads import SegHead
 
 AUX_LOSS_WEIGHT = 0.4  # the auxiliary FCN head's loss weight in the published configs
 

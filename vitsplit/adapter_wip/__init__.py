@@ -1,1 +1,0 @@
-"""ViT-Adapter and UperNet (temporary home until vitsplit/model/ exists)."""

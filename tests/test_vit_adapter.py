@@ -11,8 +11,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vitsplit.model.adapter_blocks import InteractionBlock
+from vitsplit.model import build_model, count_trainable
+from vitsplit.model.plain_pyramid import PlainPyramid, pyramid_layers
 from vitsplit.model.upernet import UperNetSegHead
-from vitsplit.model.vit_adapter import PUBLISHED_ADAPTERS, ViTAdapter, adapter_config
+from vitsplit.model.vit_adapter import PUBLISHED_ADAPTERS, ViTAdapter, adapter_config, interaction_groups
 from vitsplit.backbones import Backbone, create_vit, resolve_name
 from vitsplit.ops.ms_deform_attn import MSDeformAttn, reference_points
 
@@ -162,3 +164,22 @@ def test_backward_reaches_every_trainable_parameter():
     # pos_embed's cls row gets no gradient (the release also keeps that unused row); everything else does
     assert missing == []
     assert not bool(ad.backbone.vit.pos_embed.grad[0, 0].any())
+
+
+def test_groups_rule_reproduces_the_published_indexes_and_the_pyramid_reads_their_ends():
+    assert interaction_groups(12) == PUBLISHED_ADAPTERS[(12, 384)].interaction_indexes
+    assert interaction_groups(24) == PUBLISHED_ADAPTERS[(24, 1024)].interaction_indexes
+    assert pyramid_layers(12) == [2, 5, 8, 11] and pyramid_layers(24) == [5, 11, 17, 23]
+    maps = [torch.randn(1, 4, 5, 7) for _ in range(4)]
+    assert [tuple(m.shape[-2:]) for m in PlainPyramid()(maps)] == [(20, 28), (10, 14), (5, 7), (2, 3)]
+    assert sum(p.numel() for p in PlainPyramid().parameters()) == 0
+
+
+def test_method_models_train_exactly_the_counted_modules():
+    """What the trainer trains (count_trainable of the built method) is the adapter (or whole
+    backbone) plus the UperNet head counted above."""
+    for method in ("vit-adapter", "full"):
+        model = build_model(method, tiny_backbone(depth=4), "seg", 150, head="upernet")
+        head = UperNetSegHead([32] * 4, 150)
+        body = ViTAdapter(tiny_backbone(depth=4)) if method == "vit-adapter" else tiny_backbone(depth=4)
+        assert count_trainable(model) == trainable(body) + trainable(head)

@@ -1,4 +1,4 @@
-"""``cka-split train``: ViT-Split (or a baseline) on one task."""
+"""``cka-split train``: ViT-Split (or a baseline: linear, full, lora, vit-adapter) on one task."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ def train(
     k_t: Optional[int] = typer.Option(None, "--k-t", help="Task-head blocks (copies of the last K_t blocks)."),
     prior_layers: Optional[str] = typer.Option(None, help="Comma-separated 0-based prior layers, e.g. 2,5,8,11."),
     task: str = typer.Option("seg", help="seg, det or depth."),
-    method: str = typer.Option("vitsplit", help="vitsplit, linear, full or lora."),
-    model: Optional[str] = typer.Option(None, help="Backbone name (default dinov2_vits14, or the recommendation's)."),
+    method: str = typer.Option("vitsplit", help="vitsplit, linear, full, lora or vit-adapter (ViT-Adapter, segmentation)."),
+    head: str = typer.Option("linear", help="Baseline segmentation head: linear, or upernet (UperNet + auxiliary FCN head; with full, lora, vit-adapter)."),
+    model: Optional[str] = typer.Option(None, help="Backbone name: dinov2_vit{s,b,l,g}14[_reg], a timm ViT (e.g. deit_small_patch16_224), hf:DIR, demo-vit (default dinov2_vits14, or the recommendation's)."),
     weights: Optional[str] = typer.Option(None, help="auto, random, or a weights file (default auto, or the recommendation's)."),
     data: str = typer.Option("synthetic", help="Data spec."),
     val_data: Optional[str] = typer.Option(None, help="Data spec for the final evaluation (default: --data's val split)."),
@@ -46,7 +47,7 @@ def train(
 
     from .progress import RichProgress, console
 
-    cfg = TrainConfig(task=task, method=method, model=model, weights=weights, data=data, val_data=val_data, k_t=k_t,
+    cfg = TrainConfig(task=task, method=method, head=head, model=model, weights=weights, data=data, val_data=val_data, k_t=k_t,
                       prior_layers=parse_int_list(prior_layers, "--prior-layers"), auto_split=auto_split, iters=iters,
                       batch_size=batch_size, grad_accum=grad_accum, crop=crop, lr=lr, weight_decay=weight_decay,
                       warmup_iters=warmup_iters, seed=seed, checkpoint_every=checkpoint_every, log_every=log_every,
@@ -65,4 +66,4 @@ def train(
 
 def register(app: typer.Typer) -> None:
     """Add ``cka-split train`` to ``app``."""
-    app.command(help="Train ViT-Split (with --auto-split: the split an analysis recommended) or a baseline: linear, full, lora.")(train)
+    app.command(help="Train ViT-Split (with --auto-split: the split an analysis recommended) or a baseline: linear, full, lora, vit-adapter (--head linear|upernet).")(train)

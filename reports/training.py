@@ -14,7 +14,9 @@ A training run is a directory that ``cka-split train`` wrote (docs/run-directory
    as given) at the top level or under ``"options"``, resolved as written, then relative to the
    training run and to its parent, following ``latest`` symlinks and text files;
 4. the baselines of those runs: a non-ViT-Split run (``--auto-split`` is for ViT-Split only) beside a
-   run found by 3, with the same task, model, data, iterations, crop and batch size.
+   run found by 3, with the same task, model, data, iterations, crop and batch size; a ViT-Adapter
+   run (:data:`OWN_BACKBONE_METHODS`) may use another model, as the paper's comparison puts ViT-Adapter
+   on its released DeiT/AugReg backbones, and its label names that model.
 
 Numbers are read by name, first match wins, so that a renamed key shows as "-" rather than a wrong
 value: see :data:`PARAM_KEYS`, :data:`STEP_TIME_KEYS`, :data:`MEMORY_KEYS` and :data:`METRIC_KEYS`.
@@ -36,6 +38,7 @@ PARAM_KEYS = ("trainable_params", "num_trainable_params", "trainable_parameters"
 STEP_TIME_KEYS = ("step_time", "sec_per_iter", "time_per_iter", "seconds_per_step", "step_seconds", "iter_time")
 RATE_KEYS = ("it_s", "it_per_sec", "iters_per_sec", "its")  # iterations per second (metrics.jsonl rows)
 SAME_SETUP = ("task", "model", "data", "iters", "crop", "batch_size")  # what a baseline must share
+OWN_BACKBONE_METHODS = ("vit-adapter",)  # baselines compared on their own backbones (any "model")
 MEMORY_KEYS = ("peak_memory_mb", "peak_mem_mb", "peak_memory", "max_memory_mb", "peak_rss_mb", "peak_memory_bytes",
                "peak_mem_bytes")
 # Final metric per task, in order of preference, with whether larger is better.
@@ -73,8 +76,13 @@ class TrainingRun:
 
     @property
     def label(self) -> str:
-        """``method (task)`` plus K_t for ViT-Split, and the directory name if two would read alike."""
-        text = f"{self.method} ({self.task})"
+        """``method (task)`` plus K_t for ViT-Split, `` + head`` for a non-linear head (UperNet), the
+        backbone for ViT-Adapter (compared on its own), and the directory name if two would read alike."""
+        head = self.option("head")
+        name = self.method + (f" + {head}" if head not in (None, "linear") else "")
+        if self.method in OWN_BACKBONE_METHODS and self.option("model"):
+            name += f" on {self.option('model')}"
+        text = f"{name} ({self.task})"
         if self.method == "vitsplit" and self.option("k_t") is not None:
             text = f"vitsplit K_t={self.option('k_t')} ({self.task})"
         return text
@@ -261,8 +269,9 @@ def find_training_runs(run_dir: str | Path, extra: Iterable[str | Path] | None =
     for lp in linked:  # the baselines beside each linked run
         lcfg = dict(siblings)[lp]
         for p, cfg in (siblings if lp.parent == parent else _run_dirs(lp.parent)):
+            shared = [k for k in SAME_SETUP if not (k == "model" and cfg.get("method") in OWN_BACKBONE_METHODS)]
             if p not in seen and cfg.get("method") not in (None, "vitsplit") and \
-                    all(cfg.get(k) == lcfg.get(k) for k in SAME_SETUP):
+                    all(cfg.get(k) == lcfg.get(k) for k in shared):
                 add(p)
     return found
 

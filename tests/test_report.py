@@ -83,11 +83,12 @@ def write_pca(pca: Path, models: list[str], layers: list[int], n_images: int = 2
 
 
 def write_training_run(out: Path, method: str, miou: float, *, split_source: str | None = None, params: int = 1000,
-                       losses=(2.0, 1.5, 1.1, 0.9), iters: int = 40, peak_mb: float | None = None) -> None:
+                       losses=(2.0, 1.5, 1.1, 0.9), iters: int = 40, peak_mb: float | None = None,
+                       model: str = "dinov2_vits14", head: str = "linear") -> None:
     """A training run as vitsplit.train writes it: config.json (TrainConfig fields + trainable_params),
     metrics.jsonl rows (iter, loss parts, lr, it_s, time), eval.json (metrics, iters, train_seconds)."""
     out.mkdir(parents=True)
-    cfg = {"task": "seg", "method": method, "model": "dinov2_vits14", "data": "synthetic", "iters": iters, "crop": 56,
+    cfg = {"task": "seg", "method": method, "head": head, "model": model, "data": "synthetic", "iters": iters, "crop": 56,
            "batch_size": 4, "k_t": 3 if method == "vitsplit" else None, "auto_split": "runs/latest" if split_source else None,
            "split_source": split_source, "trainable_params": params, "weights_source": "random (seed 0)"}
     (out / "config.json").write_text(json.dumps(cfg))
@@ -282,6 +283,19 @@ def test_find_training_runs_keys(tmp_path):
     # no metrics rows: eval.json's train_seconds / iters
     lin.metrics = []
     assert lin.step_time == pytest.approx(12.0 / 40)
+
+
+def test_vit_adapter_baseline_on_its_own_backbone_is_found_and_labelled(tmp_path):
+    """A ViT-Adapter run beside the linked run counts as its baseline on another backbone (the
+    paper's comparison); a full fine-tuning run on another backbone does not."""
+    run = make_run(tmp_path)
+    write_training_run(run.parent / "adapter", "vit-adapter", 20.5, model="deit_small_patch16_224", head="upernet")
+    write_training_run(run.parent / "full-deit", "full", 20.0, model="deit_small_patch16_224", head="upernet")
+    write_training_run(run.parent / "full-upernet", "full", 22.0, head="upernet")
+    labels = {r.path.name: r.label for r in find_training_runs(run)}
+    assert labels["adapter"] == "vit-adapter + upernet on deit_small_patch16_224 (seg)"
+    assert labels["full-upernet"] == "full + upernet (seg)" and "full-deit" not in labels
+    assert labels["linear-seg"] == "linear (seg)"
 
 
 def test_report_reads_cka_npz_through_cka_result(tmp_path):

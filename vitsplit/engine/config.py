@@ -12,11 +12,15 @@ from typing import Any
 from ..backbones import Backbone
 from ..errors import UserError
 from ..fileio import read_json
+from ..model.baselines import check_head
 from ..model.configs import METHODS, TASKS, default_split
 from ..model.heads import DET_PRESETS, det_preset_for
 from .schedule import default_warmup
 
 SMALL_WIDTH = 384  # ViT-S's embedding width, the widest backbone that takes the small-model learning rate
+# ViT-Adapter's released ADE20K learning rates (with layer-wise decay 0.95): 6e-5 for the 12-block
+# DeiT-S/B configs, 2e-5 for the 24-block AugReg-L config.
+ADAPTER_LR = {12: 6e-5, 24: 2e-5}
 # Fields that may differ between a run and its resumption (they do not change the result).
 RESUME_FREE = ("resume", "max_steps_this_run", "out", "num_workers", "device", "evaluate", "eval_batch_size")
 
@@ -27,13 +31,15 @@ class TrainConfig:
 
     ``None`` means "the default for this model/task", filled in by :func:`resolve_config`:
     model dinov2_vits14, weights auto, K_t/prior layers from ``auto_split`` or the published table,
-    lr :func:`default_lr` (3e-4 up to ViT-S width, 2e-4 wider, 1e-4 det; set once the backbone is
-    built, by :func:`finish_config`), weight decay 1e-2 (0.05 det), warm-up
+    lr :func:`default_lr` (3e-4 up to ViT-S width, 2e-4 wider, 1e-4 det; ViT-Adapter's own; set once
+    the backbone is built, by :func:`finish_config`), weight decay 1e-2 (0.05 det), warm-up
     ``min(1500, iters // 10)``. ``batch_size`` is the global batch of one optimizer step.
+    ``head``: a baseline's segmentation head, linear or upernet (full, lora, vit-adapter).
     """
 
     task: str = "seg"
     method: str = "vitsplit"
+    head: str = "linear"
     model: str | None = None
     weights: str | None = None
     data: str = "synthetic"
@@ -126,7 +132,13 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.task not in TASKS:
         raise UserError(f"unknown task '{cfg.task}': use seg, det or depth")
     if cfg.method not in METHODS:
-        raise UserError(f"unknown method '{cfg.method}': use vitsplit, linear, full or lora")
+        raise UserError(f"unknown method '{cfg.method}': use {', '.join(METHODS)}")
+    if cfg.method == "vitsplit" and cfg.head != "linear":
+        raise UserError(f"ViT-Split has its own linear segmentation head; --head {cfg.head} is for the baselines")
+    if cfg.method != "vitsplit":
+        check_head(cfg.head, cfg.method, cfg.task)
+    if cfg.method == "vit-adapter" and cfg.task != "seg":
+        raise UserError(f"--method vit-adapter is built for segmentation (the paper's comparison), not '{cfg.task}'")
     for name in ("iters", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
         if int(getattr(cfg, name)) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -163,11 +175,14 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def default_lr(task: str, backbone: Backbone) -> float:
+def default_lr(task: str, backbone: Backbone, method: str = "vitsplit") -> float:
     """The published learning rates, chosen by what the backbone is, not by its name: detection 1e-4
     (the release's Mask R-CNN setting); otherwise 3e-4 for a ViT-S-width backbone (embedding width
     up to ``SMALL_WIDTH`` = 384, so narrower ViTs such as demo-vit too) and 2e-4 for wider ones
-    (ViT-B/L/g, widths 768/1024/1536)."""
+    (ViT-B/L/g, widths 768/1024/1536). ``vit-adapter``: the ViT-Adapter release's ``ADAPTER_LR``
+    (6e-5 up to 12 blocks, 2e-5 deeper)."""
+    if method == "vit-adapter":
+        return ADAPTER_LR[12] if backbone.num_layers <= 12 else ADAPTER_LR[24]
     if task == "det":
         return 1e-4
     return 3e-4 if backbone.embed_dim <= SMALL_WIDTH else 2e-4
@@ -176,7 +191,7 @@ def default_lr(task: str, backbone: Backbone) -> float:
 def finish_config(cfg: TrainConfig, backbone: Backbone) -> None:
     """Fill the defaults that need the backbone: the learning rate, ViT-Split's K_t and prior layers."""
     if cfg.lr is None:
-        cfg.lr = default_lr(cfg.task, backbone)
+        cfg.lr = default_lr(cfg.task, backbone, cfg.method)
     if cfg.method != "vitsplit":
         cfg.k_t, cfg.prior_layers, cfg.split_source = None, None, None
         return

@@ -1,4 +1,4 @@
-"""``train(cfg)``: one trainer for every task (seg, det, depth) and method (vitsplit, linear, full, lora).
+"""``train(cfg)``: one trainer for every task (seg, det, depth) and method (vitsplit, linear, full, lora, vit-adapter).
 
 Recipe (the ViT-Split release, ``docs/configurations.md``): AdamW betas (0.9, 0.999), weight decay
 1e-2 on every trainable parameter (0.05 for detection, the published Mask R-CNN setting), the task
@@ -38,10 +38,10 @@ from .loop import fit, seed_everything
 
 
 def build_model(cfg: TrainConfig, backbone: Backbone, num_classes: int) -> nn.Module:
-    """ViT-Split or a baseline on ``backbone`` (which the model takes over)."""
+    """ViT-Split, a baseline or ViT-Adapter on ``backbone`` (which the model takes over)."""
     return model_build(cfg.method, backbone, cfg.task, num_classes, k_t=cfg.k_t, prior_layers=cfg.prior_layers,
                        masks=cfg.masks, det_preset=cfg.det_preset or det_preset_for(cfg.crop), lora_rank=cfg.lora_rank,
-                       lora_alpha=cfg.lora_alpha)
+                       lora_alpha=cfg.lora_alpha, head=cfg.head)
 
 
 def _metrics_upto(path: Path, step: int) -> None:

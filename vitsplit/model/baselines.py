@@ -11,6 +11,10 @@ to (B, C, h, w)) and expose ViT-Split's interface: ``forward(images)``, ``loss(b
 - ``lora``: LoRA (Hu et al. 2022) from ``peft`` on each block's attention ``qkv``/``proj`` and MLP
   ``fc1``/``fc2``; the pretrained weights stay frozen; same head.
 
+Segmentation head (``head``): ``linear`` (above) or, for ``full`` and ``lora``, ``upernet``: UperNet
+with its auxiliary FCN head (:mod:`.upernet`) on a parameter-free four-level pyramid of four
+intermediate blocks (:mod:`.plain_pyramid`), the "DINOv2 + UperNet" rows of the ViT-Split paper.
+
 Detection and depth use :class:`~vitsplit.model.heads.DetHead` / :class:`~vitsplit.model.heads.DepthHead` on the
 final map, as ViT-Split uses them on its fused map. Learning rates: parameters that start from
 pretrained weights (the backbone under ``full``) get lr x 0.1, as ViT-Split's task head (copied
@@ -28,8 +32,10 @@ from torch import nn
 from ..backbones import Backbone, backbone_config, state_hash
 from ..backbones.backbone import tensors_hash
 from ..errors import UserError
-from .configs import BASELINES, TASKS
+from .configs import BASELINES, HEADS, TASKS, UPERNET_METHODS
 from .heads import DepthHead, DetHead, SegHead
+from .plain_pyramid import PlainPyramid, pyramid_layers
+from .upernet import UperNetSegHead
 
 METHODS = BASELINES
 LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
@@ -49,17 +55,29 @@ class LinearSegHead(nn.Module):
     loss = SegHead.loss  # the same cross-entropy (mmseg 0.20 averaging) as ViT-Split's head
 
 
+def check_head(head: str, method: str, task: str) -> None:
+    """Refuse a head the method/task cannot take (``UserError``): UperNet is a segmentation head
+    for the methods that train the backbone (:data:`~vitsplit.model.configs.UPERNET_METHODS`)."""
+    if head not in HEADS:
+        raise UserError(f"unknown head '{head}': use {' or '.join(HEADS)}")
+    if head == "upernet" and (task != "seg" or method not in UPERNET_METHODS):
+        raise UserError(f"--head upernet is a segmentation head for --method {', '.join(UPERNET_METHODS)}; "
+                        f"not for --method {method} --task {task}")
+
+
 class Baseline(nn.Module):
-    """``Baseline(backbone, method, task, num_classes, masks=True, lora_rank=8, lora_alpha=16)``."""
+    """``Baseline(backbone, method, task, num_classes, masks=True, lora_rank=8, lora_alpha=16, head="linear")``."""
 
     def __init__(self, backbone: Backbone, method: str, task: str, num_classes: int = 1, *, masks: bool = True,
-                 lora_rank: int = 8, lora_alpha: int = 16, det_preset: str = "coco"):
+                 lora_rank: int = 8, lora_alpha: int = 16, det_preset: str = "coco", head: str = "linear"):
         super().__init__()
         self.det_preset = det_preset
         if method not in METHODS:
             raise UserError(f"unknown baseline method '{method}': use one of {', '.join(METHODS)}")
         if task not in TASKS:
             raise UserError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
+        check_head(head, method, task)
+        self.head_name = head
         if task in ("det", "depth") and backbone.embed_dim % 32:
             raise UserError(f"{backbone.name} has width {backbone.embed_dim}; the det/depth heads' GroupNorm(32, C) needs a multiple of 32")
         self.method, self.task = method, task
@@ -80,8 +98,12 @@ class Baseline(nn.Module):
             inject_adapter_in_model(cfg, backbone.vit)
             for n, p in backbone.named_parameters():
                 p.requires_grad_("lora_" in n)
-        if task == "seg":
-            self.head: nn.Module = LinearSegHead(C, self.num_classes)
+        if task == "seg" and head == "upernet":
+            self.pyramid_layers = pyramid_layers(backbone.num_layers)
+            self.pyramid = PlainPyramid()
+            self.head: nn.Module = UperNetSegHead([C] * 4, self.num_classes)
+        elif task == "seg":
+            self.head = LinearSegHead(C, self.num_classes)
         elif task == "depth":
             self.head = DepthHead(C)
         else:
@@ -103,9 +125,19 @@ class Baseline(nn.Module):
             tokens = self.backbone(images)
         return self.backbone.tokens_to_map(tokens, hw)
 
+    def pyramid_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images (B, 3, H, W) normalised -> the four maps UperNet reads: blocks :func:`pyramid_layers`,
+        final-normed, at 4x, 2x, 1x and 0.5x the patch grid (:class:`PlainPyramid`)."""
+        hw = self.backbone.grid_size(*images.shape[-2:])
+        layers = self.backbone.forward_layers(images, self.pyramid_layers)
+        return self.pyramid([self.backbone.tokens_to_map(self.backbone.final_norm(layers[i]), hw)
+                             for i in self.pyramid_layers])
+
     def forward(self, images: torch.Tensor) -> Any:
         """Seg logits (B, K, H, W) | depth (B, 1, H, W) metres | det list of dicts (torchvision style)."""
         size = tuple(images.shape[-2:])
+        if self.head_name == "upernet":
+            return self.head(self.pyramid_features(images), size)
         f = self.features(images)
         if self.task == "depth":
             return torch.exp(self.head(f, size))
@@ -115,6 +147,8 @@ class Baseline(nn.Module):
         """Same losses as ViT-Split: CE (seg), scale-invariant log (depth), Mask/Faster R-CNN (det)."""
         images = batch["image"]
         size = tuple(images.shape[-2:])
+        if self.head_name == "upernet":
+            return self.head.loss(self.pyramid_features(images), batch["seg"].to(images.device))
         f = self.features(images)
         if self.task == "seg":
             ce = self.head.loss(self.head(f, size), batch["seg"].to(f.device))
@@ -165,7 +199,8 @@ class Baseline(nn.Module):
     def config(self) -> dict[str, Any]:
         """JSON-ready: method, task, head settings and the backbone it was built on (with its hash)."""
         info = backbone_config(self.backbone, state_sha256=self.backbone_sha256())
-        return {"method": self.method, "task": self.task, "num_classes": self.num_classes, "masks": self.masks,
+        return {"method": self.method, "task": self.task, "head": self.head_name, "num_classes": self.num_classes,
+                "masks": self.masks,
                 "det_preset": self.det_preset if self.task == "det" else None,
                 "lora_rank": self.lora_rank if self.method == "lora" else None,
                 "lora_alpha": self.lora_alpha if self.method == "lora" else None, "backbone": info}

@@ -1,7 +1,10 @@
 """The published ViT-Split configurations and the rules that extend them (one home for each).
 
-- ``TASKS`` and ``METHODS``: what can be trained (``TASKS`` is defined with the data's labels,
-  :mod:`vitsplit.data.labels`, and re-exported here).
+- ``TASKS``, ``METHODS`` and ``HEADS``: what can be trained (``TASKS`` is defined with the data's
+  labels, :mod:`vitsplit.data.labels`, and re-exported here). ``vit-adapter`` is ViT-Adapter (Chen et
+  al., ICLR 2023), whose published configurations live beside it in :mod:`.vit_adapter`.
+  ``HEADS``: the segmentation head of a baseline, ``linear`` (BatchNorm + 1x1 conv) or ``upernet``
+  (UperNet with its auxiliary FCN head, :mod:`.upernet`), which ``UPERNET_METHODS`` accept.
 - ``PUBLISHED``: the release's split by backbone depth L (Li et al., ICCV 2025, ADE20K table;
   ``docs/configurations.md``): ViT-S/B (12 blocks) K_t 3, K_p 4 from b = 2; ViT-L (24) K_t 4,
   K_p 8 from b = 2; ViT-g (40) K_t 8, K_p 14 from b = 27.
@@ -17,11 +20,13 @@ from dataclasses import dataclass
 from ..data.labels import TASKS
 from ..errors import UserError
 
-__all__ = ["BASELINES", "DEFAULT_B", "METHODS", "PUBLISHED", "PUBLISHED_K_P", "PUBLISHED_K_T", "PublishedSplit", "TASKS",
+__all__ = ["BASELINES", "DEFAULT_B", "HEADS", "METHODS", "UPERNET_METHODS", "PUBLISHED", "PUBLISHED_K_P", "PUBLISHED_K_T", "PublishedSplit", "TASKS",
            "default_k_t", "default_split", "prior_layers_uniform"]
 
 BASELINES = ("linear", "full", "lora")
-METHODS = ("vitsplit", *BASELINES)
+METHODS = ("vitsplit", *BASELINES, "vit-adapter")
+HEADS = ("linear", "upernet")
+UPERNET_METHODS = ("full", "lora", "vit-adapter")  # the trained backbones (linear is the frozen-backbone probe)
 
 
 @dataclass(frozen=True)

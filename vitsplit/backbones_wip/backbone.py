@@ -64,7 +64,7 @@ class Backbone(nn.Module):
         shift = (torch.tensor(INPUT_MEAN) - torch.tensor(mean)) / torch.tensor(std)
         self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
-        self._renormalize = bool((scale != 1).any() or (shift != 0).any())
+        self._renormalize = (mean, std) != (tuple(INPUT_MEAN), tuple(INPUT_STD))  # python floats: meta-safe
 
     # ----------------------------------------------------------------------------------- geometry
     def grid_size(self, height: int, width: int) -> tuple[int, int]:

@@ -130,7 +130,8 @@ class _TokenGrams:
 @dataclass
 class ModelSplit:
     """How cleanly one model splits: the largest boundary contrast and where it is, with jackknife
-    uncertainty. ``boundary_support``: the share of leave-one-out replicates with the same boundary."""
+    uncertainty. ``boundary_support``: the share of leave-one-out replicates with the same boundary;
+    ``contrast`` / ``contrast_se``: the contrast at every boundary s = 1..L-1 and its SE."""
 
     name: str
     num_layers: int
@@ -139,6 +140,7 @@ class ModelSplit:
     boundary: int
     boundary_support: float
     contrast: list[float]
+    contrast_se: list[float]
 
 
 @dataclass
@@ -189,12 +191,17 @@ class Comparison:
         for name in self.models:
             own = self.matrix(name, name).numpy()
             value, boundary = split_of(own)
-            rep = [split_of(r.matrix(name, name).numpy()) for r in reps]
+            rep_mats = [r.matrix(name, name).numpy() for r in reps]
+            rep = [split_of(m) for m in rep_mats]
+            profiles = np.array([boundary_contrast(m) for m in rep_mats])  # (B, L-1)
             support = float(np.mean([s == boundary for _, s in rep])) if rep else float("nan")
+            contrast = boundary_contrast(own)
             out[name] = ModelSplit(name=name, num_layers=own.shape[0], split=value,
                                    split_se=jackknife_se(np.array([v for v, _ in rep])) if rep else float("nan"),
                                    boundary=boundary, boundary_support=support,
-                                   contrast=[float(v) for v in boundary_contrast(own)])
+                                   contrast=[float(v) for v in contrast],
+                                   contrast_se=[jackknife_se(profiles[:, k]) if rep else float("nan")
+                                                for k in range(contrast.size)])
         return out
 
     def split_differences(self) -> dict[tuple[str, str], tuple[float, float]]:
@@ -229,14 +236,14 @@ class Comparison:
         atomic_write(out / "compare.npz", write)
         splits = self.splits()
         diffs = self.split_differences()
-        atomic_write_json(out / "compare.json", {
+        atomic_write_json(out / "compare.json", _json_ready({
             "format_version": FORMAT_VERSION, "models": r.models, "layers": r.layers, "features": r.features,
             "unbiased": r.unbiased, "num_images": r.num_images, "num_batches": self.num_batches,
             "image_size": list(self.image_size), "grids": {k: list(v) for k, v in self.grids.items()},
             "common_grid": list(self.common_grid) if self.common_grid else None, "info": self.info,
             "splits": {k: vars(v) for k, v in splits.items()},
             "split_differences": [{"a": a, "b": b, "difference": d, "se": se} for (a, b), (d, se) in diffs.items()],
-        })
+        }))
         return out
 
     @classmethod
@@ -255,6 +262,17 @@ class Comparison:
         return cls(result=result, batch_hsic=hsic, grids={k: tuple(v) for k, v in meta["grids"].items()},
                    common_grid=tuple(meta["common_grid"]) if meta["common_grid"] else None,
                    image_size=tuple(meta["image_size"]), info=meta.get("info", {}))
+
+
+def _json_ready(x: Any) -> Any:
+    """NaN/inf -> None (JSON has no NaN), recursively through dicts, lists and tuples."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_ready(v) for v in x]
+    return x
 
 
 def _model_info(model: nn.Module) -> dict[str, Any]:

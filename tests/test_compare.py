@@ -14,7 +14,7 @@ from tiny_vits import randomize
 
 from cka_split import analyze
 from cka_split.compare import Comparison, boundary_contrast, compare_models, jackknife_se, split_of
-from vitsplit.backbones_wip.backbone import Backbone
+from vitsplit.backbones import Backbone
 from vitsplit.errors import UserError
 
 

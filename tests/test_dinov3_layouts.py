@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitsplit.backbones_wip.dinov3_layouts import (
+from vitsplit.backbones.dinov3_layouts import (
     PERIODS_RTOL,
     hf_dinov3_kwargs,
     hf_dinov3_to_timm,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny_vits import TINY, tiny_backbone
 
-from vitsplit.backbones_wip.backbone import INPUT_MEAN, INPUT_STD
-from vitsplit.backbones_wip.families import size_kwargs
+from vitsplit.ops.imagenet import IMAGENET_MEAN as INPUT_MEAN, IMAGENET_STD as INPUT_STD
+from vitsplit.backbones.families import size_kwargs
 from vitsplit.errors import UserError
 
 FAMILIES = list(TINY)
@@ -122,7 +122,7 @@ def test_size_kwargs_per_family():
 def test_unsupported_architectures_are_refused():
     import timm
 
-    from vitsplit.backbones_wip.backbone import Backbone
+    from vitsplit.backbones import Backbone
 
     with pytest.raises(UserError, match="not a plain ViT"):
         Backbone(timm.create_model("resnet18", pretrained=False, num_classes=0), name="r", weights_source="random")

@@ -14,7 +14,7 @@ from tiny_vits import TINY, randomize
 
 from cka_split import analyze, recommend_split
 from cka_split.pca import pca_maps
-from vitsplit.backbones_wip.backbone import Backbone
+from vitsplit.backbones import Backbone
 
 DEPTH = 6
 

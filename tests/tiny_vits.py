@@ -9,7 +9,7 @@ from __future__ import annotations
 import timm
 import torch
 
-from vitsplit.backbones_wip.backbone import Backbone
+from vitsplit.backbones import Backbone
 
 SMALL = dict(depth=4, embed_dim=64, num_heads=2, num_classes=0)
 

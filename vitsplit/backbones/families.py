@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitsplit.errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

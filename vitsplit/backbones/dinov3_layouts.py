@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitsplit.errors import UserError
+from ..errors import UserError
 
 # Keys that tell the layouts apart (prefix already stripped).
 HF_DINOV3_ANCHOR = "embeddings.patch_embeddings.weight"  # DINOv2's HF layout has ...projection.weight

@@ -17,6 +17,7 @@ FAMILIES = list(TINY)
 # (prefix tokens, class token, registers, patch size, family class name)
 EXPECTED = {
     "dinov2": (5, True, 4, 14, "vit"), "dinov3": (5, True, 4, 16, "eva"), "dinov3_swiglu": (5, True, 4, 16, "eva"),
+    "dinov3_qkvb": (5, True, 4, 16, "eva"),
     "eva02": (1, True, 0, 14, "eva"), "clip": (1, True, 0, 16, "vit"), "siglip": (0, False, 0, 16, "vit"),
     "mae": (1, True, 0, 16, "vit"), "sam": (0, False, 0, 16, "sam"),
 }

@@ -18,6 +18,7 @@ TINY = {
     "dinov2": ("vit_small_patch14_reg4_dinov2", dict(SMALL, img_size=56, dynamic_img_size=True)),
     "dinov3": ("vit_small_patch16_dinov3", dict(SMALL)),
     "dinov3_swiglu": ("vit_small_plus_patch16_dinov3", dict(SMALL)),
+    "dinov3_qkvb": ("vit_small_patch16_dinov3_qkvb", dict(SMALL)),
     "eva02": ("eva02_tiny_patch14_224", dict(SMALL, img_size=56, dynamic_img_size=True)),
     "clip": ("vit_base_patch16_clip_224.openai", dict(SMALL, img_size=64, dynamic_img_size=True)),
     "siglip": ("vit_base_patch16_siglip_224.v2_webli", dict(SMALL, img_size=64, dynamic_img_size=True)),

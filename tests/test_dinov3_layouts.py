@@ -202,3 +202,138 @@ def test_hf_config_of_the_real_sizes_builds_timms_architectures():
             theirs = timm.create_model(name, pretrained=False, num_classes=0)
         assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
             {k: tuple(v.shape) for k, v in theirs.state_dict().items()}, name
+
+
+# ================================================================ through the loader (build_backbone)
+from vitsplit.backbones import Backbone, BackboneSpec, build_backbone, resolve_name  # noqa: E402
+from vitsplit.backbones import hub  # noqa: E402
+from vitsplit.backbones.dinov3 import NAMES, RELEASES  # noqa: E402
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
+def spec_of(hf, name: str = "tiny-dinov3") -> BackboneSpec:
+    return BackboneSpec(name=name, timm_name="vit_small_patch16_dinov3",
+                        timm_kwargs=hf_dinov3_kwargs(hf.config.to_dict(), "config.json"))
+
+
+def assert_matches_hf(bb: Backbone, hf) -> None:
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(bb(x), hf(pixel_values=images()).last_hidden_state, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_timm_file_round_trips_bit_for_bit(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    hf = hf_model(gated=True)
+    ref = timm_from(hf.config.to_dict(), hf.state_dict(), hf_dinov3_to_timm)
+    path = tmp_path / f"w{suffix}"
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"model": state}, path)
+    bb = build_backbone(spec_of(hf), str(path))
+    with torch.no_grad():
+        assert torch.equal(bb(images()), Backbone(ref, name="ref", weights_source="")(images()))
+
+
+def test_official_file_through_the_loader(tmp_path):
+    """A release checkpoint as a training run saves it: nested under "teacher", keys "backbone.*"."""
+    hf = hf_model(gated=True)
+    path = tmp_path / "dinov3_tiny_pretrain.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in hf_to_official(hf).items()}}, path)
+    bb = build_backbone(spec_of(hf), str(path))
+    assert str(path) in bb.weights_source
+    assert_matches_hf(bb, hf)
+
+
+def test_hf_folder_written_by_transformers(tmp_path):
+    hf = hf_model()
+    hf.save_pretrained(tmp_path / "dinov3-tiny")
+    bb = build_backbone(f"hf:{tmp_path / 'dinov3-tiny'}", "auto")
+    assert (bb.num_layers, bb.embed_dim, bb.num_prefix_tokens, bb.patch_size) == (2, 64, 5, 16)
+    assert_matches_hf(bb, hf)
+    again = build_backbone(spec_of(hf), str(tmp_path / "dinov3-tiny"))  # --weights FOLDER with a DINOv3 model
+    assert_matches_hf(again, hf)
+
+
+def test_strict_loading_refuses_another_size(tmp_path):
+    hf = hf_model()
+    path = tmp_path / "w.pth"
+    torch.save(hf_to_official(hf), path)
+    other = BackboneSpec(name="wider", timm_name="vit_small_patch16_dinov3",
+                         timm_kwargs=dict(hf_dinov3_kwargs(hf.config.to_dict(), "c"), embed_dim=96, num_heads=3))
+    with pytest.raises(UserError, match="does not fit 'wider'.*shape mismatch"):
+        build_backbone(other, str(path))
+
+
+def test_dinov3_names():
+    import timm
+
+    assert NAMES == ("dinov3_vits16", "dinov3_vitsplus16", "dinov3_vitb16", "dinov3_vitl16", "dinov3_vithplus16",
+                     "dinov3_vit7b16")
+    for name, release in zip(NAMES, RELEASES.values()):
+        spec = resolve_name(name)
+        assert spec.timm_name == release.timm_name and spec.timm_name in timm.list_models()
+        assert spec.hf_id == f"timm/{spec.timm_name}.lvd1689m" and spec.gated
+        assert spec.hub_file.startswith("dinov3_vit") and spec.hub_file.endswith(".pth")
+        assert spec.hf_alt_ids[0].startswith("facebook/dinov3-vit")
+    assert resolve_name("dinov3_vitsplus16").hub_file == "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth"
+    with pytest.raises(UserError, match="dinov3_vits16, dinov3_vitsplus16"):
+        resolve_name("dinov3_vitg16")
+
+
+def test_dinov3_real_sizes_on_the_meta_device():
+    want = {"dinov3_vits16": (12, 384), "dinov3_vitsplus16": (12, 384), "dinov3_vitb16": (12, 768),
+            "dinov3_vitl16": (24, 1024), "dinov3_vithplus16": (32, 1280), "dinov3_vit7b16": (40, 4096)}
+    for name, (depth, width) in want.items():
+        with torch.device("meta"):
+            bb = build_backbone(name, "random")
+        assert (bb.num_layers, bb.embed_dim, bb.patch_size, bb.num_prefix_tokens, bb.num_registers) == \
+            (depth, width, 16, 5, 4), name
+
+
+def test_auto_offline_says_the_weights_are_gated(empty_caches):
+    with pytest.raises(UserError) as e:
+        build_backbone("dinov3_vitb16", "auto")
+    msg = str(e.value)
+    assert "licence" in msg and "log in" in msg and "--weights PATH" in msg and "--weights random" in msg
+    assert "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth" in msg and "facebook/dinov3-vitb16-pretrain-lvd1689m" in msg
+
+
+def test_refused_download_says_the_weights_are_gated(empty_caches, monkeypatch):
+    monkeypatch.setattr(hub, "offline_reason", lambda: None)
+
+    def refuse(repo, filename):
+        raise PermissionError(f"403 gated repo {repo}")
+    monkeypatch.setattr(hub, "hf_download", refuse)
+    with pytest.raises(UserError, match=r"PermissionError.*licence on https://huggingface.co/timm/vit_large_patch16_dinov3"):
+        build_backbone("dinov3_vitl16", "auto")
+
+
+def test_auto_finds_the_official_file_and_the_transformers_cache(empty_caches):
+    """The release file in torch.hub's folder, else the transformers repo in the HF cache."""
+    hf = hf_model()
+    real = resolve_name("dinov3_vits16")
+    spec = BackboneSpec(name="dinov3_vits16", timm_name=real.timm_name, timm_kwargs=spec_of(hf).timm_kwargs,
+                        hub_file=real.hub_file, hf_id=real.hf_id, hf_alt_ids=real.hf_alt_ids, gated=True)
+    snap = empty_caches / "hf" / "models--facebook--dinov3-vits16-pretrain-lvd1689m" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("abc")
+    hf.save_pretrained(snap)
+    bb = build_backbone(spec, "auto")
+    assert bb.weights_source.startswith("hub facebook/dinov3-vits16-pretrain-lvd1689m")
+    assert_matches_hf(bb, hf)
+    folder = empty_caches / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(hf_to_official(hf), folder / real.hub_file)
+    bb = build_backbone(spec, "auto")
+    assert bb.weights_source.startswith(f"torch.hub {real.hub_file}")
+    assert_matches_hf(bb, hf)

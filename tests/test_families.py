@@ -127,3 +127,32 @@ def test_unsupported_architectures_are_refused():
 
     with pytest.raises(UserError, match="not a plain ViT"):
         Backbone(timm.create_model("resnet18", pretrained=False, num_classes=0), name="r", weights_source="random")
+
+
+@pytest.mark.parametrize("name,family,stats", [
+    ("vit_base_patch16_224.mae", "vit", (0.485, 0.456, 0.406)),          # MAE: ImageNet statistics
+    ("vit_base_patch16_224", "vit", (0.5, 0.5, 0.5)),                    # its default tag (augreg) differs
+    ("vit_base_patch16_clip_224.openai", "vit", (0.48145466, 0.4578275, 0.40821073)),
+    ("vit_base_patch16_siglip_224.v2_webli", "vit", (0.5, 0.5, 0.5)),
+    ("eva02_base_patch14_224.mim_in22k", "eva", (0.48145466, 0.4578275, 0.40821073)),
+    ("samvit_base_patch16", "sam", (0.485, 0.456, 0.406)),
+    ("dinov3_vitb16", "eva", (0.485, 0.456, 0.406)),
+])
+def test_timm_names_of_every_family_build_with_the_tags_statistics(name, family, stats):
+    """Built on the meta device (no memory): the pretrained tag decides the input statistics."""
+    from vitsplit.backbones import build_backbone, resolve_name
+
+    spec = resolve_name(name)
+    assert ("dynamic_img_size" in spec.timm_kwargs) == (family != "sam")
+    with torch.device("meta"):
+        bb = build_backbone(spec, "random")
+    assert bb.family.name == family and bb.pixel_mean == pytest.approx(stats)
+
+
+def test_unknown_tags_and_names_are_refused():
+    from vitsplit.backbones import resolve_name
+
+    with pytest.raises(UserError, match="no pretrained tag"):
+        resolve_name("vit_base_patch16_224.not_a_tag")
+    with pytest.raises(UserError, match="DINOv3, CLIP, SigLIP, MAE, SAM, EVA-02"):
+        resolve_name("not_a_model")

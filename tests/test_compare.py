@@ -127,3 +127,58 @@ def test_save_load_round_trip_and_errors(tmp_path, three):
         compare_models({"a": three["dinov3"]}, [batches(1)[0], batches(1, size=48)[0]])
     with pytest.raises(UserError, match="does not hold a comparison"):
         Comparison.load(tmp_path / "nothing")
+
+
+# ================================================================ the command
+def hf_folders(tmp_path):
+    """Two tiny transformers models saved as folders: DINOv3 (width 64, patch 16, 4 registers) and
+    DINOv2 (width 96, patch 14)."""
+    transformers = pytest.importorskip("transformers")
+    d3 = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128, num_register_tokens=4))
+    d2 = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=96, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=56))
+    d3.save_pretrained(tmp_path / "d3")
+    d2.save_pretrained(tmp_path / "d2")
+    return f"hf:{tmp_path / 'd3'}", f"hf:{tmp_path / 'd2'}"
+
+
+@pytest.mark.slow
+def test_compare_command_on_three_models_of_different_widths_and_patches(tmp_path, capsys, monkeypatch):
+    from cka_split.cli.app import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d3, d2 = hf_folders(tmp_path)
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--models", d3, d2, "dinov3_vits16", "--weights", "dinov3_vits16=random",
+              "--probe-images", "16", "--batch-size", "8", "--image-size", "32", "--out", str(out)])
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
+    assert "How cleanly each model splits" in printed and "report:" in printed
+    cmp = Comparison.load(out)
+    assert cmp.models == [d3, d2, "dinov3_vits16"] and cmp.num_batches == 2
+    assert cmp.grids == {d3: (2, 2), d2: (3, 3), "dinov3_vits16": (2, 2)} and cmp.common_grid == (2, 2)
+    assert cmp.matrix(d2, "dinov3_vits16").shape == (4, 12) and cmp.matrix(d3, d2).shape == (3, 4)
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["models"]["dinov3_vits16"]["weights_source"] == "random"
+    assert cfg["models"][d3]["weights_source"].startswith("file ") and cfg["models"][d3]["family"] == "eva"
+    html = (out / "report.html").read_text()
+    assert "Random weights: not pretrained" in html and "dinov3_vits16" in html
+    assert html.count("<figure") == 1 + 3 + 3  # contrast profile, three own heatmaps, three pairs
+
+
+def test_compare_command_user_errors(tmp_path, capsys):
+    from cka_split.cli.app import main
+
+    for args, match in ((["--models", "dinov3_vits16"], "at least two"),
+                        (["--models", "dinov3_vits16", "dinov3_vits16"], "twice"),
+                        (["--models", "dinov3_vits16", "dinov2_vits14", "--weights", "clip=random"], "not one of --models"),
+                        (["--models", "dinov3_vits16", "dinov2_vits14", "--probe-images", "8"], "fewer than 2 minibatches")):
+        with pytest.raises(SystemExit) as e:
+            main(["compare", *args, "--out", str(tmp_path / "x")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1

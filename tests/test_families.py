@@ -156,3 +156,11 @@ def test_unknown_tags_and_names_are_refused():
         resolve_name("vit_base_patch16_224.not_a_tag")
     with pytest.raises(UserError, match="DINOv3, CLIP, SigLIP, MAE, SAM, EVA-02"):
         resolve_name("not_a_model")
+
+
+@pytest.mark.parametrize("name", ["naflexvit_base_patch16_siglip", "convnext_tiny", "swin_tiny_patch4_window7_224"])
+def test_other_timm_classes_are_refused_before_building(name):
+    from vitsplit.backbones import resolve_name
+
+    with pytest.raises(UserError, match="not a plain ViT this tool can split"):
+        resolve_name(name)

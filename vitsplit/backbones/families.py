@@ -200,16 +200,28 @@ def family_of(vit: nn.Module) -> Family:
                     "(DINOv2, CLIP, SigLIP, MAE), Eva (DINOv3, EVA-02) or VisionTransformerSAM (SAM) model")
 
 
+# timm modules whose models are one of the three families, and the keyword arguments that let them take
+# any image size (a multiple of the patch): ``dynamic_img_size=True`` resamples absolute position
+# embeddings / computes RoPE for the grid; SAM's encoder always resamples its position table.
+_MODULE_SIZE_KWARGS: dict[str, dict[str, Any]] = {
+    "vision_transformer": {"dynamic_img_size": True},
+    "deit": {"dynamic_img_size": True},  # VisionTransformer subclasses (distillation token)
+    "eva": {"dynamic_img_size": True},
+    "vision_transformer_sam": {},
+}
+
+
 def size_kwargs(timm_name: str) -> dict[str, Any]:
-    """The timm keyword arguments that let a model take any image size (a multiple of its patch):
-    ``dynamic_img_size=True`` for ``VisionTransformer`` and ``Eva`` (position embeddings resampled,
-    RoPE computed for the grid); none for SAM, whose encoder always resamples its position table."""
+    """The timm keyword arguments for any image size, for a timm model name (a pretrained tag is
+    ignored); ``UserError`` for names of other model classes (ConvNeXt, NaFlexViT, Swin, ...)."""
     import timm.models
 
+    base = timm_name.split(".")[0]
     try:
-        module = timm.models.model_entrypoint(timm_name).__module__
+        module = timm.models.model_entrypoint(base).__module__.rsplit(".", 1)[-1]
     except (RuntimeError, KeyError) as e:
         raise UserError(f"unknown timm model '{timm_name}'") from e
-    if module.endswith("vision_transformer_sam"):
-        return {}
-    return {"dynamic_img_size": True}
+    if module not in _MODULE_SIZE_KWARGS:
+        raise UserError(f"'{timm_name}' is a timm '{module}' model, not a plain ViT this tool can split: use a "
+                        "VisionTransformer (DINOv2, CLIP, SigLIP, MAE), Eva (DINOv3, EVA-02) or SAM ViT name")
+    return dict(_MODULE_SIZE_KWARGS[module])

@@ -2,7 +2,8 @@
 
 Works on a vitsplit ``Backbone`` (hooks on ``bb.vit.blocks``) and on any model with a ``.blocks``
 sequence of transformer blocks whose outputs are token sequences (B, T, C), prefix tokens (class,
-registers) first, e.g. a timm ``VisionTransformer``. Modes (``FEATURE_MODES``):
+registers) first, e.g. a timm ``VisionTransformer``, or 2D token grids (B, h, w, C) without prefix
+tokens (SAM's encoder blocks), which are read as row-major sequences (B, h*w, C). Modes (``FEATURE_MODES``):
 
 - ``tokens``: the patch tokens of each image flattened, (B, P * C) (the choice of Kornblith et al.
   2019 and Raghu et al. 2021 for spatial representations); optionally a fixed subset of k patch
@@ -122,6 +123,8 @@ class BlockFeatures:
     def _hook(self, layer: int, last: bool):
         def hook(module: nn.Module, args, output) -> None:
             out = output[0] if isinstance(output, (tuple, list)) else output
+            if out.dim() == 4:  # a 2D token grid (B, h, w, C) (SAM's blocks): row-major tokens (B, h*w, C)
+                out = out.flatten(1, 2)
             if out.dim() != 3:
                 raise UserError(f"block {layer} returned shape {tuple(out.shape)}, not a token sequence (B, T, C)")
             positions = None

@@ -9,7 +9,7 @@ import pytest
 from cka_split.cli.app import main
 
 
-@pytest.mark.parametrize("cmd", ["analyze", "recommend", "train", "evaluate", "report", "demo"])
+@pytest.mark.parametrize("cmd", ["analyze", "recommend", "train", "evaluate", "report", "compare", "demo"])
 def test_every_command_is_registered(cmd, capsys):
     """Each command answers its own --help (an unregistered one is a usage error, exit 2). The app's
     help text mentions some command names in prose, so finding the word there proves nothing."""

@@ -82,7 +82,7 @@ def test_task_head_starts_equal_to_backbone_blocks():
     x = torch.randn(2, 3, 42, 56)
     with torch.no_grad():
         feats = bb.forward_layers(x, [1, 3])
-        out = m.split.task_head(feats[1])
+        out = m.split.task_head(feats[1], bb.block_context(bb.grid_size(42, 56)))
         torch.testing.assert_close(out, feats[3], rtol=1e-5, atol=1e-5)
         assert (out - feats[1]).abs().max() > 0.1  # blocks 2-3 do change the tokens
     # the copies are independent parameters

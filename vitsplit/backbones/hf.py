@@ -1,5 +1,7 @@
-"""Hugging Face DINOv2 folders (``hf:<dir>`` or ``hf:<org>/<model>``): the equivalent timm spec and
-the folder's weight files. Their key layout is converted by :func:`vitsplit.backbones.layouts.hf_to_official`."""
+"""Hugging Face DINOv2 and DINOv3 folders (``hf:<dir>`` or ``hf:<org>/<model>``): the equivalent timm
+spec and the folder's weight files. Their key layouts are converted by
+:func:`vitsplit.backbones.layouts.hf_to_official` (DINOv2) and
+:func:`vitsplit.backbones.dinov3_layouts.hf_dinov3_to_timm` (DINOv3)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..fileio import read_json
+from .dinov3_layouts import hf_dinov3_kwargs
 from .hub import hf_cache_dir, hf_download, offline_reason
 from .spec import BackboneSpec
 
@@ -21,16 +24,24 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
 
 def hf_spec(name: str) -> BackboneSpec:
     """``hf:<dir>`` (or ``hf:<org>/<model>`` already in the HF hub cache) -> a spec for the
-    equivalent timm DINOv2 architecture, read from the folder's ``config.json``
-    (``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, ``mlp_ratio``,
-    ``patch_size``, ``image_size``, ``use_swiglu_ffn``, ``num_register_tokens``)."""
+    equivalent timm architecture, read from the folder's ``config.json``: DINOv2 (``hidden_size``,
+    ``num_hidden_layers``, ``num_attention_heads``, ``mlp_ratio``, ``patch_size``, ``image_size``,
+    ``use_swiglu_ffn``, ``num_register_tokens``) or DINOv3 (``model_type`` ``dinov3_vit``, see
+    :func:`~vitsplit.backbones.dinov3_layouts.hf_dinov3_kwargs`)."""
     ref = name[len("hf:"):]
     folder = _hf_folder(ref)
     cfg = read_json(folder / "config.json")
     kind = cfg.get("model_type")
+    hub_id = ref if not Path(ref).expanduser().is_dir() else None
+    if kind == "dinov3_vit":
+        kwargs = hf_dinov3_kwargs(cfg, f"{folder}/config.json")
+        label = (f"a DINOv3 ViT of width {kwargs['embed_dim']} and {kwargs['depth']} blocks "
+                 "(timm vit_small_patch16_dinov3 architecture with the folder's sizes)")
+        return BackboneSpec(name=name, timm_name="vit_small_patch16_dinov3", timm_kwargs=kwargs, hf_id=hub_id,
+                            hf_dir=str(folder), arch_label=label, gated=hub_id is not None)
     if kind not in ("dinov2", "dinov2_with_registers"):
         raise UserError(f"{folder}/config.json has model_type {kind!r}: hf: supports DINOv2 "
-                        "(dinov2, dinov2_with_registers); use a timm name for other ViTs")
+                        "(dinov2, dinov2_with_registers) and DINOv3 (dinov3_vit); use a timm name for other ViTs")
     if cfg.get("hidden_act", "gelu") != "gelu" or float(cfg.get("layer_norm_eps", 1e-6)) != 1e-6:
         raise UserError(f"{folder}/config.json uses hidden_act={cfg.get('hidden_act')!r}, layer_norm_eps="
                         f"{cfg.get('layer_norm_eps')}: only DINOv2's gelu and 1e-6 map onto timm's architecture")
@@ -64,7 +75,6 @@ def hf_spec(name: str) -> BackboneSpec:
     timm_name = f"vit_{size or ('giant' if swiglu else 'small')}_patch14{reg}_dinov2"
     label = None if size else (f"a DINOv2 ViT of width {c} and {kwargs['depth']} blocks (timm {timm_name} "
                                f"architecture with embed_dim={c})")
-    hub_id = ref if not Path(ref).expanduser().is_dir() else None
     return BackboneSpec(name=name, timm_name=timm_name, timm_kwargs=kwargs, hf_id=hub_id, hf_dir=str(folder),
                         arch_label=label)
 
@@ -74,7 +84,7 @@ def _hf_folder(ref: str) -> Path:
     p = Path(ref).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise UserError(f"{p} has no config.json: hf:<dir> needs a Hugging Face DINOv2 folder (config.json + weights)")
+            raise UserError(f"{p} has no config.json: hf:<dir> needs a Hugging Face DINOv2 or DINOv3 folder (config.json + weights)")
         return p.resolve()
     if re.fullmatch(r"[\w.-]+/[\w.-]+", ref) and not p.exists():
         from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415 - only for hub ids
@@ -87,7 +97,7 @@ def _hf_folder(ref: str) -> Path:
             return Path(hf_download(ref, "config.json")).parent
         raise UserError(f"'{ref}' is neither a folder nor in the Hugging Face cache, and {reason}: "
                         "download it once online, or use hf:<local folder>")
-    raise UserError(f"hf:{ref}: no such folder; hf:<dir> needs a Hugging Face DINOv2 folder (config.json + weights)")
+    raise UserError(f"hf:{ref}: no such folder; hf:<dir> needs a Hugging Face DINOv2 or DINOv3 folder (config.json + weights)")
 
 
 def hf_weight_files(folder: Path) -> list[Path]:

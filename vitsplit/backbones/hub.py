@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from .dinov3 import gated_message
 from .spec import WAYS_FORWARD, BackboneSpec
 
 # Where the online check connects, and how long it may take.
@@ -57,22 +58,30 @@ def hub_id(spec: BackboneSpec) -> str | None:
 def cached_weights(spec: BackboneSpec) -> list[tuple[Path, str]]:
     """Cached weight files for ``spec`` as (path, label), best first: torch.hub's
     ``checkpoints/<official file>``, then the HF hub cache (``model.safetensors``,
-    ``pytorch_model.bin``)."""
+    ``pytorch_model.bin``) of each of :func:`hub_repos`."""
     found: list[tuple[Path, str]] = []
     if spec.hub_file:
         p = torch_hub_checkpoints_dir() / spec.hub_file
         if p.is_file():
             found.append((p, f"torch.hub {spec.hub_url or spec.hub_file}"))
-    repo = hub_id(spec)
-    if repo:
+    repos = hub_repos(spec)
+    if repos:
         from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415 - imports its hub client
 
+    for repo in repos:
         for filename in ("model.safetensors", "pytorch_model.bin"):
             hit = try_to_load_from_cache(repo, filename, cache_dir=hf_cache_dir())
             if isinstance(hit, str):
                 found.append((Path(hit), f"hub {repo}"))
                 break
     return found
+
+
+def hub_repos(spec: BackboneSpec) -> list[str]:
+    """The Hugging Face repos that may hold ``spec``'s weights, best first: :func:`hub_id`, then
+    ``spec.hf_alt_ids`` (the same weights in another layout, e.g. DINOv3's transformers model)."""
+    first = hub_id(spec)
+    return ([first] if first else []) + [r for r in spec.hf_alt_ids if r != first]
 
 
 def offline_reason() -> str | None:
@@ -115,8 +124,7 @@ def hf_download(repo: str, filename: str) -> str:
 def download(spec: BackboneSpec) -> tuple[Path, str]:
     """Download pretrained weights (timm's on the HF hub, else the official torch.hub URL)."""
     errors = []
-    repo = hub_id(spec)
-    if repo:
+    for repo in hub_repos(spec):
         for filename in ("model.safetensors", "pytorch_model.bin"):
             try:
                 return Path(hf_download(repo, filename)), f"hub {repo}"
@@ -131,4 +139,13 @@ def download(spec: BackboneSpec) -> tuple[Path, str]:
         except Exception as e:  # noqa: BLE001
             errors.append(f"{spec.hub_url}: {type(e).__name__}")
     why = "; ".join(errors) if errors else "no known download location"
-    raise UserError(f"could not download pretrained weights for '{spec.name}' ({why}): {WAYS_FORWARD}")
+    raise UserError(f"could not download pretrained weights for '{spec.name}' ({why}): {ways_forward(spec)}")
+
+
+def ways_forward(spec: BackboneSpec) -> str:
+    """What a user can do when no pretrained weights were found: for gated weights (DINOv3), how
+    to get access; always ``--weights PATH`` or ``--weights random``."""
+    if spec.gated:
+        repos = hub_repos(spec)
+        return gated_message(repos[0] if repos else spec.name) + ", or --weights random"
+    return WAYS_FORWARD

@@ -1,6 +1,7 @@
 """Weight layouts -> timm keys, and strict loading.
 
-Three layouts are read: timm's own keys; the official DINOv2 release (``mask_token``,
+Five layouts are read: timm's own keys; DINOv3's release and Hugging Face layouts
+(:mod:`~vitsplit.backbones.dinov3_layouts`); the official DINOv2 release (``mask_token``,
 ``register_tokens``, ``ls1.gamma``, ``mlp.w12``/``mlp.w3`` for the SwiGLU giant,
 ``blocks.<chunk>.<i>`` in training checkpoints); and Hugging Face ``Dinov2Model``/
 ``Dinov2WithRegistersModel`` (``embeddings.*``, ``encoder.layer.<i>.*``, ``layernorm.*``), converted
@@ -20,13 +21,20 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .dinov3_layouts import hf_dinov3_to_timm, is_hf_dinov3, is_official_dinov3, official_dinov3_to_timm
 from .reading import HF_ANCHOR
 from .spec import BackboneSpec
 
 
-def to_timm_layout(state: dict[str, torch.Tensor], vit: nn.Module) -> dict[str, torch.Tensor]:
-    """Any supported layout (prefix already stripped) -> timm keys of ``vit``."""
-    if HF_ANCHOR in state:
+def to_timm_layout(state: dict[str, torch.Tensor], vit: nn.Module, origin: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """Any supported layout (prefix already stripped) -> timm keys of ``vit``. DINOv3's layouts
+    (:mod:`~vitsplit.backbones.dinov3_layouts`) are told apart first: the release, like DINOv2's,
+    has a ``mask_token``."""
+    if is_hf_dinov3(state):
+        state = hf_dinov3_to_timm(state, vit, origin)
+    elif is_official_dinov3(state):
+        state = official_dinov3_to_timm(state, vit, origin)
+    elif HF_ANCHOR in state:
         state = official_to_timm(hf_to_official(state), vit)
     elif ("mask_token" in state or "register_tokens" in state
           or any(_OFFICIAL_ONLY.match(k) for k in state)):

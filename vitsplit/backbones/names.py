@@ -4,9 +4,14 @@ Names (``resolve_name``):
 - ``dinov2_vit{s,b,l,g}14`` and ``dinov2_vit{s,b,l,g}14_reg``: DINOv2 (Oquab et al. 2023) and
   DINOv2 with registers (Darcet et al. 2024), built as timm's ``vit_*_patch14_dinov2`` and
   ``vit_*_patch14_reg4_dinov2`` architectures.
-- any timm ``VisionTransformer`` name (``vit_small_patch16_224``, ...).
-- ``hf:<dir>``: a Hugging Face ``Dinov2Model``/``Dinov2WithRegistersModel`` folder (``config.json`` +
-  weights), or ``hf:<org>/<model>`` already in the Hugging Face cache (:func:`vitsplit.backbones.hf.hf_spec`).
+- ``dinov3_vit{s,splus,b,l,hplus,7b}16``: DINOv3 (Simeoni et al. 2025), timm's
+  ``vit_*_patch16_dinov3`` architectures (:mod:`vitsplit.backbones.dinov3`).
+- any timm name of a plain ViT, with or without a pretrained tag: ``VisionTransformer`` (DINOv2,
+  CLIP ``vit_*_clip_*``, SigLIP / SigLIP 2 ``vit_*_siglip_*``, MAE ``vit_*_224.mae``, ...), ``Eva``
+  (DINOv3, EVA-02 ``eva02_*``) and ``VisionTransformerSAM`` (SAM ``samvit_*``); see
+  :mod:`vitsplit.backbones.families`.
+- ``hf:<dir>``: a Hugging Face ``Dinov2Model``/``Dinov2WithRegistersModel``/``DINOv3ViTModel`` folder
+  (``config.json`` + weights), or ``hf:<org>/<model>`` already in the Hugging Face cache (:func:`vitsplit.backbones.hf.hf_spec`).
 - ``demo-vit``: the small DINOv2-architecture ViT that ``cka-split demo`` pretrains itself.
 
 Where the weights come from (``weights``): ``"random"`` (explicit, and recorded as such),
@@ -20,6 +25,9 @@ from typing import Any
 from torch import nn
 
 from ..errors import UserError
+from .dinov3 import DINOV3_PREFIX, dinov3_release
+from .dinov3 import NAMES as DINOV3_NAMES
+from .families import size_kwargs
 from .hf import hf_spec
 from .spec import BackboneSpec
 
@@ -61,15 +69,25 @@ def resolve_name(name: str) -> BackboneSpec:
             hub_url=f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{core}/{stem}_pretrain.pth",
             hf_id=f"timm/{timm_name}.lvd142m",
         )
+    release = dinov3_release(name)
+    if release is not None:
+        return BackboneSpec(name=name, timm_name=release.timm_name, timm_kwargs=dict(num_classes=0, dynamic_img_size=True),
+                            hub_file=release.official_file, hf_id=release.timm_hub, hf_alt_ids=(release.hf_hub,),
+                            gated=True)
+    if name.startswith(DINOV3_PREFIX):
+        raise UserError(f"unknown DINOv3 model '{name}': use one of {', '.join(DINOV3_NAMES)}")
     import timm  # noqa: PLC0415 - timm's model list is slow to import; dinov2/hf:/demo names do not need it
 
     base = name.split(".")[0]
     if base not in timm.list_models():
         raise UserError(
-            f"unknown model '{name}': use dinov2_vit{{s,b,l,g}}14[_reg], a timm ViT name, hf:<dir>, or demo-vit"
+            f"unknown model '{name}': use dinov2_vit{{s,b,l,g}}14[_reg], dinov3_vit{{s,splus,b,l,hplus,7b}}16, "
+            "a timm ViT name (DINOv2, DINOv3, CLIP, SigLIP, MAE, SAM, EVA-02), hf:<dir>, or demo-vit"
         )
-    return BackboneSpec(name=name, timm_name=base, timm_kwargs=dict(num_classes=0, dynamic_img_size=True),
-                        hf_id=f"timm/{name}" if "." in name else None)
+    if "." in name and name not in timm.list_pretrained(name):
+        raise UserError(f"timm has no pretrained tag '{name}': use one of {', '.join(timm.list_pretrained(base + '.*')[:6]) or base}")
+    return BackboneSpec(name=name, timm_name=name, timm_kwargs=dict(num_classes=0, **size_kwargs(base)),
+                        hf_id=f"timm/{name}" if "." in name else None, gated="dinov3" in base)
 
 
 def create_vit(spec: BackboneSpec) -> nn.Module:

@@ -19,11 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import UserError
+from .dinov3_layouts import HF_DINOV3_ANCHOR
 from .spec import WAYS_FORWARD
 
 # Keys that identify a ViT state dict, and the layout each one means.
 TIMM_ANCHOR = "patch_embed.proj.weight"  # timm and the official DINOv2 release
 HF_ANCHOR = "embeddings.patch_embeddings.projection.weight"  # Hugging Face Dinov2Model
+ANCHORS = (TIMM_ANCHOR, HF_ANCHOR, HF_DINOV3_ANCHOR)  # HF_DINOV3_ANCHOR: Hugging Face DINOv3ViTModel
 # Wrapper keys of training checkpoints, tried in this order.
 WRAPPER_KEYS = ("state_dict", "model", "teacher", "module")
 
@@ -77,7 +79,7 @@ def backbone_state(obj: Any, origin: Path | str) -> dict[str, torch.Tensor]:
         if not isinstance(obj, Mapping):
             raise UserError(f"{origin} does not hold a state dict (found {type(obj).__name__}): {WAYS_FORWARD}")
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-        prefixes = [k[: len(k) - len(a)] for k in tensors for a in (TIMM_ANCHOR, HF_ANCHOR)
+        prefixes = [k[: len(k) - len(a)] for k in tensors for a in ANCHORS
                     if k == a or k.endswith("." + a)]
         if prefixes:
             prefix = min(prefixes, key=lambda p: ("student" in p, len(p), p))
@@ -87,5 +89,5 @@ def backbone_state(obj: Any, origin: Path | str) -> dict[str, torch.Tensor]:
             break
         obj = inner
     keys = ", ".join(list(map(str, obj.keys()))[:6]) if isinstance(obj, Mapping) else ""
-    raise UserError(f"{origin} holds no ViT weights (no key ending in '{TIMM_ANCHOR}' or '{HF_ANCHOR}'; "
+    raise UserError(f"{origin} holds no ViT weights (no key ending in {' or '.join(repr(a) for a in ANCHORS)}; "
                     f"first keys: {keys or 'none'}): {WAYS_FORWARD}")

@@ -12,9 +12,13 @@ WAYS_FORWARD = "pass --weights PATH (a .pth/.pt/.safetensors file) or --weights 
 class BackboneSpec:
     """How to build one named backbone.
 
-    ``timm_name`` is the timm architecture; ``timm_kwargs`` are passed to ``timm.create_model``;
-    ``hub_file`` is the torch.hub checkpoint file name of the official release (DINOv2 only);
-    ``hf_id`` the timm weights on the Hugging Face hub; ``hf_dir`` a local HF folder (``hf:``);
+    ``timm_name`` is the timm architecture (with a pretrained tag, ``name.tag``, when the user gave
+    one: timm's pretrained config of that tag says which normalisation the weights expect);
+    ``timm_kwargs`` are passed to ``timm.create_model``; ``hub_file`` is the torch.hub checkpoint
+    file name of the official release (DINOv2, DINOv3); ``hf_id`` the timm weights on the Hugging
+    Face hub; ``hf_alt_ids`` further hub repos with the same weights in another layout (DINOv3's
+    transformers model), looked up and tried after ``hf_id``; ``gated``: the hubs hold the weights
+    behind a licence to accept (DINOv3); ``hf_dir`` a local HF folder (``hf:``);
     ``arch_label`` how messages name the architecture when ``timm_name`` alone would not say it
     (an ``hf:`` model of a width timm has no name for is built from a timm architecture of
     another width with its own ``embed_dim``/``depth``).
@@ -28,6 +32,8 @@ class BackboneSpec:
     hf_id: str | None = None
     hf_dir: str | None = None
     arch_label: str | None = None
+    hf_alt_ids: tuple[str, ...] = ()
+    gated: bool = False
 
     @property
     def label(self) -> str:

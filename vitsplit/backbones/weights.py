@@ -57,7 +57,7 @@ def _load_files(vit: nn.Module, spec: BackboneSpec, files: list[Path], label: st
                 raise UserError(f"shard {f} does not hold a state dict: re-download the model folder")
             merged.update(shard)
         state = backbone_state(merged, origin)
-    load_strict(vit, to_timm_layout(state, vit), spec, origin)
+    load_strict(vit, to_timm_layout(state, vit, origin), spec, origin)
     demo = demo_vit.source_of_file(files[0]) if len(files) == 1 and label is None else None
     if demo is not None:
         return demo
@@ -83,10 +83,10 @@ def _load_auto(vit: nn.Module, spec: BackboneSpec) -> str:
     reason = hub.offline_reason()
     if reason is not None:
         looked = [str(hub.torch_hub_checkpoints_dir() / spec.hub_file)] if spec.hub_file else []
-        repo = hub.hub_id(spec)
-        if repo:
-            looked.append(f"{repo} in {hub.hf_cache_dir()}")
+        repos = hub.hub_repos(spec)
+        if repos:
+            looked.append(f"{' and '.join(repos)} in {hub.hf_cache_dir()}")
         where = f"looked for {' and '.join(looked)}" if looked else "it has no known pretrained weights"
-        raise UserError(f"no cached pretrained weights for '{spec.name}' ({where}) and {reason}: {WAYS_FORWARD}")
+        raise UserError(f"no cached pretrained weights for '{spec.name}' ({where}) and {reason}: {hub.ways_forward(spec)}")
     path, label = hub.download(spec)
     return _load_files(vit, spec, [path], label=label)

@@ -9,7 +9,7 @@ to (B, C, h, w)) and expose ViT-Split's interface: ``forward(images)``, ``loss(b
   DINOv2 segmentation configs, "lin." setting on the last layer).
 - ``full``: every backbone parameter trained, same head.
 - ``lora``: LoRA (Hu et al. 2022) from ``peft`` on each block's attention ``qkv``/``proj`` and MLP
-  ``fc1``/``fc2``; the pretrained weights stay frozen; same head.
+  ``fc1``/``fc2`` (SwiGLU: ``fc1_g``/``fc1_x``/``fc2``); the pretrained weights stay frozen; same head.
 
 Segmentation head (``head``): ``linear`` (above) or, for ``full`` and ``lora``, ``upernet``: UperNet
 with its auxiliary FCN head (:mod:`.upernet`) on a parameter-free four-level pyramid of four
@@ -38,7 +38,18 @@ from .plain_pyramid import PlainPyramid, pyramid_layers
 from .upernet import UperNetSegHead
 
 METHODS = BASELINES
-LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+# fc1_g / fc1_x: the gate and value linears of timm's SwiGLU MLP (DINOv3 S+/H+/7B, EVA-02).
+LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc1_g|fc1_x|fc2))"
+
+
+def call_qkv_as_module(vit: nn.Module) -> None:
+    """Make timm's Eva attention call its ``qkv`` linear as a module. With a qkv bias (EVA-02,
+    DINOv3 ``_qkvb``) it otherwise computes ``F.linear(x, qkv.weight, bias)`` directly, which would
+    bypass a LoRA adapter on ``qkv`` without a word; its ``qkv_bias_separate`` path computes
+    ``qkv(x) + bias`` instead, the same function."""
+    for m in vit.modules():
+        if hasattr(m, "qkv_bias_separate") and getattr(m, "q_bias", None) is not None:
+            m.qkv_bias_separate = True
 
 
 class LinearSegHead(nn.Module):
@@ -94,6 +105,7 @@ class Baseline(nn.Module):
         if method == "lora":
             from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - peft takes seconds to import; only LoRA needs it
 
+            call_qkv_as_module(backbone.vit)
             cfg = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
             inject_adapter_in_model(cfg, backbone.vit)
             for n, p in backbone.named_parameters():

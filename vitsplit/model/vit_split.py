@@ -4,8 +4,10 @@ Splitting Heads", ICCV 2025), as the public release builds it (``docs/architectu
 A frozen backbone runs once (no grad, stopping at the deepest block anyone reads). Trainable parts
 (:class:`SplitHeads`):
 - task head: a deep copy of the last K_t blocks ``[L-K_t, ..., L-1]``, fed the detached token
-  sequence after block ``L-K_t-1``; its output goes through the backbone's frozen final LayerNorm,
-  the cls token is dropped and patch tokens become a (B, C, h, w) map;
+  sequence after block ``L-K_t-1`` (the copies are called as the backbone's family calls its
+  blocks: with the grid's RoPE for DINOv3/EVA-02, on the 2D grid for SAM); its output goes through
+  the backbone's frozen final norm, the prefix tokens (class token, registers; none for SigLIP and
+  SAM) are dropped and patch tokens become a (B, C, h, w) map;
 - prior head: the listed frozen layers' patch tokens (final-normed) concatenated on channels,
   then Conv 1x1 (K_p*C -> C) + GELU + DeformBlock + GELU;
 - fusion net: [prior, task] -> Conv 1x1 (2C -> C) + GELU + DeformBlock + GELU;
@@ -24,7 +26,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..backbones import Backbone, backbone_config
+from ..backbones import Backbone, BlockContext, backbone_config
 from ..errors import UserError
 from ..ops.deform_conv import set_deform_impl
 from .configs import TASKS
@@ -38,18 +40,26 @@ def count_trainable(module: nn.Module) -> int:
 
 
 class TaskHead(nn.Module):
-    """Deep copy of blocks ``[L-K_t, ..., L-1]`` (trainable). (B, T, C) tokens -> (B, T, C)."""
+    """Deep copy of blocks ``[L-K_t, ..., L-1]`` (trainable). (B, T, C) tokens -> (B, T, C).
+
+    The copies are called the way their family calls its blocks (:mod:`vitsplit.backbones.families`):
+    with the patch grid's RoPE embedding for DINOv3 / EVA-02, on the 2D token grid for SAM; ``ctx``
+    is the backbone's :meth:`~vitsplit.backbones.Backbone.block_context` of the grid."""
 
     def __init__(self, backbone: Backbone, k_t: int):
         super().__init__()
         first = backbone.num_layers - k_t
         self.first_layer = first
-        self.blocks = nn.Sequential(*[copy.deepcopy(backbone.vit.blocks[i]) for i in range(first, backbone.num_layers)])
+        self.family = backbone.family
+        blocks = backbone.family.blocks(backbone.vit)
+        self.blocks = nn.Sequential(*[copy.deepcopy(blocks[i]) for i in range(first, backbone.num_layers)])
         for p in self.blocks.parameters():
             p.requires_grad_(True)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.blocks(tokens)
+    def forward(self, tokens: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            tokens = self.family.call_block(block, tokens, ctx, self.first_layer + i)
+        return tokens
 
 
 class PriorHead(nn.Module):
@@ -150,7 +160,7 @@ class SplitHeads(nn.Module):
 
     def fuse(self, backbone: Backbone, feats: dict[int, torch.Tensor], hw: tuple[int, int]) -> torch.Tensor:
         """Frozen tokens {layer: (B, T, C)} on a (h, w) patch grid -> fused map (B, C, h, w)."""
-        t = self.task_head(feats[self.task_input_layer].detach())
+        t = self.task_head(feats[self.task_input_layer].detach(), backbone.block_context(hw))
         task_map = backbone.tokens_to_map(backbone.final_norm(t), hw)
         with torch.no_grad():  # prior features are frozen
             prior = torch.cat([backbone.tokens_to_map(backbone.final_norm(feats[i]), hw) for i in self.prior_layers], dim=1)

@@ -56,6 +56,10 @@ class BatchTooSmallError(UserError, ValueError):
 # operation waits for its threads to be scheduled.
 GRAM_BLOCK_ELEMENTS = 1 << 22
 
+# Fewest minibatches from which the jackknife SE is usable: measured by benchmarks/se_coverage.py
+# (README, "How the recommendation works"). Below this the report marks the SE unreliable.
+MIN_SE_BATCHES = 8
+
 
 def centered_gram(x: torch.Tensor, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Float64 linear Gram of the features after centring each column on the minibatch's first example.

@@ -30,6 +30,8 @@ from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write, atomic_write_json, atomic_write_text, versions
 from vitsplit.progress import NULL_PROGRESS, Progress
 
+from .cka import MIN_SE_BATCHES
+from .cost import Budget, check_budget_tasks, full_finetune_param_counter
 from .recommend import SplitRecommendation, recommend_split, vitsplit_param_counter
 
 TASKS = ("seg", "det", "depth")
@@ -60,7 +62,7 @@ class AnalyzeConfig:
     out: str | None = None
     unbiased: bool = True
     pca_images: int = 4
-    max_trainable_params: int | None = None
+    max_trainable_params: Budget = None  # one number for every task, or {task: number}
 
     def data_for(self, task: str) -> str:
         return self.data.get(task, self.data.get("*", "synthetic"))
@@ -117,6 +119,7 @@ def validate(cfg: AnalyzeConfig) -> None:
         raise UserError(f"--batch-size {cfg.batch_size} is too small for the unbiased CKA estimator, which needs at least 4 images per minibatch")
     if cfg.probe_images < cfg.batch_size:
         raise UserError(f"--probe-images {cfg.probe_images} is smaller than one minibatch (--batch-size {cfg.batch_size}); use more probe images or a smaller batch")
+    check_budget_tasks(cfg.max_trainable_params, cfg.tasks)
     if cfg.image_size < 1:
         raise UserError(f"--image-size {cfg.image_size}: must be positive")
     if cfg.pca_images < 0:
@@ -208,12 +211,23 @@ def task_num_classes(cfg: AnalyzeConfig) -> dict[str, int]:
 
 
 def _param_counter(model: str, num_classes: dict[str, int]):
-    """ViT-Split's trainable-parameter count on the meta device, or None where the model code is absent."""
+    """ViT-Split's and full fine-tuning's trainable-parameter counts on the meta device, or
+    (None, None) where the model code is absent."""
     try:
         import vitsplit.model  # noqa: F401
     except ImportError:
+        return None, None
+    return vitsplit_param_counter(model, num_classes), full_finetune_param_counter(model, num_classes)
+
+
+def se_batches_warning(cfg: AnalyzeConfig) -> str | None:
+    """A sentence when the probe set gives fewer minibatches than the jackknife SE needs."""
+    batches = cfg.probe_images // cfg.batch_size
+    if batches >= MIN_SE_BATCHES:
         return None
-    return vitsplit_param_counter(model, num_classes)
+    return (f"--probe-images {cfg.probe_images} / --batch-size {cfg.batch_size} gives {batches} minibatch(es); the CKA's "
+            f"jackknife SE needs at least {MIN_SE_BATCHES} to be reliable, so the noise judgements will be marked unreliable "
+            f"(use --probe-images {MIN_SE_BATCHES * cfg.batch_size} or a smaller --batch-size)")
 
 
 def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple[Path, SplitRecommendation]:
@@ -256,6 +270,9 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
             p.requires_grad_(False)
         models[t] = bb
 
+    warning = se_batches_warning(cfg)
+    if warning:
+        progress.log("warning: " + warning)
     loader, n_used = probe_loader(cfg)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     with torch.no_grad(), autocast:
@@ -278,9 +295,9 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
 
         weights_arg, weights_file_sha = str(Path(cfg.weights).resolve()), sha256_file(cfg.weights)
     num_classes = task_num_classes(cfg)
-    counter = _param_counter(cfg.model, num_classes)
+    counter, full_counter = _param_counter(cfg.model, num_classes)
     rec = recommend_split(res, tasks=cfg.tasks, model=cfg.model, num_layers=pretrained.num_layers,
-                          max_trainable_params=cfg.max_trainable_params, param_count=counter)
+                          max_trainable_params=cfg.max_trainable_params, param_count=counter, full_count=full_counter)
     atomic_write_json(run / "recommendation.json", rec.to_json())
 
     config = {
@@ -303,7 +320,7 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
     return run, rec
 
 
-def recommend_run(run_dir: str | Path, max_trainable_params: int | None = None, **kwargs) -> tuple[Path, SplitRecommendation]:
+def recommend_run(run_dir: str | Path, max_trainable_params: Budget = None, **kwargs) -> tuple[Path, SplitRecommendation]:
     """Recompute RUN/recommendation.json from RUN/cka.npz and RUN/config.json (no model weights; a
     budget builds ViT-Split on the meta device to count parameters). ``kwargs`` go to recommend_split."""
     import json
@@ -322,10 +339,11 @@ def recommend_run(run_dir: str | Path, max_trainable_params: int | None = None, 
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{run / 'config.json'} is not an analyze config ({e}); rerun 'cka-split analyze'") from e
     res = CKAResult.load(run / "cka.npz")
-    counter = _param_counter(model, num_classes)
+    check_budget_tasks(max_trainable_params, tasks)
+    counter, full_counter = _param_counter(model, num_classes)
     if max_trainable_params is not None and counter is None:
         raise UserError("--max-trainable-params needs vitsplit.model to count ViT-Split's parameters, and it is not installed")
     rec = recommend_split(res, tasks=tasks, model=model, num_layers=num_layers, max_trainable_params=max_trainable_params,
-                          param_count=counter, **kwargs)
+                          param_count=counter, full_count=full_counter, **kwargs)
     atomic_write_json(run / "recommendation.json", rec.to_json())
     return run, rec

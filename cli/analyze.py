@@ -32,8 +32,9 @@ def analyze(
     seed: int = typer.Option(0, help="Seed for data order, fine-tuning and initialisation."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<timestamp>)."),
     pca_images: int = typer.Option(4, help="Probe images drawn as PCA feature maps (0: none)."),
-    max_trainable_params: Optional[float] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions)."),
+    max_trainable_params: Optional[str] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions): one number, or per task seg=12,det=40."),
 ) -> None:
+    from cka_split.cost import parse_budget
     from cka_split.run import AnalyzeConfig, parse_data_options, run_analyze
 
     # `--tasks seg det` (the documented form): click takes one value per --tasks; the rest arrive as extra args
@@ -47,7 +48,7 @@ def analyze(
         data=parse_data_options(data), finetune_steps=finetune_steps, probe_images=probe_images,
         batch_size=batch_size, features=features, image_size=image_size, device=device, precision=precision,
         seed=seed, out=str(out) if out is not None else None, pca_images=pca_images,
-        max_trainable_params=None if max_trainable_params is None else int(round(max_trainable_params * 1e6)),
+        max_trainable_params=parse_budget(max_trainable_params),
     )
     from reports import build_report
 

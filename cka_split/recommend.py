@@ -273,7 +273,7 @@ def _divergence_evidence(t: str, L: int, layers: list[int], d: np.ndarray, se: n
         hi_j = int(np.argmax((d + z * np.where(np.isfinite(se), se, 0))[:i]))
         ratio = "more than 1e6" if div.ratio > 1e6 else f"{div.ratio:.3g}"
         below = (f"the highest before it, block {layers[hi_j]}, has {_pm(d[hi_j], se[hi_j])}"
-                 + (" (zero to numerical precision)" if d[hi_j] + z * np.nan_tojson_float(se[hi_j]) <= NUMERIC_FLOOR else ""))
+                 + (" (zero to numerical precision)" if d[hi_j] + z * np.nan_to_num(se[hi_j]) <= NUMERIC_FLOOR else ""))
         ev.append(f"The divergence steps up at block {div.start}: the lowest block from there on, block {layers[lo_j]}, has "
                   f"{_pm(d[lo_j], se[lo_j])} and {below}; with both moved {z:g} SE toward each other their ratio is {ratio} "
                   f"(a step needs {step_ratio:g}).")

@@ -29,7 +29,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -400,10 +400,12 @@ def _metrics_upto(path: Path, step: int) -> None:
 
 
 def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.device, dist_info: _Dist | None = None,
-        out: Path | None = None, progress: Progress = NULL_PROGRESS, start: dict[str, Any] | None = None) -> dict[str, Any]:
+        out: Path | None = None, progress: Progress = NULL_PROGRESS, start: dict[str, Any] | None = None,
+        on_step: Callable[[int], bool] | None = None) -> dict[str, Any]:
     """The training loop. Writes metrics.jsonl and last.pt under ``out`` (rank 0) when ``out`` is given.
 
-    ``start``: a loaded resume checkpoint. Returns {"step", "stopped", "elapsed"}.
+    ``start``: a loaded resume checkpoint. ``on_step(step)``: called after every optimizer step;
+    True stops the loop there ("stopped"). Returns {"step", "stopped", "elapsed"}.
     """
     d = dist_info or _Dist()
     model.to(device)
@@ -488,6 +490,9 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
                                           "epoch": step * cfg.batch_size // len(dataset),
                                           "offset": step * cfg.batch_size % len(dataset)})
                 d.barrier()
+            if on_step is not None and on_step(step):
+                stopped = True
+                break
     finally:
         bar.close()
     return {"step": step, "stopped": stopped, "elapsed": elapsed}
@@ -577,9 +582,13 @@ def train(cfg: TrainConfig, progress: Progress = NULL_PROGRESS, *, backbone: Bac
 
 def finetune_backbone(backbone: Backbone, task: str, data_spec: str, steps: int, *, batch_size: int = 8, crop: int = 224,
                       lr: float | None = None, seed: int = 0, device: str = "auto", grad_accum: int = 1,
-                      masks: bool = True, progress: Progress = NULL_PROGRESS) -> Backbone:
+                      masks: bool = True, progress: Progress = NULL_PROGRESS,
+                      on_step: Callable[[int, Backbone], bool] | None = None) -> Backbone:
     """A copy of ``backbone`` fine-tuned on ``task`` for ``steps`` steps (method "full": every
     backbone weight plus the baseline head, the trainer's recipe); ``backbone`` is left untouched.
+
+    ``on_step(step, copy)``: called after every step with the copy being trained (in train mode);
+    True stops the fine-tuning there (the schedule still spans ``steps``).
 
     The returned backbone is in eval mode, frozen, on ``device``; its ``weights_source`` says how
     it was made."""
@@ -598,8 +607,10 @@ def finetune_backbone(backbone: Backbone, task: str, data_spec: str, steps: int,
     copy_bb = copy.deepcopy(backbone).cpu()
     model = Baseline(copy_bb, "full", task, data.num_classes, masks=cfg.masks,
                      det_preset=cfg.det_preset or det_preset_for(crop))
-    fit(model, data, cfg, device=dev, progress=progress)
-    copy_bb.weights_source = f"{backbone.weights_source} + full fine-tune on {task} ({data_spec}, {steps} steps, seed {seed})"
+    done = fit(model, data, cfg, device=dev, progress=progress,
+               on_step=None if on_step is None else (lambda step: on_step(step, copy_bb)))
+    copy_bb.weights_source = (f"{backbone.weights_source} + full fine-tune on {task} ({data_spec}, {done['step']} "
+                              f"{'of ' + str(steps) + ' ' if done['step'] != steps else ''}steps, seed {seed})")
     for p in copy_bb.parameters():
         p.requires_grad_(False)
     return copy_bb.eval()

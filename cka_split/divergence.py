@@ -2,11 +2,16 @@
 against the CKA estimate's noise and against the curve's own scale -- no absolute thresholds.
 
 The divergence of a task copy at block l is ``d(l) = 1 - CKA(pretrained block l, copy block l)``, with
-``se(l)`` its leave-one-minibatch-out jackknife SE (:func:`cka_split.cka.jackknife_se`). Each value
-gets a noise band ``[lo, hi] = d -+ NOISE_Z * se``.
+``se(l)`` its leave-one-minibatch-out jackknife SE (:func:`cka_split.cka.jackknife_se`). Every decision
+below compares divergences by their ratio, so each value gets its noise band on the log scale:
+``[lo, hi] = d * exp(-+ NOISE_Z * se / d)`` (the delta method: SE(log d) = SE(d) / d). This keeps the
+band of a positive quantity positive: ``d`` is 0 exactly when the two blocks' features agree up to a
+rotation and a scale on every probe image (Kornblith et al. 2019, CKA's invariances), and then its SE is
+0 too; any ``d > 0`` means the blocks differ, and the noise says by how much, not whether.
 
-1. **Moved.** Block l moved measurably when ``lo(l) > NUMERIC_FLOOR``. If no block moved, the curve is
-   *flat*: nothing is distinguishable from noise (the evidence gives the largest ``d +- se``).
+1. **Moved.** Block l moved when ``lo(l) > NUMERIC_FLOOR``. If no block moved, the curve is *flat*:
+   nothing differs from the pretrained model beyond numerical precision and noise (the evidence gives the
+   most significant ``d +- se``).
 2. **A step.** For every candidate start i (the first block of the changed segment), the step ratio
    ``r(i) = min_{l >= i} lo(l) / max(NUMERIC_FLOOR, max_{l < i} hi(l))`` compares the *lowest* block of
    the segment from i on with the *highest* block before it, both taken at the noisy end of their
@@ -24,9 +29,9 @@ gets a noise band ``[lo, hi] = d -+ NOISE_Z * se``.
 Constants (their false-positive rates are measured by ``benchmarks/recommend_error_rates.py`` and
 given in the README):
 
-- ``NOISE_Z = 3``: half-width of the noise band in SEs. A one-sided normal tail of 0.13 % per value; the
-  jackknife SE from B minibatches behaves like a t with B - 1 degrees of freedom, wider tails with few
-  minibatches (hence :data:`cka_split.cka.MIN_SE_BATCHES`).
+- ``NOISE_Z = 3``: half-width of the noise band in SEs of log d. A one-sided normal tail of 0.13 % per
+  value; the jackknife SE from B minibatches behaves like a t with B - 1 degrees of freedom, wider tails
+  with few minibatches (hence :data:`cka_split.cka.MIN_SE_BATCHES`).
 - ``STEP_RATIO = 2``: "clearly more" means at least twice the divergence of every earlier block (after
   both are moved to the unfavourable end of their noise bands). A curve growing like (l + 1)^p from
   block 0 has its largest ratio at block 1, 2^p, which is a start at block 1: K_t = L - 1, as for a
@@ -69,9 +74,12 @@ class Divergence:
 
 
 def noise_band(d: np.ndarray, se: np.ndarray, z: float = NOISE_Z) -> tuple[np.ndarray, np.ndarray]:
-    """(lo, hi) = d -+ z * se; an unknown (NaN) SE counts as 0 (no noise judged)."""
+    """(lo, hi) = d * exp(-+ z * se / d), (0, 0) where d = 0; an unknown (NaN) SE counts as 0 (no noise judged)."""
+    d = np.clip(np.asarray(d, dtype=np.float64), 0.0, None)
     s = np.where(np.isfinite(se), se, 0.0)
-    return d - z * s, d + z * s
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(d > 0, s / np.where(d > 0, d, 1.0), 0.0)
+    return d * np.exp(-z * rel), d * np.exp(z * rel)
 
 
 def step_ratios(d: np.ndarray, se: np.ndarray, *, z: float = NOISE_Z, floor: float = NUMERIC_FLOOR) -> np.ndarray:

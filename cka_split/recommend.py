@@ -74,7 +74,7 @@ from vitsplit.errors import UserError
 
 from .cka import MIN_SE_BATCHES
 from .cost import Budget, FullCount, ParamCount, budget_for, check_budget_tasks, json_float, split_cost
-from .divergence import NOISE_Z, NUMERIC_FLOOR, STEP_RATIO, Divergence, divergence_start  # noqa: F401 (re-exported)
+from .divergence import NOISE_Z, NUMERIC_FLOOR, STEP_RATIO, Divergence, divergence_start, noise_band  # noqa: F401
 
 # Published ViT-Split configurations by backbone depth (VITSPLIT_SPEC.md, ADE20K table).
 PUBLISHED_K_T = {12: 3, 24: 4, 40: 8}
@@ -260,23 +260,28 @@ def _divergence_evidence(t: str, L: int, layers: list[int], d: np.ndarray, se: n
         k = default_k_t(L)
         p = div.peak
         zval = d[p] / se[p] if np.isfinite(se[p]) and se[p] > 0 else float("nan")
+        n_nonzero = int((d > NUMERIC_FLOOR).sum())
         ev.append(f"Nothing is distinguishable from noise: no block's divergence exceeds {z:g} SE (the most significant, "
                   f"block {layers[p]}: {_pm(d[p], se[p])}" + (f", {zval:.2f} SE" if np.isfinite(zval) else "")
-                  + f"), so fine-tuning for {t} did not change any block measurably; K_t = {k}, the published value for {L} blocks.")
+                  + f"), so this measurement cannot tell which blocks fine-tuning for {t} changed"
+                  + (f" ({n_nonzero} block(s) have a divergence above numerical precision but within the noise; more probe "
+                     "images would tell)" if n_nonzero else " (the copy equals the pretrained model to numerical precision)")
+                  + f"; K_t = {k}, the published value for {L} blocks.")
         return k, ev
     i = int(div.index)
     raw = L - int(div.start)
     k = int(np.clip(raw, 1, L - 1))
     clip = f", clipped to {k} (K_t must be in [1, {L - 1}])" if raw != k else ""
     if div.kind == "step":
-        lo_j = i + int(np.argmin((d - z * np.where(np.isfinite(se), se, 0))[i:]))
-        hi_j = int(np.argmax((d + z * np.where(np.isfinite(se), se, 0))[:i]))
+        lo, hi = noise_band(d, se, z)
+        lo_j = i + int(np.argmin(lo[i:]))
+        hi_j = int(np.argmax(hi[:i]))
         ratio = "more than 1e6" if div.ratio > 1e6 else f"{div.ratio:.3g}"
         below = (f"the highest before it, block {layers[hi_j]}, has {_pm(d[hi_j], se[hi_j])}"
-                 + (" (zero to numerical precision)" if d[hi_j] + z * np.nan_to_num(se[hi_j]) <= NUMERIC_FLOOR else ""))
+                 + (" (zero to numerical precision)" if hi[hi_j] <= NUMERIC_FLOOR else ""))
         ev.append(f"The divergence steps up at block {div.start}: the lowest block from there on, block {layers[lo_j]}, has "
-                  f"{_pm(d[lo_j], se[lo_j])} and {below}; with both moved {z:g} SE toward each other their ratio is {ratio} "
-                  f"(a step needs {step_ratio:g}).")
+                  f"{_pm(d[lo_j], se[lo_j])} and {below}; with both moved {z:g} SE toward each other (on the log scale) "
+                  f"their ratio is {ratio} (a step needs {step_ratio:g}).")
         if np.isfinite(move[i]) and move[i] > 0:
             ev.append(f"For scale: pretrained block {layers[i]} itself moves the representation by 1 - CKA(block {layers[i] - 1}, "
                       f"block {layers[i]}) = {move[i]:.3g}; fine-tuning for {t} moved block {layers[i]} by "

@@ -7,9 +7,10 @@ Measured on tiny ViTs (random weights, embed 32, 32 px images, patch 8) through 
 1. Copies equal to the pretrained model (L in {4, 12, 24}, ``--draws`` probe draws each): the rate at
    which the rule reports anything but "flat", and the largest |d| seen (numerical precision).
 2. Two probe draws of the same (pretrained, copy) pair, copies planted as in tests/planted.py: the
-   rate at which the noise test calls the two estimates of the same block different,
-   |d_A - d_B| > NOISE_Z * sqrt(se_A^2 + se_B^2) (nominal two-sided normal rate 0.27 % at 3 SE), over
-   blocks with d > 0; and the rate at which the recommended K_t differs between the two draws.
+   rate at which the noise bands call the two estimates of the same block different,
+   |log d_A - log d_B| > NOISE_Z * sqrt((se_A/d_A)^2 + (se_B/d_B)^2) (the rule's bands are on log d;
+   nominal two-sided normal rate 0.27 % at 3 SE), over blocks with d > 0; and the rate at which the
+   recommended K_t differs between the two draws.
 3. Copies moved alike at every block (no step planted): the rate at which the rule reports a step at
    block 2 or later (K_t < L - 1), the step rule's false positive.
 4. The planted grid on constructed curves (tests/planted.py): wrong K_t per kind, tuning and held out.
@@ -79,7 +80,9 @@ def two_draws(args) -> None:
             for t in tasks:
                 (da, sa), (db, sb) = ca[t], cb[t]
                 live = (da > 0) & (db > 0) & (sa > 0) & (sb > 0)
-                diff += int((np.abs(da - db)[live] > NOISE_Z * np.sqrt(sa ** 2 + sb ** 2)[live]).sum())
+                la, lb = np.log(da[live]), np.log(db[live])                   # the rule's bands are on log d
+                ra, rb = sa[live] / da[live], sb[live] / db[live]
+                diff += int((np.abs(la - lb) > NOISE_Z * np.sqrt(ra ** 2 + rb ** 2)).sum())
                 pairs += int(live.sum())
                 kt_diff += ra.per_task[t].k_t != rb.per_task[t].k_t
                 kt_total += 1

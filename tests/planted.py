@@ -127,6 +127,15 @@ def planted_copy(bb, start: int, big: float, small: float = 0.0, seed: int = 1):
     return out
 
 
+def plateau_scale(big: float, s: int, fraction: float = PLATEAU_FRACTION) -> float:
+    """Per-parameter scale of the slight moves of blocks 0..s-1 in a "plateau" copy: a tenth of ``big``
+    per block, and less where many blocks precede s. On these ViTs a block moved by N(0, a) adds about
+    3 a^2 to the divergence of every later block while a is small (measured; it saturates towards 0.9
+    for a >= 0.1), so s blocks at ``big * sqrt(fraction / s)`` add up to about ``fraction`` of the
+    divergence the first block moved by ``big`` causes, as the plateau of :func:`constructed_curve`."""
+    return big * min(fraction, (fraction / s) ** 0.5)
+
+
 def probe_batches(num: int, batch: int = 8, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(num)]

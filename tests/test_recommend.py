@@ -15,8 +15,8 @@ from cka_split.recommend import (SplitRecommendation, default_k_p, default_k_t, 
 from vitsplit.errors import UserError
 
 from planted import (GRID_L, HELD_OUT_AMPLITUDES, HELD_OUT_PLATEAU_FRACTION, HELD_OUT_RELATIVE_SE, KINDS,
-                     TUNING_AMPLITUDES, constructed_curve, fake_result, planted_copy, probe_batches, self_cka,
-                     tiny_vit)
+                     TUNING_AMPLITUDES, constructed_curve, fake_result, planted_copy, plateau_scale, probe_batches,
+                     self_cka, tiny_vit)
 
 
 def planted_grid_failures(L: int, kind: str, amplitudes, seed: int, **curve_kw) -> tuple[int, list]:
@@ -149,7 +149,7 @@ def _tiny_vit_grid(L: int, every_scale: bool) -> tuple[list, list]:
         for s in range(1, L):
             for k, big in enumerate(scales):
                 if every_scale or k == s % len(scales):
-                    copies[f"{kind}_s{s}_{k}"] = planted_copy(pre, s, big, big / 10 if kind == "plateau" else 0.0,
+                    copies[f"{kind}_s{s}_{k}"] = planted_copy(pre, s, big, plateau_scale(big, s) if kind == "plateau" else 0.0,
                                                               seed=s * 10 + k)
     names = list(copies)
     for chunk in range(0, len(names), 16):

@@ -14,6 +14,9 @@ Measured on tiny ViTs (random weights, embed 32, 32 px images, patch 8) through 
 3. Copies moved alike at every block (no step planted): the rate at which the rule reports a step at
    block 2 or later (K_t < L - 1), the step rule's false positive.
 4. The planted grid on constructed curves (tests/planted.py): wrong K_t per kind, tuning and held out.
+5. What the SE does not cover: two copies of a 6-block tiny ViT fine-tuned for seg on synthetic data
+   with two seeds (``--finetune-steps`` steps each): the divergence curves of both, the largest
+   |d_seed0 - d_seed1| against the SE, and both recommendations.
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/recommend_error_rates.py [--draws 20]
 """
@@ -129,12 +132,36 @@ def constructed(args) -> None:
             print(f"   {label:8s} {kind:9s}: {wrong}/{total} wrong ({wrong / total:.1%}); of those, K_t too large: {larger}")
 
 
+def seed_effect(args) -> None:
+    from vitsplit.train import finetune_backbone
+
+    pre = tiny_vit(6, seed=7)
+    with __import__("torch").no_grad():          # layer scale 1 so fine-tuning moves the blocks measurably
+        for blk in pre.vit.blocks:
+            for ls in (getattr(blk, "ls1", None), getattr(blk, "ls2", None)):
+                if ls is not None and hasattr(ls, "gamma"):
+                    ls.gamma.fill_(1.0)
+    copies = {f"seed{s}": finetune_backbone(pre, "seg", "synthetic:size=32,classes=3", args.finetune_steps, batch_size=4,
+                                            crop=32, lr=1e-3, seed=s, device="cpu") for s in (0, 1)}
+    res = analyze({"pretrained": pre} | copies, probe_batches(args.batches, args.batch_size, seed=4000))
+    (d0, s0), (d1, s1) = curves(res, ["seed0", "seed1"]).values()
+    rec = recommend_split(res)
+    gap = np.abs(d0 - d1)
+    se = np.sqrt(s0 ** 2 + s1 ** 2)
+    print(f"5. fine-tuning seed ({args.finetune_steps} steps, tiny ViT, 6 blocks): d seed 0 = "
+          + " ".join(f"{v:.3g}" for v in d0) + "; seed 1 = " + " ".join(f"{v:.3g}" for v in d1))
+    print(f"   largest |d0 - d1| = {gap.max():.3g} ({(gap / np.maximum(se, 1e-300)).max():.1f} x the combined SE; "
+          f"{(gap / np.maximum((d0 + d1) / 2, 1e-300)).max():.0%} of the mean d); K_t {rec.per_task['seed0'].k_t} vs "
+          f"{rec.per_task['seed1'].k_t}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--draws", type=int, default=20)
     ap.add_argument("--seeds", type=int, default=10, help="noise draws per constructed grid")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--finetune-steps", type=int, default=40)
     args = ap.parse_args()
     t0 = time.time()
     print(f"{args.batches} minibatches x {args.batch_size} images per probe draw, {args.draws} draws")
@@ -142,6 +169,7 @@ def main() -> None:
     two_draws(args)
     uniform_copies(args)
     constructed(args)
+    seed_effect(args)
     print(f"{time.time() - t0:.0f} s")
 
 

@@ -261,7 +261,8 @@ def _divergence_evidence(t: str, L: int, layers: list[int], d: np.ndarray, se: n
         p = div.peak
         zval = d[p] / se[p] if np.isfinite(se[p]) and se[p] > 0 else float("nan")
         n_nonzero = int((d > NUMERIC_FLOOR).sum())
-        ev.append(f"Nothing is distinguishable from noise: no block's divergence exceeds {z:g} SE (the most significant, "
+        ev.append(f"Nothing is distinguishable from noise: no block's divergence stays above numerical precision "
+                  f"({NUMERIC_FLOOR:g}) at the bottom of its {z:g}-SE band (the most significant, "
                   f"block {layers[p]}: {_pm(d[p], se[p])}" + (f", {zval:.2f} SE" if np.isfinite(zval) else "")
                   + f"), so this measurement cannot tell which blocks fine-tuning for {t} changed"
                   + (f" ({n_nonzero} block(s) have a divergence above numerical precision but within the noise; more probe "
@@ -283,14 +284,15 @@ def _divergence_evidence(t: str, L: int, layers: list[int], d: np.ndarray, se: n
                   f"{_pm(d[lo_j], se[lo_j])} and {below}; with both moved {z:g} SE toward each other (on the log scale) "
                   f"their ratio is {ratio} (a step needs {step_ratio:g}).")
         if np.isfinite(move[i]) and move[i] > 0:
-            ev.append(f"For scale: pretrained block {layers[i]} itself moves the representation by 1 - CKA(block {layers[i] - 1}, "
+            ev.append(f"For scale: pretrained block {layers[i]} itself moves the representation by 1 - CKA(block {layers[i - 1]}, "
                       f"block {layers[i]}) = {move[i]:.3g}; fine-tuning for {t} moved block {layers[i]} by "
                       f"{d[i] / move[i]:.3g} times that.")
         ev.append(f"K_t = L - {div.start} = {raw}{clip}" + ("." if clip else f": the task head copies blocks {L - k}-{L - 1}, "
                                                           f"the ones {t} changed clearly more than the blocks before."))
     else:
         best = f"the largest step ratio is {div.ratio:.3g}" if np.isfinite(div.ratio) else "there is a single block"
-        ev.append(f"Blocks move measurably from block {div.start} on ({_pm(d[i], se[i])}, more than {z:g} SE), but the curve "
+        ev.append(f"Blocks move measurably from block {layers[i]} on ({_pm(d[i], se[i])}, above numerical precision across its "
+                  f"{z:g}-SE band), but the curve "
                   f"rises without a clear step ({best}, a step needs {step_ratio:g}): K_t = L - {div.start} = {raw}{clip}, "
                   "so the task head covers every block that moved.")
     return k, ev

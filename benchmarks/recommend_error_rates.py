@@ -133,7 +133,7 @@ def constructed(args) -> None:
 
 
 def seed_effect(args) -> None:
-    from vitsplit.train import finetune_backbone
+    from vitsplit.engine import finetune_backbone
 
     pre = tiny_vit(6, seed=7)
     with __import__("torch").no_grad():          # layer scale 1 so fine-tuning moves the blocks measurably

@@ -51,7 +51,7 @@ class StabilityStop:
 def stability_callback(pretrained: nn.Module, task: str, probes: Sequence[torch.Tensor], stop: StabilityStop, *,
                        num_layers: int, features: str = "tokens",
                        unbiased: bool = True) -> Callable[[int, nn.Module], bool]:
-    """``on_step(step, copy)`` for :func:`vitsplit.train.finetune_backbone`: at every ``stop.every``
+    """``on_step(step, copy)`` for :func:`vitsplit.engine.finetune_backbone`: at every ``stop.every``
     steps, the K_t of ``copy`` on the probe minibatches ``probes`` (each (B, 3, H, W), B >= 4)."""
     from .analysis import analyze
     from .recommend import recommend_split

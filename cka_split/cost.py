@@ -99,8 +99,7 @@ def full_finetune_param_counter(backbone_name: str, num_classes: dict[str, int])
     import torch
 
     from vitsplit.backbones import Backbone, create_vit, resolve_name
-    from vitsplit.baselines import Baseline
-    from vitsplit.model import count_trainable
+    from vitsplit.model import Baseline, count_trainable
 
     spec = resolve_name(backbone_name)
     cache: dict[str, int] = {}

@@ -13,6 +13,8 @@ import torch
 from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write
 
+from .jackknife import jackknife_se
+
 FORMAT_VERSION = 2      # 2 adds the per-minibatch HSIC terms and the jackknife SE; version 1 files still load
 READABLE_VERSIONS = (1, 2)
 
@@ -26,7 +28,7 @@ class CKAResult:
     ``num_images``: images seen; ``features``: "tokens" | "mean" | "cls"; ``unbiased``: HSIC_1 or HSIC_0;
     ``batch_hsic``: (B, F, F) float64 per-minibatch HSIC terms (None: unknown, e.g. a version-1 file),
     from which ``full_se`` (F, F), the leave-one-minibatch-out jackknife SE of ``full``, is computed
-    (:func:`cka_split.cka.jackknife_se`; NaN where unknown or with fewer than 2 minibatches).
+    (:func:`cka_split.jackknife.jackknife_se`; NaN where unknown or with fewer than 2 minibatches).
     """
 
     models: list[str]
@@ -42,8 +44,6 @@ class CKAResult:
     full_se: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        from .cka import jackknife_se
-
         self.full = torch.as_tensor(self.full, dtype=torch.float64)
         f = sum(len(self.layers[m]) for m in self.models)
         if tuple(self.full.shape) != (f, f):

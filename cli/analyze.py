@@ -7,11 +7,11 @@ from typing import List, Optional
 
 import typer
 
-from cli.app import app
 from vitsplit.errors import UserError
-from cli.options import parse_task_map
-from cli.progress import RichProgress
-from cli.recommend import print_recommendation
+
+from .options import parse_task_map
+from .progress import RichProgress
+from .recommend import print_recommendation
 
 
 def _steps(text: str) -> int | str:
@@ -24,7 +24,6 @@ def _steps(text: str) -> int | str:
         raise UserError(f"--finetune-steps takes a number of steps or 'auto', not '{text}'") from None
 
 
-@app.command(context_settings={"allow_extra_args": True}, help="Collect per-layer activations of the pretrained model and task-finetuned copies, compute CKA for all layer pairs, draw PCA maps, and recommend K_t and prior layers per task.")
 def analyze(
     ctx: typer.Context,
     model: str = typer.Option("dinov2_vits14", help="dinov2_vit{s,b,l,g}14[_reg], a timm ViT name, hf:<dir>, or demo-vit."),
@@ -66,9 +65,14 @@ def analyze(
         seed=seed, out=str(out) if out is not None else None, pca_images=pca_images,
         max_trainable_params=parse_budget(max_trainable_params),
     )
-    from reports import build_report
+    from cka_split.reports import build_report
 
     with RichProgress() as progress:
         run, rec = run_analyze(cfg, progress=progress)
         build_report(run)
     print_recommendation(rec, run)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cka-split analyze`` to ``app``."""
+    app.command(context_settings={"allow_extra_args": True}, help="Collect per-layer activations of the pretrained model and task-finetuned copies, compute CKA for all layer pairs, draw PCA maps, and recommend K_t and prior layers per task.")(analyze)

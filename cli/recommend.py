@@ -9,8 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.app import app
-
 
 def print_recommendation(rec, run: Path) -> None:
     """A table of K_t and prior layers per task, then the evidence, on stdout."""
@@ -38,7 +36,6 @@ def print_recommendation(rec, run: Path) -> None:
                   markup=False, soft_wrap=True)
 
 
-@app.command(help="Recompute the K_t / prior-layer recommendation from a saved analysis run, without touching a model.")
 def recommend(
     run_dir: Path = typer.Argument(..., help="An analysis run directory."),
     max_trainable_params: Optional[str] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions): one number, or per task seg=12,det=40."),
@@ -48,3 +45,8 @@ def recommend(
 
     run, rec = recommend_run(run_dir, max_trainable_params=parse_budget(max_trainable_params))
     print_recommendation(rec, run)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cka-split recommend`` to ``app``."""
+    app.command(help="Recompute the K_t / prior-layer recommendation from a saved analysis run, without touching a model.")(recommend)

@@ -1,4 +1,4 @@
-"""Reading an analysis run directory for the report, defensively (ARCHITECTURE.md, "Run directory").
+"""Reading an analysis run directory for the report, defensively (docs/run-directory.md).
 
 Only ``RUN`` itself must exist. Every part is optional and read on its own: a part that is missing or
 unreadable is left out of the report (and named in :attr:`RunData.problems`), never a crash:
@@ -7,7 +7,7 @@ unreadable is left out of the report (and named in :attr:`RunData.problems`), ne
 - ``RUN/cka.npz``: the CKA matrices, read with ``cka_split``'s ``CKAResult.load``.
 - ``RUN/recommendation.json``: :meth:`cka_split.recommend.SplitRecommendation.to_json`'s layout.
 - ``RUN/pca/index.json``: :func:`cka_split.pca.pca_maps`'s index (file names relative to ``RUN/pca``).
-- Linked training runs: see :mod:`reports.training`.
+- Linked training runs: see :mod:`cka_split.reports.training`.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class RunData:
     recommendation: dict[str, Any] | None = None
     pca: dict[str, Any] | None = None
     pca_photos: dict[str, Any] | None = None  # RUN/pca/photos/index.json: the same maps on photographs
-    training: list = field(default_factory=list)  # reports.training.TrainingRun
+    training: list = field(default_factory=list)  # cka_split.reports.training.TrainingRun
     problems: list[str] = field(default_factory=list)
 
     @property

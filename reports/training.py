@@ -1,6 +1,6 @@
 """Training runs linked to an analysis run, and what the report shows of them.
 
-A training run is a directory that ``cka-split train`` wrote (ARCHITECTURE.md): ``OUT/config.json``
+A training run is a directory that ``cka-split train`` wrote (docs/run-directory.md): ``OUT/config.json``
 (every resolved option), ``OUT/metrics.jsonl`` (one JSON object per logged step, with ``"iter"``) and
 ``OUT/eval.json`` (final metrics). Which training runs belong to an analysis run ``RUN``:
 

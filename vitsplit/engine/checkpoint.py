@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
-from .fileio import atomic_write
+from ..errors import UserError
+from ..fileio import atomic_write
 
 
 def rng_state() -> dict[str, Any]:

@@ -84,8 +84,8 @@ def two_draws(args) -> None:
                 (da, sa), (db, sb) = ca[t], cb[t]
                 live = (da > 0) & (db > 0) & (sa > 0) & (sb > 0)
                 la, lb = np.log(da[live]), np.log(db[live])                   # the rule's bands are on log d
-                ra, rb = sa[live] / da[live], sb[live] / db[live]
-                diff += int((np.abs(la - lb) > NOISE_Z * np.sqrt(ra ** 2 + rb ** 2)).sum())
+                qa, qb = sa[live] / da[live], sb[live] / db[live]
+                diff += int((np.abs(la - lb) > NOISE_Z * np.sqrt(qa ** 2 + qb ** 2)).sum())
                 pairs += int(live.sum())
                 kt_diff += ra.per_task[t].k_t != rb.per_task[t].k_t
                 kt_total += 1

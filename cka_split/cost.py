@@ -95,7 +95,8 @@ def check_budget_tasks(budget: Budget, tasks: list[str], option: str = "--max-tr
 
 def full_finetune_param_counter(backbone_name: str, num_classes: dict[str, int]) -> FullCount:
     """``count(task)``: trainable parameters of full fine-tuning (every backbone parameter plus the
-    task's head, :class:`vitsplit.baselines.Baseline` method "full"), built on the meta device."""
+    task's head, :class:`vitsplit.model.Baseline` method "full": the head of method "linear" plus the
+    backbone), built on the meta device."""
     import torch
 
     from vitsplit.backbones import Backbone, create_vit, resolve_name
@@ -106,10 +107,10 @@ def full_finetune_param_counter(backbone_name: str, num_classes: dict[str, int])
 
     def count(task: str) -> int:
         if task not in cache:
-            with torch.device("meta"):
+            with torch.device("meta"):      # "linear" has full's head on a frozen backbone (and hashes no weights)
                 bb = Backbone(create_vit(spec), name=backbone_name, weights_source="meta")
-                m = Baseline(bb, "full", task, int(num_classes.get(task, 150)))
-            cache[task] = int(count_trainable(m))
+                m = Baseline(bb, "linear", task, int(num_classes.get(task, 150)))
+            cache[task] = int(count_trainable(m)) + sum(p.numel() for p in bb.parameters())
         return cache[task]
 
     return count

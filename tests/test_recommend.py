@@ -322,5 +322,9 @@ def test_meta_device_param_count_matches_published_totals():
     s = vitsplit_param_counter("dinov2_vits14", {"seg": 150})
     assert round(s("seg", 3, [2, 5, 8, 11]) / 1e4) == 1023
     assert s("seg", 3, [2, 5, 8, 11]) - s("seg", 2, [2, 5, 8, 11]) == 1_775_232  # one DINOv2-S block
+    from cka_split.cost import full_finetune_param_counter
+
+    # full fine-tuning of S with the same head: 22.11M (README, "Measured performance")
+    assert round(full_finetune_param_counter("dinov2_vits14", {"seg": 150})("seg") / 1e4) == 2211
     b = vitsplit_param_counter("dinov2_vitb14", {"seg": 150})
     assert round(b("seg", 3, [2, 5, 8, 11]) / 1e4) == 4052

@@ -6,9 +6,10 @@ blocks, "tokens" features (patch tokens flattened, 256 x 384 per image). The six
 three self-similarities and the three cross-similarities; ``analyze`` gets all of them from one pass
 (a 36 x 36 matrix), pytorch-cka 1.1.3 (``cka.compute_cka``) needs one call per pair.
 
-Prints: our time / the bare forward passes of the three models (target <= 1.10) and pytorch-cka's
-time / ours (target >= 2.5). The bare and our timings interleave ``--repeats`` times and the best wall
-time of each counts (the CPU may be shared); process CPU times are printed too.
+Prints: our time (with the jackknife SE: per-minibatch HSIC terms kept and the SE computed) / the bare
+forward passes of the three models (target <= 1.05) and pytorch-cka's time / ours (target >= 2.5).
+The bare and our timings interleave ``--repeats`` times and the best wall time of each counts (the CPU
+may be shared); process CPU times are printed too.
 
     OMP_NUM_THREADS=2 python benchmarks/cka_speed.py [--repeats 2] [--skip-pytorch-cka]
 """
@@ -104,10 +105,12 @@ def main() -> None:
     t_bare, t_ours = min(walls["bare"]), min(walls["ours"])
     print("wall s, bare forward of the three models:", " ".join(f"{v:.2f}" for v in walls["bare"]))
     print("wall s, cka_split.analyze (all six matrices):", " ".join(f"{v:.2f}" for v in walls["ours"]))
-    print(f"ours / bare forward = {t_ours / t_bare:.3f} (best wall of {args.repeats} each; target <= 1.10); "
+    print(f"ours / bare forward = {t_ours / t_bare:.3f} (best wall of {args.repeats} each; target <= 1.05, SE included); "
           f"by process CPU time {min(cpus['ours']) / min(cpus['bare']):.3f}")
     diag = torch.diagonal(res.matrix("pretrained", "from8"))
     print("same-layer CKA pretrained vs from8:", " ".join(f"{v:.4f}" for v in diag.tolist()))
+    print(f"its jackknife SE ({res.se_batches} minibatches):",
+          " ".join(f"{v:.1g}" for v in torch.diagonal(res.se("pretrained", "from8")).tolist()))
 
     if args.skip_pytorch_cka:
         return

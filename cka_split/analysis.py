@@ -3,7 +3,8 @@ Gram matrices inside the forward hooks, and all (model, layer) Grams of the mini
 :class:`MinibatchCKA` update. Memory holds F Grams (n, n) per minibatch, never the images seen so far.
 
 Under ``torch.distributed`` (torchrun) rank r takes minibatches r, r + W, r + 2W, ... and the HSIC
-sums are all-reduced at the end, so every rank returns the single-process result.
+sums and per-minibatch terms are gathered at the end, so every rank returns the single-process result,
+its jackknife SE included.
 """
 
 from __future__ import annotations
@@ -121,4 +122,5 @@ def analyze(models: Mapping[str, nn.Module], loader: Iterable, *,
     if acc.hsic is None:
         raise UserError("the probe loader yielded no minibatch; give at least one minibatch of images")
     return CKAResult(models=names, layers=lay, full=acc.compute(), num_images=acc.num_examples, features=features,
-                     unbiased=unbiased, num_batches=acc.num_batches, token_subsample=token_subsample)
+                     unbiased=unbiased, num_batches=acc.num_batches, token_subsample=token_subsample,
+                     batch_hsic=acc.batch_terms())

@@ -21,6 +21,14 @@ CKA = sum_b HSIC_1(K_b, L_b) / sqrt(sum_b HSIC_1(K_b, K_b) * sum_b HSIC_1(L_b, L
 As in efficient_CKA.py, all F x F pairs of one minibatch come from one matrix product of the stacked,
 flattened, U-centred Grams, (F, n^2) @ (n^2, F).
 
+Uncertainty: the accumulator also keeps every minibatch's (F, F) HSIC terms, so that every CKA entry
+gets a leave-one-minibatch-out jackknife standard error (Quenouille 1956; Tukey 1958; Efron & Stein
+1981, "The jackknife estimate of variance", Ann. Statist.): with S = sum_b h_b and theta_(-b) the CKA of
+S - h_b, SE = sqrt((B-1)/B * sum_b (theta_(-b) - mean_b theta_(-b))^2). Minibatches are independent
+draws of probe images, so this is the delete-a-group jackknife with one group per minibatch (equal
+groups: the probe loader drops a short last minibatch). It covers the sampling of the probe images
+only, not the randomness of the fine-tuned copies. Memory: F^2 float64 per minibatch.
+
 Numerics: every minibatch's feature set is centred per column before its Gram (on the first example,
 see :func:`centered_gram`; a no-op for the centred HSIC in exact arithmetic; it removes the large
 shared mean of e.g. DINOv2 activations before any product is formed), and the Grams, their H- or
@@ -36,6 +44,7 @@ import torch
 
 from vitsplit.errors import UserError
 
+from .jackknife import jackknife_se
 from .result import CKAResult  # noqa: F401  (re-exported: callers import CKAResult from here too)
 
 
@@ -47,6 +56,12 @@ class BatchTooSmallError(UserError, ValueError):
 # is one block. Few large operations matter more than cache here: on a shared CPU every small parallel
 # operation waits for its threads to be scheduled.
 GRAM_BLOCK_ELEMENTS = 1 << 22
+
+# Fewest minibatches from which the jackknife SE is usable, measured by benchmarks/se_coverage.py
+# (README, "How the recommendation works"): from 8 minibatches (of 8 or of 32 images) +-2 SE intervals
+# cover the reference value in 90-92 % of probe draws (t_7: 91 %) and an SE below half the true SD
+# occurs in <= 4.4 % of draws; at 4 minibatches 86-88 % and 9-16 %. Below this the SE is marked unreliable.
+MIN_SE_BATCHES = 8
 
 
 def centered_gram(x: torch.Tensor, workspace: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,8 +155,9 @@ class MinibatchCKA:
     """All-pairs minibatch CKA accumulator over F feature sets (Nguyen et al. 2021).
 
     ``update([f_1, ..., f_F])`` takes one minibatch, every f_i (n, ...) with the same n;
-    ``compute()`` -> (F, F) float64. State: the (F, F) float64 sum of per-minibatch HSIC, the number of
-    minibatches and of examples. ``unbiased=False`` sums the biased HSIC_0 instead (a full-batch
+    ``compute()`` -> (F, F) float64, ``compute_se()`` -> its (F, F) jackknife SE. State: the (F, F)
+    float64 sum of per-minibatch HSIC, every minibatch's (F, F) term (``batch_hsic``, for the SE), the
+    number of minibatches and of examples. ``unbiased=False`` sums the biased HSIC_0 instead (a full-batch
     estimator applied per minibatch; with one minibatch it is Kornblith et al.'s biased linear CKA).
     """
 
@@ -151,6 +167,9 @@ class MinibatchCKA:
 
     def reset(self) -> None:
         self.hsic: torch.Tensor | None = None       # (F, F) float64, sum over minibatches
+        # per-minibatch (F, F) terms in minibatch order; None once they are unknown (a state saved
+        # without them was loaded), and the SE is then NaN
+        self.batch_hsic: list[torch.Tensor] | None = []
         self.num_batches = 0
         self.num_examples = 0
 
@@ -194,7 +213,10 @@ class MinibatchCKA:
             batch = (flat @ flat.T) / scale                      # (F, F): every pair in one product
         if self.hsic is None:
             self.hsic = torch.zeros(f, f, dtype=torch.float64, device=grams.device)
-        self.hsic += batch.to(self.hsic.device)
+        batch = batch.to(self.hsic.device)
+        self.hsic += batch
+        if self.batch_hsic is not None:
+            self.batch_hsic.append(batch)
         self.num_batches += 1
         self.num_examples += n
 
@@ -204,10 +226,27 @@ class MinibatchCKA:
             raise ValueError("compute() before any update(): no minibatch has been seen")
         return _cka_from_hsic(self.hsic.detach().to("cpu", torch.float64))
 
+    def batch_terms(self) -> torch.Tensor | None:
+        """(B, F, F) float64 per-minibatch HSIC terms on the CPU, or None where they are unknown."""
+        if self.batch_hsic is None or self.hsic is None:
+            return None
+        return torch.stack(self.batch_hsic).detach().to("cpu", torch.float64)
+
+    def compute_se(self) -> torch.Tensor:
+        """(F, F) float64 leave-one-minibatch-out jackknife SE of :meth:`compute` (on the CPU); NaN
+        with fewer than 2 minibatches or when the per-minibatch terms are unknown."""
+        if self.hsic is None:
+            raise ValueError("compute_se() before any update(): no minibatch has been seen")
+        terms = self.batch_terms()
+        if terms is None:
+            return torch.full((self.num_sets, self.num_sets), float("nan"), dtype=torch.float64)
+        return jackknife_se(terms)
+
     # ------------------------------------------------------------------------- resume and DDP
     def state_dict(self) -> dict[str, Any]:
         return {"unbiased": self.unbiased, "num_batches": self.num_batches, "num_examples": self.num_examples,
-                "hsic": None if self.hsic is None else self.hsic.detach().cpu().clone()}
+                "hsic": None if self.hsic is None else self.hsic.detach().cpu().clone(),
+                "batch_hsic": self.batch_terms()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if bool(state["unbiased"]) != self.unbiased:
@@ -217,31 +256,63 @@ class MinibatchCKA:
         self.hsic = None if h is None else torch.as_tensor(h, dtype=torch.float64).clone()
         self.num_batches = int(state["num_batches"])
         self.num_examples = int(state["num_examples"])
+        terms = state.get("batch_hsic")     # absent in states saved before the SE existed
+        if self.hsic is None:
+            self.batch_hsic = []
+        elif terms is None or int(terms.shape[0]) != self.num_batches:
+            self.batch_hsic = None
+        else:
+            t = torch.as_tensor(terms, dtype=torch.float64).to(self.hsic.device)
+            self.batch_hsic = [t[i].clone() for i in range(t.shape[0])]
 
     def all_reduce(self, group: Any = None) -> None:
-        """Sum the HSIC accumulators and counts over the ranks of ``torch.distributed`` (call once,
-        after every rank's last update). Each rank must have the same F; a rank with no minibatch
-        contributes zeros. Afterwards every rank holds the single-process result."""
+        """Combine the ranks of ``torch.distributed`` (call once, after every rank's last update).
+
+        Every rank's per-minibatch terms are gathered and put in the global minibatch order of
+        round-robin sharding (rank r's k-th minibatch is minibatch k * W + r, as in
+        :func:`cka_split.analysis.analyze`); the HSIC sum is then re-added in that order, so every rank
+        holds the single-process sums, terms, CKA and SE. Each rank must have the same F; a rank with
+        no minibatch contributes nothing. If any rank lost its terms (an old state was loaded) the
+        HSIC sums are all-reduced and the SE is NaN."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        f = torch.tensor([self.num_sets], dtype=torch.int64)
-        dev = self.hsic.device if self.hsic is not None else torch.device("cpu")
+        world = dist.get_world_size(group)
+        home = self.hsic.device if self.hsic is not None else torch.device("cpu")
+        dev = home
         if dist.get_backend(group) == "nccl":
             dev = torch.device("cuda", torch.cuda.current_device())
-        f = f.to(dev)
-        dist.all_reduce(f, op=dist.ReduceOp.MAX, group=group)
-        nf = int(f.item())
-        if self.hsic is not None and self.num_sets != nf:
-            raise ValueError(f"ranks disagree on the number of feature sets ({self.num_sets} here, {nf} elsewhere)")
-        hsic = (self.hsic if self.hsic is not None else torch.zeros(nf, nf, dtype=torch.float64)).to(dev).clone()
-        counts = torch.tensor([self.num_batches, self.num_examples], dtype=torch.int64, device=dev)
-        dist.all_reduce(hsic, group=group)
-        dist.all_reduce(counts, group=group)
-        home = self.hsic.device if self.hsic is not None else torch.device("cpu")
-        self.hsic = hsic.to(home) if nf > 0 else None
-        self.num_batches, self.num_examples = int(counts[0]), int(counts[1])
+        has_terms = self.batch_hsic is not None
+        meta = torch.tensor([self.num_sets, self.num_batches, self.num_examples, int(not has_terms)],
+                            dtype=torch.int64, device=dev)
+        metas = [torch.empty_like(meta) for _ in range(world)]
+        dist.all_gather(metas, meta, group=group)
+        metas = [m.cpu() for m in metas]
+        sets = {int(m[0]) for m in metas if int(m[1]) > 0}
+        if len(sets) > 1:
+            raise ValueError(f"ranks disagree on the number of feature sets ({sorted(sets)})")
+        nf = sets.pop() if sets else 0
+        batches = [int(m[1]) for m in metas]
+        self.num_batches, self.num_examples = sum(batches), sum(int(m[2]) for m in metas)
+        if nf == 0:
+            return
+        if any(int(m[3]) for m in metas):                     # some rank lost its terms: sums only
+            hsic = (self.hsic if self.hsic is not None else torch.zeros(nf, nf, dtype=torch.float64)).to(dev).clone()
+            dist.all_reduce(hsic, group=group)
+            self.hsic, self.batch_hsic = hsic.to(home), None
+            return
+        most = max(batches)
+        local = torch.zeros(most, nf, nf, dtype=torch.float64, device=dev)
+        if self.batch_hsic:
+            local[:len(self.batch_hsic)] = torch.stack(self.batch_hsic).to(dev)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local, group=group)
+        terms = [gathered[r][k].to(home) for k in range(most) for r in range(world) if k < batches[r]]
+        hsic = torch.zeros(nf, nf, dtype=torch.float64, device=home)
+        for t in terms:                                       # the single process's order of additions
+            hsic += t
+        self.hsic, self.batch_hsic = hsic, terms
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor, unbiased: bool = False) -> float:

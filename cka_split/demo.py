@@ -52,7 +52,7 @@ class DemoPlan:
     finetune_batch_size: int = 8
     finetune_lr: float = 3e-3
     probe_images: int = 128
-    cka_batch_size: int = 32
+    cka_batch_size: int = 16          # 8 minibatches: the fewest the CKA's jackknife SE needs (MIN_SE_BATCHES)
     pca_images: int = 3
     train_iters: int = 300
     train_batch_size: int = 8
@@ -63,7 +63,7 @@ class DemoPlan:
 
 
 FULL_PLAN = DemoPlan()
-QUICK_PLAN = DemoPlan(quick=True, finetune_steps_seg=60, finetune_steps_det=12, probe_images=32, cka_batch_size=16,
+QUICK_PLAN = DemoPlan(quick=True, finetune_steps_seg=60, finetune_steps_det=12, probe_images=64, cka_batch_size=8,
                       pca_images=2, train_iters=60, train_length=480, val_length=32)
 
 

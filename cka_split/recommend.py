@@ -7,19 +7,16 @@ head reads ``K_p`` frozen layers sampled uniformly from block ``b`` to ``L-1``. 
 b and K_p by hand (S/B: K_t=3, b=2, K_p=4; L: K_t=4, b=2, K_p=8). This module picks them from CKA.
 
 **K_t, per task.** The divergence curve of a task is ``d(l) = 1 - CKA(pretrained block l, task copy
-block l)`` (clipped to [0, 1]). Blocks the fine-tuning left alone sit on a low early plateau; the
-blocks the task rewrote rise above it. With ``base = min_l d(l)`` and ``range = max_l d(l) - base``,
-a block has *left the plateau* when ``d(l) > base + max(abs_tol, rel_tol * range)`` (defaults 0.005
-and 0.1). ``divergence_start`` s is the first block that has left the plateau and stays off it for
-at least ``min_run`` consecutive blocks (2; fewer if the model ends first), so a single noisy
-early block does not count. Then ``K_t = L - s`` clipped to [1, L-1]: the task head copies exactly
-the blocks the task changed. A copy that equals the pretrained model below block s and differs from
-s on has d = 0 below s and d > 0 from s, so it gives exactly ``K_t = L - s``. If the curve's range
-is below ``flat_tol`` (0.02) the task did not move the model measurably, and K_t falls back to the
-published value for that depth (3 for 12 blocks, 4 for 24, 8 for 40, else round(L/4)) -- unless the
-whole flat curve sits above ``high_tol`` (0.1): then every block changed alike and K_t = L-1. When the CKA
-was computed on a subset of blocks, s is the block after the last listed block still on the plateau
-(the first block that may have changed), so K_t covers every block that might have diverged.
+block l)`` with its jackknife SE; :mod:`cka_split.divergence` finds where it leaves the blocks the
+fine-tuning left (nearly) alone, judged against the SE and against the curve's own scale (a step of at
+least ``STEP_RATIO`` between the noise bands), with no absolute thresholds. Then ``K_t = L - s``
+clipped to [1, L-1]: the task head copies exactly the blocks the task changed. A copy that equals the
+pretrained model below block s and differs from s on gives exactly ``K_t = L - s``, however small the
+change. If nothing is distinguishable from noise the curve is *flat* and K_t falls back to the
+published value for that depth (3 for 12 blocks, 4 for 24, 8 for 40, else round(L/4)). When the CKA
+was computed on a subset of blocks, s is the block after the last listed block before the change (the
+first block that may have changed), so K_t covers every block that might have diverged. The SE is
+marked unreliable when it comes from fewer than :data:`cka_split.cka.MIN_SE_BATCHES` minibatches.
 
 **b and K_p, from the pretrained model alone.** Its layer-by-layer CKA matrix M is cut into
 contiguous groups: a group starts at a block and takes the following blocks while their CKA with the
@@ -33,10 +30,15 @@ flat (one group), these rules give the paper's b=2 and K_p, hence its prior laye
 12 blocks and 2,5,...,23 for 24. Prior layers follow the release's uniform rule
 ``S = {b + floor(i * (L-1-b) / (K_p-1)) : i = 0..K_p-1}``.
 
-**Budget.** With ``max_trainable_params`` and a ``param_count(task, k_t, prior_layers)`` callable
-(for example :func:`vitsplit_param_counter`, which builds ViT-Split on the meta device), K_t is
-lowered one block at a time until the model fits; the evidence says by how much. If even K_t=1 does
-not fit, that is a :class:`UserError`.
+**Cost** (:mod:`cka_split.cost`). With ``param_count(task, k_t, prior_layers)`` (for example
+:func:`vitsplit_param_counter`, which builds ViT-Split on the meta device) each task states its
+trainable parameters; with ``full_count(task)`` also full fine-tuning's, the ratio, and -- never
+silently -- whether ViT-Split would be larger than full fine-tuning, naming the largest K_t that is not.
+The fraction of the backbone's backward avoided and the estimated step-time ratio need only L and K_t;
+the share of the summed divergence carried by the last k blocks says where it concentrates.
+``max_trainable_params`` (one number, or per task ``{"seg": 12e6, "det": 40e6}``): K_t is lowered
+until the model fits; the evidence says by how much. If even K_t=1 does not fit, that is a
+:class:`UserError`.
 
 ``evidence`` is a list of plain sentences with the numbers behind each choice, for the report.
 
@@ -47,7 +49,16 @@ recommendation.json (``SplitRecommendation.to_json()``)::
      "per_task": {task: {"k_t", "task_head_layers", "prior_layers", "b", "k_p", "divergence_start",
                          "k_t_from_cka", "divergence": [L floats or null], "divergence_threshold",
                          "pretrained_groups": [[block, ...], ...], "trainable_params": int | null,
-                         "evidence": [sentence, ...]}}}
+                         "evidence": [sentence, ...],
+                         "divergence_se": [L floats or null], "divergence_kind": "step" | "gradual" | "flat",
+                         "step_ratio": float | null, "pretrained_movement": [null, L-1 floats],
+                         "se_batches": int, "se_reliable": bool, "max_trainable_params": int | null,
+                         "full_finetune_params": int | null, "params_vs_full": float | null,
+                         "backward_avoided": float, "step_time_ratio_estimate": float,
+                         "larger_than_full": bool | null, "largest_k_t_below_full": int | null,
+                         "divergence_share_last": [share carried by the last k blocks, k = 1..L]}}}
+
+``max_trainable_params`` at the top is the budget as given (a number, a {task: number} map, or null).
 """
 
 from __future__ import annotations
@@ -55,7 +66,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -65,7 +76,10 @@ from vitsplit.errors import UserError
 from vitsplit.model import ViTSplit, count_trainable
 from vitsplit.model.configs import DEFAULT_B, PUBLISHED_K_P, default_k_t, prior_layers_uniform
 
-ParamCount = Callable[[str, int, list[int]], int]
+from .cka import MIN_SE_BATCHES
+from .cost import Budget, FullCount, ParamCount, budget_for, check_budget_tasks, json_float, split_cost
+from .divergence import NOISE_Z, NUMERIC_FLOOR, STEP_RATIO, Divergence, divergence_start, noise_band  # noqa: F401
+
 
 
 def default_k_p(num_layers: int) -> int:
@@ -89,6 +103,20 @@ class TaskSplit:
     pretrained_groups: list[list[int]]
     trainable_params: int | None = None
     evidence: list[str] = field(default_factory=list)
+    divergence_se: list[float | None] = field(default_factory=list)
+    divergence_kind: str = "step"
+    step_ratio: float | None = None
+    pretrained_movement: list[float | None] = field(default_factory=list)
+    se_batches: int = 0
+    se_reliable: bool = False
+    max_trainable_params: int | None = None
+    full_finetune_params: int | None = None
+    params_vs_full: float | None = None
+    backward_avoided: float | None = None
+    step_time_ratio_estimate: float | None = None
+    larger_than_full: bool | None = None
+    largest_k_t_below_full: int | None = None
+    divergence_share_last: list[float | None] = field(default_factory=list)
 
 
 @dataclass
@@ -101,7 +129,7 @@ class SplitRecommendation:
     tasks: list[str]
     per_task: dict[str, TaskSplit]
     settings: dict[str, Any]
-    max_trainable_params: int | None = None
+    max_trainable_params: Budget = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -127,48 +155,6 @@ class SplitRecommendation:
             return cls.from_json(json.loads(path.read_text()))
         except json.JSONDecodeError as e:
             raise UserError(f"{path} is not valid JSON ({e})") from e
-
-
-# ------------------------------------------------------------------------------ divergence start
-@dataclass
-class Divergence:
-    """Result of :func:`divergence_start` on one curve."""
-
-    start: int | None        # first diverged block (None: flat curve)
-    threshold: float | None  # plateau level + tolerance (None: flat)
-    base: float
-    spread: float
-
-
-def divergence_start(curve: Sequence[float], layers: Sequence[int] | None = None, *, abs_tol: float = 0.005,
-                     rel_tol: float = 0.1, flat_tol: float = 0.02, min_run: int = 2,
-                     high_tol: float = 0.1) -> Divergence:
-    """Where a divergence curve leaves its early plateau.
-
-    curve: (n,) values of d = 1 - CKA at the blocks ``layers`` (ascending; default 0..n-1).
-    Returns the first block of the first run of ``min_run`` consecutive points above
-    ``min(d) + max(abs_tol, rel_tol * (max(d) - min(d)))`` (a run may be shorter where it reaches the
-    last point). With a layer subset the start is the block after the last plateau point before that
-    run. A flat curve (max(d) - min(d) < flat_tol) gives ``start`` None, or the first block if the
-    whole curve sits above ``high_tol`` (every block changed alike).
-    """
-    d = np.asarray(curve, dtype=np.float64)
-    if d.ndim != 1 or d.size == 0 or not np.all(np.isfinite(d)):
-        raise UserError("a divergence curve must be a non-empty list of finite numbers; the CKA matrix holds NaN or is empty")
-    layers = list(range(d.size)) if layers is None else [int(x) for x in layers]
-    base, spread = float(d.min()), float(d.max() - d.min())
-    if spread < flat_tol:  # flat: nothing changed, or (high) every block changed alike
-        return Divergence(layers[0] if base > high_tol else None, None, base, spread)
-    thr = base + max(abs_tol, rel_tol * spread)
-    above = d > thr
-    n = d.size
-    for i in range(n):
-        run = above[i:i + min_run]
-        if run.all():  # a run truncated by the model's end counts
-            start = layers[i] if i == 0 else layers[i - 1] + 1
-            return Divergence(start, thr, base, spread)
-    # Every point above the threshold is an isolated spike followed by a return to the plateau.
-    return Divergence(None, thr, base, spread)
 
 
 # --------------------------------------------------------------------------- pretrained grouping
@@ -235,18 +221,80 @@ def _pretrained_structure(m: np.ndarray, layers: list[int], num_layers: int, *, 
 
 
 # ----------------------------------------------------------------------------------- the function
+def _pm(v: float, se: float) -> str:
+    """'0.00052 +- 0.00004' (value +- SE; the value alone when the SE is unknown)."""
+    if not np.isfinite(se):
+        return f"{v:.3g}"
+    return f"{v:.3g} \u00b1 {se:.2g}"
+
+
+def _task_curve(res, pretrained: str, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(d, se): d = 1 - CKA(pretrained l, task l) clipped to [0, 1], and its SE (NaN where unknown)."""
+    cka_diag = np.diag(np.asarray(res.matrix(pretrained, task), dtype=np.float64))
+    se_of = getattr(res, "se", None)
+    se = np.diag(np.asarray(se_of(pretrained, task), dtype=np.float64)) if se_of else np.full(cka_diag.size, np.nan)
+    return np.clip(1.0 - cka_diag, 0.0, 1.0), se
+
+
+def _divergence_evidence(t: str, L: int, layers: list[int], d: np.ndarray, se: np.ndarray, move: np.ndarray,
+                         div: Divergence, z: float, step_ratio: float) -> tuple[int, list[str]]:
+    """K_t from CKA and the sentences explaining it."""
+    ev: list[str] = []
+    if div.kind == "flat":
+        k = default_k_t(L)
+        p = div.peak
+        zval = d[p] / se[p] if np.isfinite(se[p]) and se[p] > 0 else float("nan")
+        n_nonzero = int((d > NUMERIC_FLOOR).sum())
+        ev.append(f"Nothing is distinguishable from noise: no block's divergence stays above numerical precision "
+                  f"({NUMERIC_FLOOR:g}) at the bottom of its {z:g}-SE band (the most significant, "
+                  f"block {layers[p]}: {_pm(d[p], se[p])}" + (f", {zval:.2f} SE" if np.isfinite(zval) else "")
+                  + f"), so this measurement cannot tell which blocks fine-tuning for {t} changed"
+                  + (f" ({n_nonzero} block(s) have a divergence above numerical precision but within the noise; more probe "
+                     "images would tell)" if n_nonzero else " (the copy equals the pretrained model to numerical precision)")
+                  + f"; K_t = {k}, the published value for {L} blocks.")
+        return k, ev
+    i = int(div.index)
+    raw = L - int(div.start)
+    k = int(np.clip(raw, 1, L - 1))
+    clip = f", clipped to {k} (K_t must be in [1, {L - 1}])" if raw != k else ""
+    if div.kind == "step":
+        lo, hi = noise_band(d, se, z)
+        lo_j = i + int(np.argmin(lo[i:]))
+        hi_j = int(np.argmax(hi[:i]))
+        ratio = "more than 1e6" if div.ratio > 1e6 else f"{div.ratio:.3g}"
+        below = (f"the highest before it, block {layers[hi_j]}, has {_pm(d[hi_j], se[hi_j])}"
+                 + (" (zero to numerical precision)" if hi[hi_j] <= NUMERIC_FLOOR else ""))
+        ev.append(f"The divergence steps up at block {div.start}: the lowest block from there on, block {layers[lo_j]}, has "
+                  f"{_pm(d[lo_j], se[lo_j])} and {below}; with both moved {z:g} SE toward each other (on the log scale) "
+                  f"their ratio is {ratio} (a step needs {step_ratio:g}).")
+        if np.isfinite(move[i]) and move[i] > 0:
+            ev.append(f"For scale: pretrained block {layers[i]} itself moves the representation by 1 - CKA(block {layers[i - 1]}, "
+                      f"block {layers[i]}) = {move[i]:.3g}; fine-tuning for {t} moved block {layers[i]} by "
+                      f"{d[i] / move[i]:.3g} times that.")
+        ev.append(f"K_t = L - {div.start} = {raw}{clip}" + ("." if clip else f": the task head copies blocks {L - k}-{L - 1}, "
+                                                          f"the ones {t} changed clearly more than the blocks before."))
+    else:
+        best = f"the largest step ratio is {div.ratio:.3g}" if np.isfinite(div.ratio) else "there is a single block"
+        ev.append(f"Blocks move measurably from block {layers[i]} on ({_pm(d[i], se[i])}, above numerical precision across its "
+                  f"{z:g}-SE band), but the curve "
+                  f"rises without a clear step ({best}, a step needs {step_ratio:g}): K_t = L - {div.start} = {raw}{clip}, "
+                  "so the task head covers every block that moved.")
+    return k, ev
+
+
 def recommend_split(res, pretrained: str = "pretrained", tasks: Sequence[str] | None = None,
-                    max_trainable_params: int | None = None, *, param_count: ParamCount | None = None,
-                    num_layers: int | None = None, model: str | None = None, abs_tol: float = 0.005,
-                    rel_tol: float = 0.1, flat_tol: float = 0.02, high_tol: float = 0.1, min_run: int = 2,
-                    group_threshold: float = 0.9,
+                    max_trainable_params: Budget = None, *, param_count: ParamCount | None = None,
+                    full_count: FullCount | None = None, num_layers: int | None = None, model: str | None = None,
+                    z: float = NOISE_Z, step_ratio: float = STEP_RATIO, group_threshold: float = 0.9,
                     b_default: int = DEFAULT_B, k_p_default: int | None = None) -> SplitRecommendation:
     """Recommend K_t, b, K_p and the prior layers per task from a :class:`CKAResult` (see the module
     docstring for the rules).
 
-    res: a CKAResult with models ``pretrained`` and each task; ``res.matrix(a, b)`` -> (L_a, L_b).
-    tasks: default every model but ``pretrained``. num_layers: L (default: last listed block + 1).
-    max_trainable_params: lower K_t until ``param_count(task, k_t, prior_layers)`` is at most this.
+    res: a CKAResult with models ``pretrained`` and each task; ``res.matrix(a, b)`` -> (L_a, L_b) and
+    ``res.se(a, b)`` (its SE; optional). tasks: default every model but ``pretrained``. num_layers: L
+    (default: last listed block + 1). max_trainable_params: one budget, or ``{task: budget}``; K_t is
+    lowered until ``param_count(task, k_t, prior_layers)`` is at most the task's budget.
+    full_count(task): full fine-tuning's trainable parameters, for the comparison.
     """
     names = list(res.models)
     if pretrained not in names:
@@ -257,6 +305,7 @@ def recommend_split(res, pretrained: str = "pretrained", tasks: Sequence[str] | 
     for t in tasks:
         if t not in names:
             raise UserError(f"unknown task '{t}': the CKA result holds {', '.join(n for n in names if n != pretrained)}")
+    check_budget_tasks(max_trainable_params, tasks)
     if max_trainable_params is not None and param_count is None:
         raise UserError("a trainable-parameter budget needs the model architecture to count parameters")
     p_layers = [int(x) for x in res.layers[pretrained]]
@@ -269,64 +318,43 @@ def recommend_split(res, pretrained: str = "pretrained", tasks: Sequence[str] | 
                                                      b_default=b_default, k_p_default=kp_def)
     prior = prior_layers_uniform(L, k_p, b)
     ev_prior.append(f"Prior layers by the uniform rule from block {b} to {L - 1}: {prior}.")
+    move = np.array([np.nan] + [1.0 - m_pp[i - 1, i] for i in range(1, len(p_layers))])   # 1 - CKA(pre l-1, pre l)
+    se_batches = int(getattr(res, "se_batches", 0))
+    reliable = se_batches >= MIN_SE_BATCHES
+    if se_batches == 0:
+        ev_se = ("No SE is known (a CKA file from before the SE, or built without it): the divergence is not judged "
+                 "against noise, only against numerical precision; rerun 'cka-split analyze' for a noise-aware recommendation.")
+    elif not reliable:
+        ev_se = (f"The SEs come from {se_batches} minibatch(es), fewer than the {MIN_SE_BATCHES} they need to be reliable "
+                 "(README); they are unreliable, and so is every judgement against noise below. Use more probe images.")
+    else:
+        ev_se = f"Each value is given \u00b1 its leave-one-minibatch-out jackknife SE over {se_batches} minibatches."
 
     per_task: dict[str, TaskSplit] = {}
     for t in tasks:
         t_layers = [int(x) for x in res.layers[t]]
         if t_layers != p_layers:
             raise UserError(f"model '{t}' was analysed at blocks {t_layers}, the pretrained one at {p_layers}; rerun analyze with the same layers")
-        cka_diag = np.diag(np.asarray(res.matrix(pretrained, t), dtype=np.float64))
-        d = np.clip(1.0 - cka_diag, 0.0, 1.0)
-        div = divergence_start(d, p_layers, abs_tol=abs_tol, rel_tol=rel_tol, flat_tol=flat_tol, min_run=min_run,
-                               high_tol=high_tol)
-        ev: list[str] = []
-        curve = ", ".join(f"{l}:{v:.3f}" for l, v in zip(p_layers, d))
-        ev.append(f"Divergence 1 - CKA(pretrained, {t}) per block: {curve}.")
-        if div.start is not None and div.threshold is None:
-            k_cka = L - 1
-            ev.append(f"The curve is flat but high (every block at least {div.base:.3f} > {high_tol:g}): fine-tuning for {t} "
-                      f"changed every block alike, so K_t = L - 1 = {k_cka}.")
-        elif div.start is None:
-            k_cka = default_k_t(L)
-            if div.threshold is None:
-                ev.append(f"The curve is flat (range {div.spread:.3f} < {flat_tol:g}): fine-tuning for {t} did not "
-                          f"change any block measurably, so K_t = {k_cka}, the published value for {L} blocks.")
-            else:
-                ev.append(f"No block stays above the plateau threshold {div.threshold:.3f} for {min_run} blocks: "
-                          f"K_t = {k_cka}, the published value for {L} blocks.")
-        else:
-            raw = L - div.start
-            k_cka = int(np.clip(raw, 1, L - 1))
-            ev.append(f"The early plateau is at {div.base:.3f}; the curve leaves it (above {div.threshold:.3f} = plateau + "
-                      f"max({abs_tol:g}, {rel_tol:g} x range {div.spread:.3f})) at block {div.start} and stays above it.")
-            ev.append(f"K_t = L - {div.start} = {raw}" + (f", clipped to {k_cka} (K_t must be in [1, {L - 1}])." if raw != k_cka
-                                                             else f": the task head copies blocks {L - k_cka}-{L - 1}, the ones {t} changed."))
-        k_t, n_params = k_cka, None
-        if param_count is not None:
-            n_params = n0 = int(param_count(t, k_t, prior))
-            if max_trainable_params is not None and n_params > max_trainable_params:
-                while k_t > 1 and n_params > max_trainable_params:
-                    k_t -= 1
-                    n_params = int(param_count(t, k_t, prior))
-                if n_params > max_trainable_params:
-                    raise UserError(f"ViT-Split for {t} needs {n_params / 1e6:.2f}M trainable parameters even with K_t=1, "
-                                    f"more than --max-trainable-params {max_trainable_params / 1e6:.2f}M; raise the budget")
-                ev.append(f"With K_t = {k_cka} ViT-Split has {n0 / 1e6:.3f}M trainable parameters, more than the budget of {max_trainable_params / 1e6:.3f}M; "
-                          f"K_t lowered to {k_t} ({n_params / 1e6:.3f}M).")
-            else:
-                ev.append(f"ViT-Split for {t} with K_t = {k_t} has {n_params / 1e6:.3f}M trainable parameters"
-                          + (f", within the budget of {max_trainable_params / 1e6:.3f}M." if max_trainable_params is not None else "."))
+        d, se = _task_curve(res, pretrained, t)
+        div = divergence_start(d, se, p_layers, z=z, step_ratio=step_ratio)
+        ev = [f"Divergence 1 - CKA(pretrained, {t}) per block: "
+              + ", ".join(f"{l}: {_pm(v, e)}" for l, v, e in zip(p_layers, d, se)) + ".", ev_se]
+        k_cka, ev_div = _divergence_evidence(t, L, p_layers, d, se, move, div, z, step_ratio)
+        budget = budget_for(max_trainable_params, t)
+        k_t, cost, ev_cost = split_cost(t, L, k_cka, prior, d, param_count=param_count, full_count=full_count,
+                                            budget=budget)
         per_task[t] = TaskSplit(
             k_t=k_t, task_head_layers=list(range(L - k_t, L)), prior_layers=list(prior), b=b, k_p=k_p,
             divergence_start=div.start, k_t_from_cka=k_cka, divergence=[float(v) for v in d],
-            divergence_threshold=div.threshold, pretrained_groups=groups, trainable_params=n_params,
-            evidence=ev + ev_prior,
-        )
-    settings = dict(abs_tol=abs_tol, rel_tol=rel_tol, flat_tol=flat_tol, high_tol=high_tol, min_run=min_run,
+            divergence_threshold=div.threshold, pretrained_groups=groups, evidence=ev + ev_div + ev_cost + ev_prior,
+            divergence_se=[json_float(v) for v in se], divergence_kind=div.kind,
+            step_ratio=json_float(div.ratio) if div.kind != "flat" else None,
+            pretrained_movement=[json_float(v) for v in move], se_batches=se_batches, se_reliable=reliable,
+            max_trainable_params=budget, **cost)
+    settings = dict(noise_z=z, step_ratio=step_ratio, numeric_floor=NUMERIC_FLOOR, min_se_batches=MIN_SE_BATCHES,
                     group_threshold=group_threshold, b_default=b_default, k_p_default=kp_def)
     return SplitRecommendation(model=model or "", num_layers=L, pretrained=pretrained, tasks=list(tasks),
-                               per_task=per_task, settings=settings,
-                               max_trainable_params=None if max_trainable_params is None else int(max_trainable_params))
+                               per_task=per_task, settings=settings, max_trainable_params=max_trainable_params)
 
 
 def vitsplit_param_counter(backbone_name: str, num_classes: dict[str, int]) -> ParamCount:

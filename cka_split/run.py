@@ -38,9 +38,13 @@ from vitsplit.fileio import atomic_write, atomic_write_json, atomic_write_text, 
 from vitsplit.progress import NULL_PROGRESS, Progress
 
 from .analysis import analyze
+from .cka import MIN_SE_BATCHES
+from .cost import Budget, check_budget_tasks, full_finetune_param_counter
 from .pca import pca_maps
 from .recommend import SplitRecommendation, recommend_split, vitsplit_param_counter
 from .result import CKAResult
+
+AUTO_CHECK_BATCH = 8      # images per minibatch of the "auto" checks' probe set
 FEATURES = ("tokens", "mean", "cls")
 PRECISIONS = ("fp32", "bf16")
 
@@ -54,7 +58,11 @@ class AnalyzeConfig:
     tasks: list[str] = field(default_factory=lambda: ["seg", "det"])
     finetuned: dict[str, str] = field(default_factory=dict)
     data: dict[str, str] = field(default_factory=dict)  # task -> spec; "*" = every task and the probes
-    finetune_steps: int = 300
+    finetune_steps: int | str = 300   # or "auto": stop when the recommendation is stable (cka_split.autostop)
+    finetune_max_steps: int = 300     # "auto": at most this many steps (the schedule spans them)
+    finetune_check_every: int = 25    # "auto": steps between checks
+    finetune_patience: int = 3        # "auto": checks with an unchanged K_t before stopping
+    finetune_check_images: int = 64   # "auto": probe images of each check (minibatches of 8)
     finetune_steps_per_task: dict[str, int] = field(default_factory=dict)  # overrides finetune_steps
     finetune_lr: float | None = None  # None: the trainer's default for the model
     finetune_batch_size: int = 8
@@ -68,7 +76,7 @@ class AnalyzeConfig:
     out: str | None = None
     unbiased: bool = True
     pca_images: int = 4
-    max_trainable_params: int | None = None
+    max_trainable_params: Budget = None  # one number for every task, or {task: number}
 
     def data_for(self, task: str) -> str:
         return self.data.get(task, self.data.get("*", "synthetic"))
@@ -125,11 +133,19 @@ def validate(cfg: AnalyzeConfig) -> None:
         raise UserError(f"--batch-size {cfg.batch_size} is too small for the unbiased CKA estimator, which needs at least 4 images per minibatch")
     if cfg.probe_images < cfg.batch_size:
         raise UserError(f"--probe-images {cfg.probe_images} is smaller than one minibatch (--batch-size {cfg.batch_size}); use more probe images or a smaller batch")
+    check_budget_tasks(cfg.max_trainable_params, cfg.tasks)
     if cfg.image_size < 1:
         raise UserError(f"--image-size {cfg.image_size}: must be positive")
     if cfg.pca_images < 0:
         raise UserError(f"--pca-images {cfg.pca_images}: must be 0 (no PCA maps) or more")
-    if any(t not in cfg.finetuned for t in cfg.tasks) and cfg.finetune_steps < 1:
+    if cfg.finetune_steps == "auto":
+        if cfg.finetune_max_steps < 1 or cfg.finetune_check_every < 1 or cfg.finetune_patience < 1:
+            raise UserError("--finetune-max-steps, --finetune-check-every and --finetune-patience must be at least 1")
+        if cfg.finetune_check_images < AUTO_CHECK_BATCH:
+            raise UserError(f"--finetune-check-images {cfg.finetune_check_images}: give at least {AUTO_CHECK_BATCH}")
+    elif not isinstance(cfg.finetune_steps, int):
+        raise UserError(f"--finetune-steps {cfg.finetune_steps}: give a number of steps or 'auto'")
+    elif any(t not in cfg.finetuned for t in cfg.tasks) and cfg.finetune_steps < 1:
         raise UserError(f"--finetune-steps {cfg.finetune_steps}: tasks without --finetuned need at least 1 fine-tuning step")
 
 
@@ -203,6 +219,29 @@ def task_num_classes(cfg: AnalyzeConfig) -> dict[str, int]:
     return out
 
 
+def auto_probes(cfg: AnalyzeConfig, device: torch.device) -> list[torch.Tensor]:
+    """The fixed probe minibatches of the ``--finetune-steps auto`` checks: the first
+    ``finetune_check_images`` probe images (whole minibatches of AUTO_CHECK_BATCH), on ``device``."""
+    ds = build_dataset(cfg.probe_spec(), "val", task="seg", crop=cfg.image_size, augment=False,
+                       length=cfg.finetune_check_images, seed=cfg.seed)
+    n = min(len(ds), cfg.finetune_check_images) // AUTO_CHECK_BATCH * AUTO_CHECK_BATCH
+    if n < AUTO_CHECK_BATCH:
+        raise UserError(f"the probe data '{cfg.probe_spec()}' has fewer than {AUTO_CHECK_BATCH} validation images for the "
+                        "--finetune-steps auto checks")
+    images = torch.stack([ds[i]["image"] for i in range(n)]).to(device)
+    return list(images.split(AUTO_CHECK_BATCH))
+
+
+def se_batches_warning(cfg: AnalyzeConfig) -> str | None:
+    """A sentence when the probe set gives fewer minibatches than the jackknife SE needs."""
+    batches = cfg.probe_images // cfg.batch_size
+    if batches >= MIN_SE_BATCHES:
+        return None
+    return (f"--probe-images {cfg.probe_images} / --batch-size {cfg.batch_size} gives {batches} minibatch(es); the CKA's "
+            f"jackknife SE needs at least {MIN_SE_BATCHES} to be reliable, so the noise judgements will be marked unreliable "
+            f"(use --probe-images {MIN_SE_BATCHES * cfg.batch_size} or a smaller --batch-size)")
+
+
 def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple[Path, SplitRecommendation]:
     """The whole pipeline (module docstring). Returns (run directory, recommendation)."""
     validate(cfg)
@@ -224,19 +263,34 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
             bb = build_backbone(cfg.model, cfg.finetuned[t])
             sources[t] = {"origin": "given (--finetuned)", "file": str(Path(cfg.finetuned[t]).resolve())}
         else:
-            steps = cfg.finetune_steps_per_task.get(t, cfg.finetune_steps)
-            progress.log(f"fine-tuning a copy of {cfg.model} for {t}: {steps} steps on {cfg.data_for(t)}")
+            auto = cfg.finetune_steps == "auto" and t not in cfg.finetune_steps_per_task
+            steps = cfg.finetune_max_steps if auto else cfg.finetune_steps_per_task.get(t, cfg.finetune_steps)
+            on_step, stop = None, None
+            if auto:
+                from .autostop import StabilityStop, stability_callback
+
+                stop = StabilityStop(cfg.finetune_check_every, cfg.finetune_patience)
+                on_step = stability_callback(pretrained, t, auto_probes(cfg, device), stop, num_layers=pretrained.num_layers,
+                                             features=cfg.features, unbiased=cfg.unbiased)
+            progress.log(f"fine-tuning a copy of {cfg.model} for {t}: {'at most ' if auto else ''}{steps} steps on {cfg.data_for(t)}")
+            t_ft = time.time()
             bb = finetune_backbone(pretrained, t, cfg.data_for(t), steps, batch_size=cfg.finetune_batch_size,
                                    crop=cfg.image_size, lr=cfg.finetune_lr, seed=cfg.seed, device=str(device),
-                                   progress=progress)
+                                   progress=progress, on_step=on_step)
             path = save_backbone(bb, run / "finetuned" / f"{t}.safetensors")
-            sources[t] = {"origin": "fine-tuned by analyze (method full)", "steps": steps,
-                          "data": cfg.data_for(t), "file": str(path)}
+            used = stop.stopped_at if stop is not None and stop.stopped_at is not None else steps
+            sources[t] = {"origin": "fine-tuned by analyze (method full)", "steps": used,
+                          "data": cfg.data_for(t), "file": str(path), "seconds": round(time.time() - t_ft, 2)}
+            if stop is not None:
+                sources[t]["auto"] = stop.to_json(steps, used)
         bb.to(device).eval()
         for p in bb.parameters():
             p.requires_grad_(False)
         models[t] = bb
 
+    warning = se_batches_warning(cfg)
+    if warning:
+        progress.log("warning: " + warning)
     loader, n_used = probe_loader(cfg)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     with torch.no_grad(), autocast:
@@ -255,9 +309,9 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
     if cfg.weights not in ("auto", "random"):
         weights_arg, weights_file_sha = str(Path(cfg.weights).resolve()), sha256_file(cfg.weights)
     num_classes = task_num_classes(cfg)
-    counter = vitsplit_param_counter(cfg.model, num_classes)
+    counter, full_counter = vitsplit_param_counter(cfg.model, num_classes), full_finetune_param_counter(cfg.model, num_classes)
     rec = recommend_split(res, tasks=cfg.tasks, model=cfg.model, num_layers=pretrained.num_layers,
-                          max_trainable_params=cfg.max_trainable_params, param_count=counter)
+                          max_trainable_params=cfg.max_trainable_params, param_count=counter, full_count=full_counter)
     atomic_write_json(run / "recommendation.json", rec.to_json())
 
     config = {
@@ -280,7 +334,7 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
     return run, rec
 
 
-def recommend_run(run_dir: str | Path, max_trainable_params: int | None = None, **kwargs) -> tuple[Path, SplitRecommendation]:
+def recommend_run(run_dir: str | Path, max_trainable_params: Budget = None, **kwargs) -> tuple[Path, SplitRecommendation]:
     """Recompute RUN/recommendation.json from RUN/cka.npz and RUN/config.json (no model weights; a
     budget builds ViT-Split on the meta device to count parameters). ``kwargs`` go to recommend_split."""
     run = resolve_run_dir(run_dir)
@@ -296,8 +350,9 @@ def recommend_run(run_dir: str | Path, max_trainable_params: int | None = None, 
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{run / 'config.json'} is not an analyze config ({e}); rerun 'cka-split analyze'") from e
     res = CKAResult.load(run / "cka.npz")
-    counter = vitsplit_param_counter(model, num_classes)
+    check_budget_tasks(max_trainable_params, tasks)
+    counter, full_counter = vitsplit_param_counter(model, num_classes), full_finetune_param_counter(model, num_classes)
     rec = recommend_split(res, tasks=tasks, model=model, num_layers=num_layers, max_trainable_params=max_trainable_params,
-                          param_count=counter, **kwargs)
+                          param_count=counter, full_count=full_counter, **kwargs)
     atomic_write_json(run / "recommendation.json", rec.to_json())
     return run, rec

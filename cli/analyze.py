@@ -14,6 +14,16 @@ from .progress import RichProgress
 from .recommend import print_recommendation
 
 
+def _steps(text: str) -> int | str:
+    """--finetune-steps: a number of steps or 'auto'."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--finetune-steps takes a number of steps or 'auto', not '{text}'") from None
+
+
 def analyze(
     ctx: typer.Context,
     model: str = typer.Option("dinov2_vits14", help="dinov2_vit{s,b,l,g}14[_reg], a timm ViT name, hf:<dir>, or demo-vit."),
@@ -21,7 +31,11 @@ def analyze(
     tasks: List[str] = typer.Option(["seg", "det"], "--tasks", help="Tasks to analyse: seg, det, depth (repeat or list)."),
     finetuned: Optional[List[str]] = typer.Option(None, help="TASK=PATH: a backbone fine-tuned elsewhere for TASK (repeatable)."),
     data: Optional[List[str]] = typer.Option(None, help="SPEC or TASK=SPEC: synthetic, ade20k:DIR, cityscapes:DIR, folder:DIR, coco:ANN.json:IMG_DIR."),
-    finetune_steps: int = typer.Option(300, help="Steps of full fine-tuning for each task copy the tool makes."),
+    finetune_steps: str = typer.Option("300", help="Steps of full fine-tuning for each task copy the tool makes, or auto: stop once the recommendation is stable."),
+    finetune_max_steps: int = typer.Option(300, help="With --finetune-steps auto: at most this many steps."),
+    finetune_check_every: int = typer.Option(25, help="With --finetune-steps auto: steps between checks of the recommendation."),
+    finetune_patience: int = typer.Option(3, help="With --finetune-steps auto: stop when K_t has not changed for this many checks."),
+    finetune_check_images: int = typer.Option(64, help="With --finetune-steps auto: probe images of each check."),
     probe_images: int = typer.Option(256, help="Images on which CKA is computed."),
     batch_size: int = typer.Option(32, help="Minibatch size of the CKA estimator (>= 4 for the unbiased one)."),
     features: str = typer.Option("tokens", help="tokens (patch tokens per image), mean, or cls."),
@@ -31,8 +45,9 @@ def analyze(
     seed: int = typer.Option(0, help="Seed for data order, fine-tuning and initialisation."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<timestamp>)."),
     pca_images: int = typer.Option(4, help="Probe images drawn as PCA feature maps (0: none)."),
-    max_trainable_params: Optional[float] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions)."),
+    max_trainable_params: Optional[str] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions): one number, or per task seg=12,det=40."),
 ) -> None:
+    from cka_split.cost import parse_budget
     from cka_split.run import AnalyzeConfig, parse_data_options, run_analyze
 
     # `--tasks seg det` (the documented form): click takes one value per --tasks; the rest arrive as extra args
@@ -43,10 +58,12 @@ def analyze(
         task_list.append(extra)
     cfg = AnalyzeConfig(
         model=model, weights=weights, tasks=task_list, finetuned=parse_task_map(finetuned, "--finetuned"),
-        data=parse_data_options(data), finetune_steps=finetune_steps, probe_images=probe_images,
+        data=parse_data_options(data), finetune_steps=_steps(finetune_steps), finetune_max_steps=finetune_max_steps,
+        finetune_check_every=finetune_check_every, finetune_patience=finetune_patience,
+        finetune_check_images=finetune_check_images, probe_images=probe_images,
         batch_size=batch_size, features=features, image_size=image_size, device=device, precision=precision,
         seed=seed, out=str(out) if out is not None else None, pca_images=pca_images,
-        max_trainable_params=None if max_trainable_params is None else int(round(max_trainable_params * 1e6)),
+        max_trainable_params=parse_budget(max_trainable_params),
     )
     from cka_split.reports import build_report
 

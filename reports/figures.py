@@ -133,11 +133,13 @@ def cka_heatmap_figure(m: np.ndarray, row_layers: Sequence[int], col_layers: Seq
 
 
 def same_layer_figure(layers: Sequence[int], curves: dict[str, np.ndarray], marks: dict[str, SplitMarks], *,
-                      thresholds: dict[str, float | None] | None = None, pretrained: str = "pretrained") -> Figure:
+                      thresholds: dict[str, float | None] | None = None, pretrained: str = "pretrained",
+                      se: dict[str, np.ndarray] | None = None) -> Figure:
     """Per task, CKA(pretrained block l, task copy block l) against l, one panel per task.
 
-    curves: task -> (n,) values at ``layers``. The divergence start is a vertical line, the task
-    head's blocks are shaded, and the plateau threshold (1 - d threshold) is dotted where known.
+    curves: task -> (n,) values at ``layers``; se: task -> (n,) their SE, drawn as a +-2 SE band
+    where finite. The divergence start is a vertical line, the task head's blocks are shaded, and
+    the plateau's upper noise bound (1 - threshold) is dotted where known.
     """
     tasks = list(curves)
     fig = Figure(figsize=(max(4.6, 3.9 * len(tasks)), 3.7))
@@ -151,9 +153,13 @@ def same_layer_figure(layers: Sequence[int], curves: dict[str, np.ndarray], mark
             ax.axvspan(min(mk.task_head_layers) - 0.5, max(mk.task_head_layers) + 0.5, color=color, alpha=0.12,
                        lw=0, label=f"task head (K_t={len(mk.task_head_layers)})")
         ax.plot(x, y, "o-", color=color, ms=4, lw=1.6, label=f"CKA({pretrained}, {t})")
+        band = (se or {}).get(t)
+        if band is not None and np.isfinite(band).any():
+            b = np.where(np.isfinite(band), band, 0.0)
+            ax.fill_between(x, y - 2 * b, np.minimum(y + 2 * b, 1.0), color=color, alpha=0.25, lw=0, label="\u00b12 SE")
         thr = (thresholds or {}).get(t)
         if thr is not None:
-            ax.axhline(1.0 - thr, color="grey", ls=":", lw=1, label="plateau threshold")
+            ax.axhline(1.0 - thr, color="grey", ls=":", lw=1, label="top of the plateau's noise band")
         if mk and mk.divergence_start is not None:
             ax.axvline(mk.divergence_start - 0.5, color="black", ls="--", lw=1.2)
             ax.annotate(f"diverges from block {mk.divergence_start}", xy=(mk.divergence_start - 0.5, 0.5),

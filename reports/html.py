@@ -17,7 +17,7 @@ from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write_text
 
 from .rundir import RunData, read_run
-from .sections import curve_figures, heatmap_figures, pca_figures, training_section
+from .sections import curve_figures, heatmap_figures, pca_figures, se_table, training_section
 from .text import dig, fmt_blocks, fmt_params, fmt_seconds
 from .training import find_training_runs
 
@@ -79,6 +79,15 @@ def header_rows(data: RunData) -> list[tuple[str, str]]:
         bits = [str(m.get("origin") or "")]
         if m.get("steps"):
             bits.append(f"{m['steps']} steps")
+        auto = m.get("auto") if isinstance(m.get("auto"), dict) else None
+        if auto:
+            traj = ", ".join(f"{p[0]}: {p[1]}" for p in auto.get("k_t_trajectory") or [])
+            bits.append(f"--finetune-steps auto: {'stopped after' if auto.get('stopped_early') else 'ran all'} "
+                        f"{auto.get('steps_used')} of at most {auto.get('max_steps')} steps "
+                        f"(K_t unchanged for {auto.get('patience')} checks every {auto.get('check_every')} steps ends it); "
+                        f"K_t at each check (step: K_t): {traj or 'none'}")
+        if m.get("seconds") is not None:
+            bits.append(f"fine-tuning took {fmt_seconds(m['seconds'])}")
         if m.get("data"):
             bits.append(f"on {m['data']}")
         if m.get("file"):
@@ -137,15 +146,28 @@ def recommendation_rows(data: RunData) -> list[dict[str, Any]]:
             "task": t, "k_t": k_t, "task_head": fmt_blocks(s.get("task_head_layers") or []),
             "b": s.get("b", "-"), "k_p": s.get("k_p", "-"),
             "prior": ", ".join(map(str, s.get("prior_layers") or [])) or "-",
-            "start": "flat (no divergence)" if start is None else str(start),
+            "start": "flat (nothing beyond noise)" if start is None else f"{start} ({s.get('divergence_kind', 'step')})",
             "k_t_note": (f"CKA alone gives {k_cka}" if k_cka is not None and k_cka != k_t else ""),
             "params": fmt_params(s.get("trainable_params")),
+            "vs_full": ("-" if s.get("params_vs_full") is None else f"{s['params_vs_full']:.2f}x"
+                        + (" (larger than full fine-tuning)" if s.get("larger_than_full") else "")),
+            "avoided": "-" if s.get("backward_avoided") is None else f"{s['backward_avoided']:.0%}",
+            "step": "-" if s.get("step_time_ratio_estimate") is None else f"{s['step_time_ratio_estimate']:.2f}x",
             "evidence": [str(e) for e in s.get("evidence") or []],
             "summary": (f"Copy the last {k_t} of {L} blocks ({fmt_blocks(s.get('task_head_layers') or [])}) as the {t} task head; "
                         f"the prior head reads blocks {', '.join(map(str, s.get('prior_layers') or []))}."
                         if k_t is not None and L else ""),
         })
     return rows
+
+
+def _budget(b: Any) -> str | None:
+    """recommendation.json's max_trainable_params (a number or {task: number}) for the page."""
+    if not b:
+        return None
+    if isinstance(b, dict):
+        return ", ".join(f"{t} {fmt_params(v)}" for t, v in b.items())
+    return fmt_params(b)
 
 
 # ------------------------------------------------------------------------------------------ entry
@@ -171,11 +193,12 @@ def report_context(data: RunData) -> dict[str, Any]:
         "header": _section("run facts", header_rows, data) or [("Run directory", str(data.run_dir))],
         "heatmaps": _section("CKA heatmaps", heatmap_figures, data),
         "curves": _section("same-layer CKA curves", curve_figures, data),
+        "se_table": _section("CKA +- SE table", se_table, data),
         "pca": _section("PCA maps", pca_figures, data),
         "rec_rows": _section("recommendation table", recommendation_rows, data),
         "shared_evidence": [],
         "rec_settings": ", ".join(f"{k}={v}" for k, v in (rec.get("settings") or {}).items()),
-        "budget": fmt_params(rec.get("max_trainable_params")) if rec.get("max_trainable_params") else None,
+        "budget": _budget(rec.get("max_trainable_params")),
         "training": _section("training runs", lambda d: training_section(d.training), data),
         "problems": data.problems,
         "generated": datetime.now().isoformat(timespec="seconds"),

@@ -39,6 +39,17 @@ class CKAView:
             raise KeyError(f"no model '{a if a not in self.layers else b}' in the CKA result (it has {', '.join(self.models)})")
         return self.result.matrix(a, b).detach().cpu().numpy().astype(np.float64)
 
+    def se(self, a: str, b: str) -> np.ndarray:
+        """(L_a, L_b) float64 jackknife SE of :meth:`matrix`; NaN where the file has none."""
+        se = getattr(self.result, "se", None)
+        if se is None:
+            return np.full((len(self.layers[a]), len(self.layers[b])), np.nan)
+        return se(a, b).detach().cpu().numpy().astype(np.float64)
+
+    @property
+    def se_batches(self) -> int:
+        return int(getattr(self.result, "se_batches", 0) or 0)
+
 
 def _int_or_none(v: Any) -> int | None:
     try:

@@ -47,11 +47,11 @@ def pretrained_name(data: RunData) -> str | None:
     return name if name in cka.models else cka.models[0]
 
 
-def _diag(cka: CKAView, a: str, b: str) -> tuple[list[int], np.ndarray]:
-    """Same-block CKA of models a and b over the blocks both list."""
+def _diag(cka: CKAView, a: str, b: str, se: bool = False) -> tuple[list[int], np.ndarray]:
+    """Same-block CKA of models a and b (or its SE) over the blocks both list."""
     la, lb = cka.layers[a], cka.layers[b]
     common = [l for l in la if l in set(lb)]
-    m = cka.matrix(a, b)
+    m = cka.se(a, b) if se else cka.matrix(a, b)
     ia, ib = {l: i for i, l in enumerate(la)}, {l: i for i, l in enumerate(lb)}
     return common, np.array([m[ia[l], ib[l]] for l in common], dtype=np.float64)
 
@@ -89,11 +89,40 @@ def heatmap_figures(data: RunData) -> list[dict[str, str]]:
     return figs
 
 
+def se_table(data: RunData) -> dict[str, Any] | None:
+    """Same-block CKA +- jackknife SE of the pretrained model against each copy (the diagonals of the
+    heatmaps), and the pretrained model's adjacent-block CKA, as a table: {"layers", "rows", "note"}."""
+    cka, pre = data.cka, pretrained_name(data)
+    if cka is None or pre is None:
+        return None
+
+    def cell(v: float, e: float) -> str:
+        return f"{v:.4f}" if not np.isfinite(e) else f"{v:.4f} \u00b1 {e:.1g}"
+
+    layers = cka.layers[pre]
+    rows = []
+    m, e = cka.matrix(pre, pre), cka.se(pre, pre)
+    rows.append({"label": f"{pre}: block l-1 vs l", "cells": ["-"] + [cell(m[i - 1, i], e[i - 1, i]) for i in range(1, len(layers))]})
+    for t in cka.models:
+        if t == pre:
+            continue
+        common, y = _diag(cka, pre, t)
+        if common != layers:
+            continue
+        ys = _diag(cka, pre, t, se=True)[1]
+        rows.append({"label": f"{pre} vs {t}", "cells": [cell(v, s) for v, s in zip(y, ys)]})
+    n = cka.se_batches
+    note = (f"Value \u00b1 leave-one-minibatch-out jackknife SE over {n} minibatches (probe sampling only)." if n
+            else "This CKA file holds no SE (written before the SE existed); values only.")
+    return {"layers": layers, "rows": rows, "note": note}
+
+
 def curve_figures(data: RunData) -> list[dict[str, str]]:
     cka, pre = data.cka, pretrained_name(data)
     per = (data.recommendation or {}).get("per_task") or {}
     marks = split_marks(data)
     curves: dict[str, np.ndarray] = {}
+    bands: dict[str, np.ndarray] = {}
     layers: list[int] | None = None
     if cka is not None and pre is not None:
         for t in cka.models:
@@ -103,22 +132,29 @@ def curve_figures(data: RunData) -> list[dict[str, str]]:
             if layers is None or common == layers:
                 layers = common
                 curves[t] = y
+                bands[t] = _diag(cka, pre, t, se=True)[1]
     elif per:  # no cka.npz: the recommendation's own divergence curves (d = 1 - CKA)
         for t, s in per.items():
             d = s.get("divergence") if isinstance(s, dict) else None
             if d and all(v is not None for v in d):
                 curves[t] = 1.0 - np.asarray(d, dtype=np.float64)
                 layers = list(range(len(d)))
+                se = s.get("divergence_se") or []
+                bands[t] = np.array([np.nan if v is None else float(v) for v in se] if len(se) == len(d) else [np.nan] * len(d))
         pre = (data.recommendation or {}).get("pretrained") or "pretrained"
     if not curves or layers is None:
         return []
     thresholds = {t: s.get("divergence_threshold") for t, s in per.items() if isinstance(s, dict)}
-    figs = [_figure(F.png_bytes(F.same_layer_figure(layers, curves, marks, thresholds=thresholds, pretrained=pre)),
+    has_se = any(np.isfinite(b).any() for b in bands.values())
+    se_note = ("The band is \u00b12 jackknife SE (probe sampling only, not the fine-tuning's randomness)"
+               + (f", from {cka.se_batches} minibatches" if cka is not None and cka.se_batches else "") + ". "
+               if has_se else "No SE is known for this run, so no band is drawn. ")
+    figs = [_figure(F.png_bytes(F.same_layer_figure(layers, curves, marks, thresholds=thresholds, pretrained=pre, se=bands)),
                     "Same-layer CKA per task",
-                    "For each task, the CKA of every block with the same block of the pretrained model. "
-                    + ("The dashed line is where the recommendation says the curve leaves its early plateau (the dotted "
-                       "threshold); " if any(m.divergence_start is not None for m in marks.values())
-                       else "No curve leaves its plateau, so no divergence start is marked; ")
+                    "For each task, the CKA of every block with the same block of the pretrained model. " + se_note
+                    + ("The dashed line is where the recommendation says the divergence starts (the dotted line: the "
+                       "highest block before it, at the top of its noise band); " if any(m.divergence_start is not None for m in marks.values())
+                       else "No curve is distinguishable from noise, so no divergence start is marked; ")
                     + "the shaded blocks are the task head that ViT-Split copies and trains.", "curve-same")]
     if cka is not None and pre is not None and len(curves) >= 2:
         pairs = {}

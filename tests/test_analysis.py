@@ -80,9 +80,34 @@ def test_result_save_load_round_trip(tmp_path):
         assert z["full"].shape == (5, 5) and list(z["models"]) == ["pretrained", "det"]
     with pytest.raises(UserError, match="no model 'seg'"):
         back.matrix("seg", "det")
+    torch.testing.assert_close(back.full_se, res.full_se, rtol=0, atol=0)
+    assert back.se_batches == 2 and back.se("det", "pretrained").shape == (3, 2)
+    assert torch.isfinite(back.se("det", "pretrained")).all() and float(back.se("det", "pretrained").max()) > 0
     (tmp_path / "bad.npz").write_text("not a zip")
     with pytest.raises(UserError, match="not a CKA result"):
         CKAResult.load(tmp_path / "bad.npz")
+
+
+def test_format_1_file_without_se_still_loads_with_nan_se(tmp_path):
+    res = analyze({"pretrained": tiny_backbone(), "seg": perturbed_from(tiny_backbone(), 2)}, images(3), layers=[0, 2])
+    with np.load(res.save(tmp_path / "new.npz"), allow_pickle=False) as z:
+        old = {k: z[k] for k in z.files if k not in ("batch_hsic", "full_se")}
+    old["format_version"] = np.array(1, dtype=np.int64)
+    np.savez(tmp_path / "old.npz", **old)
+    back = CKAResult.load(tmp_path / "old.npz")
+    assert torch.equal(back.full, res.full) and back.batch_hsic is None and back.se_batches == 0
+    assert torch.isnan(back.se("pretrained", "seg")).all()
+
+
+def test_analyze_se_equals_leave_one_batch_out_reruns():
+    a = tiny_backbone(depth=4)
+    models = {"pretrained": a, "seg": perturbed_from(a, 1)}
+    batches = images(5)
+    res = analyze(models, batches)
+    loo = torch.stack([analyze(models, batches[:b] + batches[b + 1:]).full for b in range(5)])
+    ref = torch.sqrt(4 / 5 * ((loo - loo.mean(0)) ** 2).sum(0))
+    torch.testing.assert_close(res.full_se, ref, rtol=0, atol=1e-10)
+    assert float(res.se("pretrained", "seg")[3, 3]) > 1e-4
 
 
 class CountingProgress(Progress):
@@ -126,8 +151,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             if i % world == rank:
                 acc.update([x, x[:, :2] ** 2, x.flip(0).roll(1, dims=1)])
         acc.all_reduce()
-        torch.save({"full": res.full, "num_images": res.num_images, "acc": acc.compute(),
-                    "num_examples": acc.num_examples}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"full": res.full, "se": res.full_se, "num_images": res.num_images, "acc": acc.compute(),
+                    "acc_se": acc.compute_se(), "num_examples": acc.num_examples, "num_batches": acc.num_batches},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -144,4 +170,7 @@ def test_distributed_two_gloo_ranks_equal_one_process(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(got["full"], single.full, rtol=0, atol=1e-12)
         torch.testing.assert_close(got["acc"], acc.compute(), rtol=0, atol=1e-12)
-        assert got["num_images"] == 30 and got["num_examples"] == 30
+        torch.testing.assert_close(got["se"], single.full_se, rtol=0, atol=1e-12)     # the jackknife SE too
+        torch.testing.assert_close(got["acc_se"], acc.compute_se(), rtol=0, atol=1e-12)
+        assert float(single.se("p", "q")[2, 2]) > 1e-4 and torch.isfinite(got["acc_se"]).all()
+        assert got["num_images"] == 30 and got["num_examples"] == 30 and got["num_batches"] == 5

@@ -123,7 +123,7 @@ def test_planted_divergence_run_recovers_k_t_and_trains_with_it(tmp_path, capsys
     run = tmp_path / "runs" / "planted"
     with pytest.raises(SystemExit) as e:
         main(["analyze", "--model", "demo-vit", "--weights", str(pre), "--tasks", "seg", "det",
-              "--finetuned", f"seg={ft['seg']}", "--finetuned", f"det={ft['det']}", "--probe-images", "16",
+              "--finetuned", f"seg={ft['seg']}", "--finetuned", f"det={ft['det']}", "--probe-images", "64",
               "--batch-size", "8", "--image-size", "112", "--pca-images", "2", "--device", "cpu", "--out", str(run)])
     assert e.value.code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
@@ -136,7 +136,8 @@ def test_planted_divergence_run_recovers_k_t_and_trains_with_it(tmp_path, capsys
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["options"]["tasks"] == ["seg", "det"] and cfg["seed"] == 0
     assert cfg["models"]["pretrained"]["state_sha256"] != cfg["models"]["seg"]["state_sha256"]
-    assert cfg["resolved"]["probe_images_used"] == 16
+    assert cfg["resolved"]["probe_images_used"] == 64
+    assert rec["per_task"]["seg"]["se_batches"] == 8 and rec["per_task"]["seg"]["se_reliable"]
     assert (run / "cka.npz").is_file() and (run / "pca" / "index.json").is_file() and (run / "report.html").is_file()
     assert os.readlink(run.parent / "latest") == "planted"
 

@@ -262,3 +262,79 @@ def test_all_reduce_without_a_process_group_is_a_no_op():
         warnings.simplefilter("error")
         acc.all_reduce()
     assert torch.equal(acc.compute(), before)
+
+
+# ------------------------------------------------------------------------- jackknife SE
+def loo_se_reference(batches: list[list[torch.Tensor]], unbiased: bool = True) -> torch.Tensor:
+    """The jackknife written out: B separate accumulators, each leaving one minibatch out."""
+    loo = []
+    for b in range(len(batches)):
+        acc = MinibatchCKA(unbiased=unbiased)
+        for c, feats in enumerate(batches):
+            if c != b:
+                acc.update(feats)
+        loo.append(acc.compute())
+    loo = torch.stack(loo)
+    n = len(batches)
+    return torch.sqrt((n - 1) / n * ((loo - loo.mean(0)) ** 2).sum(0))
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_jackknife_se_equals_direct_leave_one_out(unbiased):
+    g = gen(21)
+    batches = []
+    for _ in range(7):
+        x = torch.randn(10, 12, generator=g, dtype=f64)
+        batches.append([x, x @ torch.randn(12, 5, generator=g, dtype=f64) + torch.randn(10, 5, generator=g, dtype=f64),
+                        torch.randn(10, 3, 2, generator=g, dtype=f64)])
+    acc = MinibatchCKA(unbiased=unbiased)
+    for b in batches:
+        acc.update(b)
+    se, ref = acc.compute_se(), loo_se_reference(batches, unbiased)
+    assert se.shape == (3, 3) and se.dtype == f64
+    torch.testing.assert_close(se, ref, rtol=0, atol=1e-10)
+    assert float(se[0, 1]) > 1e-3 and float(se[0, 2]) > 1e-3      # non-trivial values were compared
+    assert torch.all(torch.diagonal(se) < 1e-12)                    # CKA(x, x) = 1 in every leave-one-out
+    assert acc.batch_terms().shape == (7, 3, 3)
+    torch.testing.assert_close(acc.batch_terms().sum(0), acc.hsic, rtol=1e-14, atol=0)
+
+
+def test_se_is_nan_with_one_minibatch_and_after_loading_a_state_without_terms():
+    g = gen(22)
+    batches = [[torch.randn(8, 6, generator=g), torch.randn(8, 4, generator=g)] for _ in range(3)]
+    one = MinibatchCKA()
+    one.update(batches[0])
+    assert torch.isnan(one.compute_se()).all()
+    acc = MinibatchCKA()
+    for b in batches[:2]:
+        acc.update(b)
+    old = acc.state_dict()
+    del old["batch_hsic"]                                            # a state saved before the SE existed
+    resumed = MinibatchCKA()
+    resumed.load_state_dict(old)
+    resumed.update(batches[2])
+    assert torch.isnan(resumed.compute_se()).all() and resumed.batch_terms() is None
+    whole = MinibatchCKA()
+    for b in batches:
+        whole.update(b)
+    torch.testing.assert_close(resumed.compute(), whole.compute(), rtol=0, atol=1e-15)
+
+
+def test_state_round_trip_keeps_the_se():
+    g = gen(23)
+    batches = [[torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g)] for _ in range(5)]
+    whole = MinibatchCKA()
+    for b in batches:
+        whole.update(b)
+    first = MinibatchCKA()
+    for b in batches[:3]:
+        first.update(b)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = MinibatchCKA()
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    for b in batches[3:]:
+        resumed.update(b)
+    assert torch.equal(resumed.compute_se(), whole.compute_se())
+    assert float(whole.compute_se()[0, 1]) > 0

@@ -43,8 +43,13 @@ def planted_cka() -> CKAResult:
             blk = base * np.outer(c(na), c(nb)) if na != nb else base
             full[a * L:(a + 1) * L, b * L:(b + 1) * L] = blk
     full[L + 3, 2 * L + 3] = full[2 * L + 3, L + 3] = np.nan  # an undefined cell must not break the figure
+    # per-minibatch HSIC terms whose sum is `full` (its diagonal is 1, so CKA(full) = full): the SE is known
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.02, (8, 3 * L, 3 * L))
+    noise = noise + noise.transpose(0, 2, 1) - (noise + noise.transpose(0, 2, 1)).mean(0)
+    terms = full[None] / 8 * (1 + noise)
     return CKAResult(models=names, layers={n: list(range(L)) for n in names}, full=torch.from_numpy(full),
-                     num_images=64, features="tokens", unbiased=True, num_batches=2)
+                     num_images=64, features="tokens", unbiased=True, num_batches=8, batch_hsic=torch.from_numpy(terms))
 
 
 def recommendation() -> dict:
@@ -55,7 +60,9 @@ def recommendation() -> dict:
         per[t] = {"k_t": k, "task_head_layers": list(range(s, L)), "prior_layers": prior, "b": 2, "k_p": 4,
                   "divergence_start": s, "k_t_from_cka": k, "divergence": [0.0 if l < s else 0.12 * (l - s + 1) for l in range(L)],
                   "divergence_threshold": 0.05, "pretrained_groups": [[i, i + 1] for i in range(0, L, 2)],
-                  "trainable_params": {"seg": 10_234_567, "det": 14_500_001}[t],
+                  "trainable_params": {"seg": 10_234_567, "det": 14_500_001}[t], "divergence_kind": "step",
+                  "params_vs_full": {"seg": 0.4629, "det": 1.25}[t], "larger_than_full": t == "det",
+                  "backward_avoided": (L - k) / L, "step_time_ratio_estimate": (L + 3 * k) / (3 * L),
                   "evidence": [f"The curve leaves the plateau at block {s} for {t} & stays <above>.",
                                f"K_t = L - {s} = {k}.",
                                "Prior layers by the uniform rule from block 2 to 11: [2, 5, 8, 11]."]}
@@ -243,8 +250,15 @@ def test_pretrained_weights_have_no_banner_demo_has_one(tmp_path):
 
 def test_recommendation_numbers_and_evidence(built):
     _, _, html = built
-    assert cell_row(html, "seg") == ["seg", "3", "9-11", "2", "4", "2, 5, 8, 11", "9", "10.23 M (10,234,567)"]
-    assert cell_row(html, "det") == ["det", "5", "7-11", "2", "4", "2, 5, 8, 11", "7", "14.50 M (14,500,001)"]
+    assert cell_row(html, "seg") == ["seg", "3", "9-11", "2", "4", "2, 5, 8, 11", "9 (step)", "10.23 M (10,234,567)",
+                                     "0.46x", "75%", "0.58x"]
+    assert cell_row(html, "det") == ["det", "5", "7-11", "2", "4", "2, 5, 8, 11", "7 (step)", "14.50 M (14,500,001)",
+                                     "1.25x (larger than full fine-tuning)", "58%", "0.75x"]
+    # same-block CKA +- SE table: the pretrained model's adjacent blocks, then each copy; values from the file
+    table = html.split('id="se-table"', 1)[1].split("</table>", 1)[0]
+    assert "pretrained vs seg" in table and "pretrained: block l-1 vs l" in table
+    assert "1.0000 \u00b1 " in table and "0.6400 \u00b1 " in table       # seg block 11: 1 - 0.12 x 3
+    assert "jackknife SE over 8 minibatches" in html
     # evidence sentences, HTML-escaped
     assert "The curve leaves the plateau at block 9 for seg &amp; stays &lt;above&gt;." in html
     assert "Copy the last 5 of 12 blocks (7-11) as the det task head" in html

@@ -129,6 +129,32 @@ def test_finetune_backbone_returns_a_changed_copy_and_leaves_the_input():
     assert "fine-tune on seg" in tuned.weights_source and not tuned.training
 
 
+def test_finetune_backbone_on_step_sees_the_copy_and_can_stop_early():
+    from cka_split.autostop import StabilityStop, stability_callback
+
+    bb = tiny_backbone()
+    seen = []
+
+    def on_step(step, copy):
+        seen.append((step, copy.training, state_hash(copy)))
+        return step == 2
+
+    tuned = finetune_backbone(bb, "seg", "synthetic:size=32,classes=2", 5, batch_size=2, crop=32, lr=1e-3, device="cpu",
+                              on_step=on_step)
+    assert [s for s, _, _ in seen] == [1, 2] and all(training for _, training, _ in seen)
+    assert seen[0][2] != seen[1][2] and state_hash(tuned) == seen[1][2]     # stopped after step 2's update
+    assert "2 of 5 steps" in tuned.weights_source
+    # the auto callback through the CKA engine: every 2 steps, stops once K_t is unchanged for 1 check
+    stop = StabilityStop(every=2, patience=1)
+    probes = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    auto = stability_callback(bb, "seg", probes, stop, num_layers=len(bb.vit.blocks))
+    finetune_backbone(bb, "seg", "synthetic:size=32,classes=2", 12, batch_size=2, crop=32, lr=1e-3, device="cpu",
+                      on_step=auto)
+    steps = [s for s, _ in stop.trajectory]
+    assert steps == list(range(2, 2 * len(steps) + 1, 2)) and len(steps) >= 2
+    assert stop.stopped_at is None or (stop.stopped_at == steps[-1] and stop.trajectory[-1][1] == stop.trajectory[-2][1])
+
+
 def test_train_writes_outputs_and_records_the_split(tmp_path):
     out = tmp_path / "run"
     cfg = TrainConfig(task="seg", method="vitsplit", data="synthetic:size=32,classes=2", iters=4, batch_size=2, crop=32,

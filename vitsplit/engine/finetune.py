@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 from ..backbones import Backbone
 from ..data import build_dataset
@@ -17,9 +18,13 @@ from .loop import fit, seed_everything
 
 def finetune_backbone(backbone: Backbone, task: str, data_spec: str, steps: int, *, batch_size: int = 8, crop: int = 224,
                       lr: float | None = None, seed: int = 0, device: str = "auto", grad_accum: int = 1,
-                      masks: bool = True, progress: Progress = NULL_PROGRESS) -> Backbone:
+                      masks: bool = True, progress: Progress = NULL_PROGRESS,
+                      on_step: Callable[[int, Backbone], bool] | None = None) -> Backbone:
     """A copy of ``backbone`` fine-tuned on ``task`` for ``steps`` steps (method "full": every
     backbone weight plus the baseline head, the trainer's recipe); ``backbone`` is left untouched.
+
+    ``on_step(step, copy)``: called after every step with the copy being trained (in train mode);
+    True stops the fine-tuning there (the schedule still spans ``steps``).
 
     The returned backbone is in eval mode, frozen, on ``device``; its ``weights_source`` says how
     it was made."""
@@ -36,8 +41,10 @@ def finetune_backbone(backbone: Backbone, task: str, data_spec: str, steps: int,
     copy_bb = copy.deepcopy(backbone).cpu()
     model = Baseline(copy_bb, "full", task, data.num_classes, masks=cfg.masks,
                      det_preset=cfg.det_preset or det_preset_for(crop))
-    fit(model, data, cfg, device=dev, progress=progress)
-    copy_bb.weights_source = f"{backbone.weights_source} + full fine-tune on {task} ({data_spec}, {steps} steps, seed {seed})"
+    done = fit(model, data, cfg, device=dev, progress=progress,
+               on_step=None if on_step is None else (lambda step: on_step(step, copy_bb)))
+    copy_bb.weights_source = (f"{backbone.weights_source} + full fine-tune on {task} ({data_spec}, {done['step']} "
+                              f"{'of ' + str(steps) + ' ' if done['step'] != steps else ''}steps, seed {seed})")
     for p in copy_bb.parameters():
         p.requires_grad_(False)
     return copy_bb.eval()

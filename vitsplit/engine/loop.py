@@ -13,7 +13,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -54,10 +54,12 @@ def seed_everything(seed: int) -> None:
 
 
 def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.device, dist_info: Dist | None = None,
-        out: Path | None = None, progress: Progress = NULL_PROGRESS, start: dict[str, Any] | None = None) -> dict[str, Any]:
+        out: Path | None = None, progress: Progress = NULL_PROGRESS, start: dict[str, Any] | None = None,
+        on_step: Callable[[int], bool] | None = None) -> dict[str, Any]:
     """The training loop. Writes metrics.jsonl and last.pt under ``out`` (rank 0) when ``out`` is given.
 
-    ``start``: a loaded resume checkpoint. Returns {"step", "stopped", "elapsed"}.
+    ``start``: a loaded resume checkpoint. ``on_step(step)``: called after every optimizer step;
+    True stops the loop there ("stopped"). Returns {"step", "stopped", "elapsed"}.
     """
     d = dist_info or Dist()
     model.to(device)
@@ -138,6 +140,9 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
                                           "epoch": step * cfg.batch_size // len(dataset),
                                           "offset": step * cfg.batch_size % len(dataset)})
                 d.barrier()
+            if on_step is not None and on_step(step):
+                stopped = True
+                break
     finally:
         bar.close()
     return {"step": step, "stopped": stopped, "elapsed": elapsed}

@@ -48,14 +48,12 @@ from vitsplit.fileio import atomic_write, atomic_write_json
 from vitsplit.progress import NULL_PROGRESS, Progress
 
 from .analysis import batch_images, resolve_layers
-from .cka import GramWorkspace, MinibatchCKA
+from .cka import MIN_SE_BATCHES, GramWorkspace, MinibatchCKA
 from .features import FEATURE_MODES, BlockFeatures
+from .jackknife import se_from_replicates
 from .result import CKAResult
 
 FORMAT_VERSION = 1
-# Fewest minibatches for a usable leave-one-out SE: with fewer, the jackknife variance rests on too
-# few replicates (its relative error is about 1/sqrt(2(B-1))); below this the summary says so.
-MIN_JACKKNIFE_BATCHES = 8
 
 
 # =========================================================================== the split statistic
@@ -94,13 +92,10 @@ def split_of(m: np.ndarray) -> tuple[float, int]:
 
 
 def jackknife_se(replicates: np.ndarray) -> float:
-    """Leave-one-out jackknife SE from the B replicates (B,): sqrt((B-1)/B * sum (t_i - mean)^2)."""
+    """Leave-one-out jackknife SE (:func:`cka_split.jackknife.se_from_replicates`) of the B replicates
+    (B,) of a scalar statistic, undefined (NaN) replicates dropped."""
     r = np.asarray(replicates, dtype=np.float64)
-    r = r[~np.isnan(r)]
-    b = r.size
-    if b < 2:
-        return float("nan")
-    return float(math.sqrt((b - 1) / b * np.sum((r - r.mean()) ** 2)))
+    return float(se_from_replicates(torch.from_numpy(r[~np.isnan(r)])))
 
 
 # =========================================================================== token matching

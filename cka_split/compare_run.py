@@ -19,7 +19,8 @@ from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write_json, versions
 from vitsplit.progress import NULL_PROGRESS, Progress
 
-from .compare import MIN_JACKKNIFE_BATCHES, Comparison, compare_models
+from .cka import MIN_SE_BATCHES
+from .compare import Comparison, compare_models
 from .features import FEATURE_MODES
 from .run import default_run_dir, probe_loader
 
@@ -32,7 +33,7 @@ class CompareConfig:
     weights: dict[str, str] = field(default_factory=dict)  # model -> auto | random | PATH
     default_weights: str = "auto"
     data: str = "synthetic"
-    probe_images: int = 16 * MIN_JACKKNIFE_BATCHES  # enough minibatches for a usable jackknife SE
+    probe_images: int = 16 * MIN_SE_BATCHES  # enough minibatches for a usable jackknife SE
     batch_size: int = 16
     image_size: int = 224  # a multiple of 14 and 16: no model pads, token grids cover the same pixels
     features: str = "tokens"

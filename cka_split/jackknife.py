@@ -27,6 +27,18 @@ def jackknife_se(batch_hsic: torch.Tensor) -> torch.Tensor:
     if b < 2:
         return torch.full((f, f), float("nan"), dtype=torch.float64)
     h = batch_hsic.to(torch.float64)
-    loo = _cka_ratio(h.sum(dim=0, keepdim=True) - h)                  # (B, F, F)
+    return se_from_replicates(_cka_ratio(h.sum(dim=0, keepdim=True) - h))   # replicates (B, F, F)
+
+
+def se_from_replicates(loo: torch.Tensor) -> torch.Tensor:
+    """The jackknife SE from leave-one-out replicates of any statistic.
+
+    loo: (B, ...) the statistic computed without replicate b. Returns (...) float64
+    sqrt((B-1)/B * sum_b (loo_b - mean_b loo_b)^2); NaN where B < 2.
+    """
+    loo = loo.to(torch.float64)
+    b = int(loo.shape[0])
+    if b < 2:
+        return torch.full(loo.shape[1:], float("nan"), dtype=torch.float64)
     dev = loo - loo.mean(dim=0, keepdim=True)
     return torch.sqrt((b - 1) / b * (dev * dev).sum(dim=0))

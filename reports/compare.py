@@ -17,7 +17,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from matplotlib.figure import Figure
 from scipy import stats
 
-from cka_split.compare import MIN_JACKKNIFE_BATCHES, Comparison, ModelSplit
+from cka_split.cka import MIN_SE_BATCHES
+from cka_split.compare import Comparison, ModelSplit
 from vitsplit.fileio import atomic_write_text
 
 from . import figures as F
@@ -151,7 +152,7 @@ def report_context(cmp: Comparison) -> dict[str, Any]:
     return {
         "title": "Layer structure compared", "banners": banners(cmp), "facts": facts, "models": models,
         "splits": split_rows(cmp, splits), "differences": difference_rows(cmp),
-        "few_batches": cmp.num_batches < MIN_JACKKNIFE_BATCHES, "min_batches": MIN_JACKKNIFE_BATCHES,
+        "few_batches": cmp.num_batches < MIN_SE_BATCHES, "min_batches": MIN_SE_BATCHES,
         "level": DIFFERENCE_LEVEL, "contrast": _figure(F.png_bytes(contrast_figure(splits)), "Boundary contrast",
                                                         "Contrast at every boundary, +-1 jackknife SE; stars: the largest.",
                                                         "contrast"),

@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -71,6 +71,38 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str,
             return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a corrupt file
         raise UserError(f"{path} is not a safetensors file ({e})") from e
+
+
+def load_torch_restricted(path: str | os.PathLike, *, remedy: str, allow: Sequence[Any] = ()) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and plain containers only,
+    plus the classes and functions in ``allow``; a file that pickles anything else is refused and
+    nothing in it is imported or called. Torch's two-line warning about the pickle protocol of a file
+    that ``torch.save`` did not write is silenced: the UserError says what is wrong, ending in
+    ``remedy`` (what the user should do)."""
+    import pickle
+    import re
+    import warnings
+    import zipfile
+
+    import torch
+
+    from .errors import UserError
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allow)):
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
+        if found:  # the restricted unpickler met a class or function: it was neither imported nor called
+            raise UserError(f"refused to load {path}: it pickles '{found.group(1) or found.group(2)}', which is not a "
+                            "tensor or plain container, and loading it could run code (torch.load weights_only=True); "
+                            f"{remedy}") from e
+        raise UserError(f"cannot read {path}: not a torch file that loads with weights_only=True "
+                        f"(no code is run); {remedy}") from e
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); {remedy}") from e
 
 
 def versions() -> dict[str, str]:

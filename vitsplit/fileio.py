@@ -29,6 +29,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def ensure_writable_dir(path: str | os.PathLike, what: str) -> list[Path]:
+    """Create the folder ``path`` (and missing parents) and write a probe file in it, so that a run
+    fails before its work, not after, when the folder is a file, lies under a file, or cannot be
+    written. Returns the folders it created (outermost first); a UserError names ``what`` otherwise."""
+    from .errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder; give a folder path")
+    missing = []
+    for p in [path, *path.parents]:
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise UserError(f"{what} {path} cannot be created: {p} is a file, not a folder")
+            break
+        missing.append(p)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what} {path} is not writable ({e.strerror or type(e).__name__}); "
+                        "give a folder you can write to") from None
+    return missing[::-1]
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fileio import ensure_writable_dir
 
 LOCK_NAME = ".cka-split.lock"
 _TAKE_ATTEMPTS = 3  # another job can create, release or break the lock between our steps; retry that often
@@ -87,14 +88,15 @@ class RunLock:
 
     ``stale`` is the dead owner whose lock was taken over, if any (for the caller to report)."""
 
-    def __init__(self, folder: str | os.PathLike, command: str | None = None):
-        self.folder = Path(folder)
+    def __init__(self, folder: str | os.PathLike, command: str | None = None, what: str = "--out"):
+        self.folder, self.what = Path(folder), what
         self.path = self.folder / LOCK_NAME
         self.owner = LockOwner(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
                                command=command or shlex.join(sys.argv), token=secrets.token_hex(8),
                                proc_start=_proc_start(os.getpid()))
         self.stale: LockOwner | None = None
         self.held = False
+        self.created: list[Path] = []  # folders acquire() made: removed on release if still empty
 
     def __enter__(self) -> "RunLock":
         self.acquire()
@@ -104,10 +106,7 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the run directory {self.folder} ({e.strerror}); give another --out") from None
+        self.created = ensure_writable_dir(self.folder, self.what)
         for _ in range(_TAKE_ATTEMPTS):
             if self._create():
                 self.held = True
@@ -116,12 +115,13 @@ class RunLock:
             if owner is None:  # released since we looked: try again
                 continue
             if not owner.is_stale():
+                self._remove_created()
                 raise UserError(f"{self.folder} is in use by {owner.describe()}; wait for that job to end or give "
-                                f"another --out (if it is not running, delete {self.path})")
+                                f"another {self.what} (if it is not running, delete {self.path})")
             if self._break(owner):
                 self.stale = owner
         raise UserError(f"could not lock {self.folder}: other jobs keep taking and releasing {self.path}; "
-                        "give each job its own --out")
+                        f"give each job its own {self.what}")
 
     def _create(self) -> bool:
         """Create the lock file with our content if it does not exist; False if it does."""
@@ -129,7 +129,7 @@ class RunLock:
         try:
             fd, tmp = tempfile.mkstemp(prefix=f"{LOCK_NAME}.", suffix=".tmp", dir=self.folder)
         except OSError as e:
-            raise UserError(f"cannot write in the run directory {self.folder} ({e.strerror}); give another --out") from None
+            raise UserError(f"{self.what} {self.folder} is not writable ({e.strerror}); give another folder") from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
@@ -170,7 +170,7 @@ class RunLock:
         return True
 
     def release(self) -> None:
-        """Delete the lock file if it is still ours."""
+        """Delete the lock file if it is still ours, and the folders acquire() made if they stayed empty."""
         if not self.held:
             return
         self.held = False
@@ -180,3 +180,12 @@ class RunLock:
             return
         if owner is not None and owner.token == self.owner.token:
             self.path.unlink(missing_ok=True)
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                break
+        self.created = []

@@ -17,7 +17,7 @@ import time
 import torch
 from torchvision.ops import deform_conv2d
 
-from vitsplit.layers import deform_conv2d_fast
+from vitsplit.ops.deform_conv import deform_conv2d_fast
 
 
 def _time(fn, reps: int) -> float:

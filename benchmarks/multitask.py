@@ -23,8 +23,7 @@ import time
 import torch
 
 from vitsplit import build_backbone
-from vitsplit.model import ViTSplit, prior_layers_uniform
-from vitsplit.multitask import MultiTaskViTSplit
+from vitsplit.model import MultiTaskViTSplit, ViTSplit, prior_layers_uniform
 
 
 def _time_pair(fa, fb, iters: int) -> tuple[float, float]:

@@ -33,7 +33,8 @@ import json, resource, statistics, sys, time
 import torch
 torch.set_num_threads({threads})
 from vitsplit.backbones import build_backbone
-from vitsplit.train import TrainConfig, build_model, default_split
+from vitsplit.engine import TrainConfig, build_model
+from vitsplit.model import default_split
 arch, method, steps = {arch!r}, {method!r}, {steps}
 
 def rss_kib():

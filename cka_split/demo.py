@@ -23,11 +23,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from vitsplit.backbones import build_backbone
+from vitsplit.backbones.demo_vit import cache_path, demo_recipe
+from vitsplit.engine import TrainConfig, train
 from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write_json
+from vitsplit.ops.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from vitsplit.pretrain import load_or_pretrain_demo_vit
 from vitsplit.progress import NULL_PROGRESS, Progress
 
+from .pca import pca_maps
 from .run import AnalyzeConfig, run_analyze
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
@@ -67,10 +74,7 @@ def demo_plan(quick: bool) -> DemoPlan:
 def photographs(size: int) -> tuple[list[str], torch.Tensor]:
     """Real photographs shipped inside scikit-image's wheel, centre-cropped square, resized to
     ``size`` and ImageNet-normalised: (names, (N, 3, size, size))."""
-    import skimage.data
-    from PIL import Image
-
-    from vitsplit.backbones import IMAGENET_MEAN, IMAGENET_STD
+    import skimage.data  # noqa: PLC0415 - scikit-image takes seconds to import; only the demo's photographs need it
 
     out, names = [], []
     for name in PHOTOS:
@@ -90,10 +94,6 @@ def photographs(size: int) -> tuple[list[str], torch.Tensor]:
 
 def _photo_pca(run: Path, size: int, device: str, progress: Progress) -> None:
     """PCA maps of the photographs for every model of the run, in RUN/pca/photos/."""
-    from vitsplit.backbones import build_backbone
-
-    from .pca import pca_maps
-
     cfg = json.loads((run / "config.json").read_text())
     models = {"pretrained": build_backbone("demo-vit", cfg["weights"])}
     for task in cfg["options"]["tasks"]:
@@ -108,9 +108,6 @@ def _photo_pca(run: Path, size: int, device: str, progress: Progress) -> None:
 def run_demo(out: Path, plan: DemoPlan = FULL_PLAN, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
     """Steps 1-4 of the module docstring into ``out`` (the analysis run directory; training runs go
     to ``out/training/<method>``). Returns a summary dict (also saved as ``out/demo.json``)."""
-    from vitsplit.pretrain import cache_path, demo_recipe, load_or_pretrain_demo_vit
-    from vitsplit.train import TrainConfig, train
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already holds files; give a new --out directory")

@@ -58,35 +58,19 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
+from vitsplit.backbones import Backbone, create_vit, resolve_name
 from vitsplit.errors import UserError
-
-# Published ViT-Split configurations by backbone depth (VITSPLIT_SPEC.md, ADE20K table).
-PUBLISHED_K_T = {12: 3, 24: 4, 40: 8}
-PUBLISHED_K_P = {12: 4, 24: 8, 40: 14}
-DEFAULT_B = 2
+from vitsplit.model import ViTSplit, count_trainable
+from vitsplit.model.configs import DEFAULT_B, PUBLISHED_K_P, default_k_t, prior_layers_uniform
 
 ParamCount = Callable[[str, int, list[int]], int]
-
-
-def default_k_t(num_layers: int) -> int:
-    """The paper's K_t for this depth (3 for 12 blocks, 4 for 24, 8 for 40), else round(L/4)."""
-    return int(np.clip(PUBLISHED_K_T.get(num_layers, round(num_layers / 4)), 1, max(1, num_layers - 1)))
 
 
 def default_k_p(num_layers: int) -> int:
     """The paper's K_p for this depth (4 for 12 blocks, 8 for 24, 14 for 40), else round(L/3)."""
     return int(max(2, PUBLISHED_K_P.get(num_layers, round(num_layers / 3))))
-
-
-def uniform_prior_layers(num_layers: int, b: int, k_p: int) -> list[int]:
-    """S = {b + floor(i * (L-1-b) / (K_p-1))}, i = 0..K_p-1 (the release truncates; the paper
-    rounds; both agree on the published configs). Integer arithmetic, so no float round-off."""
-    if k_p < 1 or not 0 <= b <= num_layers - 1:
-        raise UserError(f"cannot place {k_p} prior layers from block {b} in a {num_layers}-block model")
-    if k_p == 1:
-        return [num_layers - 1]
-    return [b + (i * (num_layers - 1 - b)) // (k_p - 1) for i in range(k_p)]
 
 
 @dataclass
@@ -291,7 +275,7 @@ def recommend_split(res, pretrained: str = "pretrained", tasks: Sequence[str] | 
     m_pp = np.asarray(res.matrix(pretrained, pretrained), dtype=np.float64)
     b, k_p, groups, ev_prior = _pretrained_structure(m_pp, p_layers, L, group_threshold=group_threshold,
                                                      b_default=b_default, k_p_default=kp_def)
-    prior = uniform_prior_layers(L, b, k_p)
+    prior = prior_layers_uniform(L, k_p, b)
     ev_prior.append(f"Prior layers by the uniform rule from block {b} to {L - 1}: {prior}.")
 
     per_task: dict[str, TaskSplit] = {}
@@ -356,11 +340,6 @@ def recommend_split(res, pretrained: str = "pretrained", tasks: Sequence[str] | 
 def vitsplit_param_counter(backbone_name: str, num_classes: dict[str, int]) -> ParamCount:
     """``param_count(task, k_t, prior_layers)`` that builds the model engineer's ViTSplit on the meta
     device (no memory, no weights) and counts its trainable parameters. Results are cached."""
-    import torch
-
-    from vitsplit.backbones import Backbone, create_vit, resolve_name
-    from vitsplit.model import ViTSplit, count_trainable
-
     spec = resolve_name(backbone_name)
     cache: dict[tuple, int] = {}
 

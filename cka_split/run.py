@@ -1,8 +1,8 @@
-"""The ``analyze`` pipeline and the run directory it writes (ARCHITECTURE.md, "Run directory").
+"""The ``analyze`` pipeline and the run directory it writes (``docs/run-directory.md``).
 
 1. Load the pretrained backbone (``model``, ``weights``).
 2. Per task: load ``finetuned[task]`` (a backbone fine-tuned elsewhere) or fine-tune a copy with the
-   trainer (:func:`vitsplit.train.finetune_backbone`, ``finetune_steps`` on that task's data) and
+   trainer (:func:`vitsplit.engine.finetune_backbone`, ``finetune_steps`` on that task's data) and
    save it to ``RUN/finetuned/TASK.safetensors`` (timm state-dict layout).
 3. CKA of every block of every model, one pass over ``probe_images`` validation images
    (:func:`cka_split.analysis.analyze`), saved as ``RUN/cka.npz``.
@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,14 +26,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
 
+from vitsplit.backbones import backbone_config, build_backbone
+from vitsplit.data import TASKS, build_dataset, collate
+from vitsplit.device import resolve_device
+from vitsplit.engine import finetune_backbone
 from vitsplit.errors import UserError
-from vitsplit.fileio import atomic_write, atomic_write_json, atomic_write_text, versions
+from vitsplit.fileio import atomic_write, atomic_write_json, atomic_write_text, sha256_file, versions
 from vitsplit.progress import NULL_PROGRESS, Progress
 
+from .analysis import analyze
+from .pca import pca_maps
 from .recommend import SplitRecommendation, recommend_split, vitsplit_param_counter
-
-TASKS = ("seg", "det", "depth")
+from .result import CKAResult
 FEATURES = ("tokens", "mean", "cls")
 PRECISIONS = ("fp32", "bf16")
 
@@ -125,10 +133,6 @@ def validate(cfg: AnalyzeConfig) -> None:
         raise UserError(f"--finetune-steps {cfg.finetune_steps}: tasks without --finetuned need at least 1 fine-tuning step")
 
 
-def resolve_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def default_run_dir(root: str | Path = "runs") -> Path:
     base = Path(root) / datetime.now().strftime("%Y%m%d-%H%M%S")
     out, k = base, 1
@@ -168,18 +172,12 @@ def resolve_run_dir(path: str | Path) -> Path:
 
 def save_backbone(bb, path: Path) -> Path:
     """The backbone's timm ``VisionTransformer`` state dict as safetensors (the layout loaders read)."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous().clone() for k, v in bb.vit.state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "timm", "model": bb.name}))
 
 
 def probe_loader(cfg: AnalyzeConfig):
     """Validation images of the probe spec, ``batch_size`` per minibatch, whole minibatches only."""
-    from torch.utils.data import DataLoader
-
-    from vitsplit.data import build_dataset, collate
-
     ds = build_dataset(cfg.probe_spec(), "val", task="seg", crop=cfg.image_size, augment=False,
                        length=cfg.probe_images, seed=cfg.seed)
     n = min(len(ds), cfg.probe_images)
@@ -195,8 +193,6 @@ def probe_loader(cfg: AnalyzeConfig):
 
 def task_num_classes(cfg: AnalyzeConfig) -> dict[str, int]:
     """Classes of each task's data (seg classes, det object classes; 1 for depth)."""
-    from vitsplit.data import build_dataset
-
     out = {}
     for t in cfg.tasks:
         if t == "depth":
@@ -207,22 +203,9 @@ def task_num_classes(cfg: AnalyzeConfig) -> dict[str, int]:
     return out
 
 
-def _param_counter(model: str, num_classes: dict[str, int]):
-    """ViT-Split's trainable-parameter count on the meta device, or None where the model code is absent."""
-    try:
-        import vitsplit.model  # noqa: F401
-    except ImportError:
-        return None
-    return vitsplit_param_counter(model, num_classes)
-
-
 def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple[Path, SplitRecommendation]:
     """The whole pipeline (module docstring). Returns (run directory, recommendation)."""
     validate(cfg)
-    from vitsplit.backbones import backbone_config, build_backbone
-
-    from .analysis import analyze
-
     t0 = time.time()
     started = datetime.now().isoformat(timespec="seconds")
     run = Path(cfg.out) if cfg.out else default_run_dir()
@@ -241,8 +224,6 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
             bb = build_backbone(cfg.model, cfg.finetuned[t])
             sources[t] = {"origin": "given (--finetuned)", "file": str(Path(cfg.finetuned[t]).resolve())}
         else:
-            from vitsplit.train import finetune_backbone
-
             steps = cfg.finetune_steps_per_task.get(t, cfg.finetune_steps)
             progress.log(f"fine-tuning a copy of {cfg.model} for {t}: {steps} steps on {cfg.data_for(t)}")
             bb = finetune_backbone(pretrained, t, cfg.data_for(t), steps, batch_size=cfg.finetune_batch_size,
@@ -265,8 +246,6 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
 
     pca_index = None
     if cfg.pca_images > 0:
-        from .pca import pca_maps
-
         k = min(cfg.pca_images, len(loader.dataset))
         images = torch.stack([loader.dataset[i]["image"] for i in range(k)])
         with torch.no_grad(), autocast:
@@ -274,11 +253,9 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
 
     weights_arg, weights_file_sha = cfg.weights, None
     if cfg.weights not in ("auto", "random"):
-        from vitsplit.backbones import sha256_file
-
         weights_arg, weights_file_sha = str(Path(cfg.weights).resolve()), sha256_file(cfg.weights)
     num_classes = task_num_classes(cfg)
-    counter = _param_counter(cfg.model, num_classes)
+    counter = vitsplit_param_counter(cfg.model, num_classes)
     rec = recommend_split(res, tasks=cfg.tasks, model=cfg.model, num_layers=pretrained.num_layers,
                           max_trainable_params=cfg.max_trainable_params, param_count=counter)
     atomic_write_json(run / "recommendation.json", rec.to_json())
@@ -306,13 +283,10 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
 def recommend_run(run_dir: str | Path, max_trainable_params: int | None = None, **kwargs) -> tuple[Path, SplitRecommendation]:
     """Recompute RUN/recommendation.json from RUN/cka.npz and RUN/config.json (no model weights; a
     budget builds ViT-Split on the meta device to count parameters). ``kwargs`` go to recommend_split."""
-    import json
-
     run = resolve_run_dir(run_dir)
     for name in ("config.json", "cka.npz"):
         if not (run / name).is_file():
             raise UserError(f"{run / name} is missing; is {run} a run written by 'cka-split analyze'?")
-    from .result import CKAResult
     try:
         config = json.loads((run / "config.json").read_text())
         opts = config["options"]
@@ -322,9 +296,7 @@ def recommend_run(run_dir: str | Path, max_trainable_params: int | None = None, 
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{run / 'config.json'} is not an analyze config ({e}); rerun 'cka-split analyze'") from e
     res = CKAResult.load(run / "cka.npz")
-    counter = _param_counter(model, num_classes)
-    if max_trainable_params is not None and counter is None:
-        raise UserError("--max-trainable-params needs vitsplit.model to count ViT-Split's parameters, and it is not installed")
+    counter = vitsplit_param_counter(model, num_classes)
     rec = recommend_split(res, tasks=tasks, model=model, num_layers=num_layers, max_trainable_params=max_trainable_params,
                           param_count=counter, **kwargs)
     atomic_write_json(run / "recommendation.json", rec.to_json())

@@ -1,5 +1,5 @@
-"""``python -m cli ...`` runs the same app as ``cka-split ...`` (so ``torchrun -m cli train`` works)."""
+"""``python -m cka_split.cli ...`` runs the same app as ``cka-split ...``."""
 
-from cli.app import main
+from .app import main
 
 main()

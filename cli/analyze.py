@@ -7,14 +7,13 @@ from typing import List, Optional
 
 import typer
 
-from cli.app import app
 from vitsplit.errors import UserError
-from cli.options import parse_task_map
-from cli.progress import RichProgress
-from cli.recommend import print_recommendation
+
+from .options import parse_task_map
+from .progress import RichProgress
+from .recommend import print_recommendation
 
 
-@app.command(context_settings={"allow_extra_args": True}, help="Collect per-layer activations of the pretrained model and task-finetuned copies, compute CKA for all layer pairs, draw PCA maps, and recommend K_t and prior layers per task.")
 def analyze(
     ctx: typer.Context,
     model: str = typer.Option("dinov2_vits14", help="dinov2_vit{s,b,l,g}14[_reg], a timm ViT name, hf:<dir>, or demo-vit."),
@@ -49,9 +48,14 @@ def analyze(
         seed=seed, out=str(out) if out is not None else None, pca_images=pca_images,
         max_trainable_params=None if max_trainable_params is None else int(round(max_trainable_params * 1e6)),
     )
-    from reports import build_report
+    from cka_split.reports import build_report
 
     with RichProgress() as progress:
         run, rec = run_analyze(cfg, progress=progress)
         build_report(run)
     print_recommendation(rec, run)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cka-split analyze`` to ``app``."""
+    app.command(context_settings={"allow_extra_args": True}, help="Collect per-layer activations of the pretrained model and task-finetuned copies, compute CKA for all layer pairs, draw PCA maps, and recommend K_t and prior layers per task.")(analyze)

@@ -9,6 +9,8 @@ import typer
 
 from vitsplit.errors import UserError
 
+from . import analyze, demo, evaluate, recommend, report, train
+
 app = typer.Typer(
     name="cka-split",
     help="Find where a ViT's layers split into shared and task-specific groups (CKA), and train ViT-Split with that split.",
@@ -18,9 +20,10 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-
-# Each command lives in its own module and registers itself on `app`.
-from cli import analyze, demo, evaluate, recommend, report, train  # noqa: E402,F401
+# Each command lives in its own module, which never imports this one; `--help` lists them in this order
+# (the README's: analysis, then training, then the rest).
+for _command in (analyze, recommend, train, evaluate, report, demo):
+    _command.register(app)
 
 
 # typer >= 0.20 vendors click; take its exception classes from typer itself.
@@ -29,7 +32,7 @@ _UsageError, _ClickException = _MRO["UsageError"], _MRO["ClickException"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``cka-split`` and ``python -m cli``."""
+    """Entry point of ``cka-split`` and ``python -m cka_split.cli``."""
     try:
         rv = app(args=argv, prog_name="cka-split", standalone_mode=False)
     except UserError as e:

@@ -10,19 +10,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.app import app
-from cli.progress import RichProgress
+from .progress import RichProgress
 
 
-@app.command(help="Run the whole pipeline offline on the synthetic scenes with the demo ViT: pretrain it (cached), "
-                  "fine-tune seg and det copies, CKA, recommendation, PCA maps, ViT-Split vs linear and full "
-                  "fine-tuning, and the report.")
 def demo(
     out: Optional[Path] = typer.Option(None, help="Output directory (default runs/demo-<timestamp>)."),
     quick: bool = typer.Option(False, help="Smaller everything, same steps (about 3 minutes)."),
 ) -> None:
     from cka_split.demo import demo_plan, run_demo
-    from reports import build_report
+    from cka_split.reports import build_report
 
     run = out or Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     with RichProgress() as progress:
@@ -50,6 +46,13 @@ def demo(
     console.print(f"weights: {summary['weights_source']}")
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items()))
     console.print(f"report: {report.resolve()}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cka-split demo`` to ``app``."""
+    app.command(help="Run the whole pipeline offline on the synthetic scenes with the demo ViT: pretrain it (cached), "
+                     "fine-tune seg and det copies, CKA, recommendation, PCA maps, ViT-Split vs linear and full "
+                     "fine-tuning, and the report.")(demo)
 
 
 def _params(n: int | None) -> str:

@@ -8,10 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.app import app
 
-
-@app.command(help="Evaluate a trained checkpoint (mIoU, COCO mAP, or depth errors).")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A training output directory or its model.safetensors."),
     data: Optional[str] = typer.Option(None, help="Data spec (default: the one the model was trained with; its val split)."),
@@ -23,7 +20,7 @@ def evaluate(
     from vitsplit.evaluate import evaluate_checkpoint
     from vitsplit.fileio import atomic_write_json
 
-    from cli.progress import RichProgress, console
+    from .progress import RichProgress, console
 
     with RichProgress() as progress:
         result = evaluate_checkpoint(checkpoint, data=data, mode=mode, stride=stride, device=device, progress=progress)
@@ -32,3 +29,8 @@ def evaluate(
     shown = {k: v for k, v in result.items() if k not in ("IoU", "class_names")}
     console.print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
     typer.echo(json.dumps(shown))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cka-split evaluate`` to ``app``."""
+    app.command(help="Evaluate a trained checkpoint (mIoU, COCO mAP, or depth errors).")(evaluate)

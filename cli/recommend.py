@@ -9,8 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.app import app
-
 
 def print_recommendation(rec, run: Path) -> None:
     """A table of K_t and prior layers per task, then the evidence, on stdout."""
@@ -33,7 +31,6 @@ def print_recommendation(rec, run: Path) -> None:
                   markup=False, soft_wrap=True)
 
 
-@app.command(help="Recompute the K_t / prior-layer recommendation from a saved analysis run, without touching a model.")
 def recommend(
     run_dir: Path = typer.Argument(..., help="An analysis run directory."),
     max_trainable_params: Optional[float] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions)."),
@@ -43,3 +40,8 @@ def recommend(
     budget = None if max_trainable_params is None else int(round(max_trainable_params * 1e6))
     run, rec = recommend_run(run_dir, max_trainable_params=budget)
     print_recommendation(rec, run)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cka-split recommend`` to ``app``."""
+    app.command(help="Recompute the K_t / prior-layer recommendation from a saved analysis run, without touching a model.")(recommend)

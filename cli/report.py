@@ -8,22 +8,20 @@ from typing import List, Optional
 
 import typer
 
-from cli.app import app
+from .recommend import print_recommendation
 
 
-@app.command(help="Rebuild the self-contained HTML report of an analysis run (and of the training runs linked to it).")
 def report(
     run_dir: Path = typer.Argument(..., help="An analysis run directory (or runs/latest)."),
     training: Optional[List[Path]] = typer.Option(None, "--training", help="A training run directory to include (repeatable); runs under RUN/training/ and runs whose config names RUN are found anyway."),
 ) -> None:
-    from reports import build_report
+    from cka_split.reports import build_report
 
     path = build_report(run_dir, training_runs=training or None,
                         warn=lambda problem: print(f"cka-split: warning: {problem}", file=sys.stderr))
     rec = path.parent / "recommendation.json"
     if rec.is_file():
         from cka_split.recommend import SplitRecommendation
-        from cli.recommend import print_recommendation
         from vitsplit.errors import UserError
 
         try:
@@ -31,3 +29,8 @@ def report(
         except UserError as e:  # the report is written; the table is a convenience
             print(f"(recommendation table not printed: {e})")
     print(f"report: {path}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cka-split report`` to ``app``."""
+    app.command(help="Rebuild the self-contained HTML report of an analysis run (and of the training runs linked to it).")(report)

@@ -8,11 +8,9 @@ from typing import Optional
 
 import typer
 
-from cli.app import app
-from cli.options import parse_int_list
+from .options import parse_int_list
 
 
-@app.command(help="Train ViT-Split (with --auto-split: the split an analysis recommended) or a baseline: linear, full, lora.")
 def train(
     auto_split: Optional[str] = typer.Option(None, "--auto-split", help="Take model, weights, K_t and prior layers from RUN/recommendation.json: a run dir, or 'latest' for runs/latest. Explicit options override."),
     k_t: Optional[int] = typer.Option(None, "--k-t", help="Task-head blocks (copies of the last K_t blocks)."),
@@ -44,9 +42,9 @@ def train(
     lora_rank: int = typer.Option(8, help="LoRA rank (--method lora)."),
     no_masks: bool = typer.Option(False, "--no-masks", help="Detection without masks (Faster R-CNN)."),
 ) -> None:
-    from vitsplit.train import TrainConfig, train as run_train
+    from vitsplit.engine import TrainConfig, train as run_train
 
-    from cli.progress import RichProgress, console
+    from .progress import RichProgress, console
 
     cfg = TrainConfig(task=task, method=method, model=model, weights=weights, data=data, val_data=val_data, k_t=k_t,
                       prior_layers=parse_int_list(prior_layers, "--prior-layers"), auto_split=auto_split, iters=iters,
@@ -63,3 +61,8 @@ def train(
         console.print("[bold]final metrics[/bold] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                             for k, v in shown.items()))
         console.print(f"wrote {out}/config.json, metrics.jsonl, last.pt, model.safetensors, eval.json")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cka-split train`` to ``app``."""
+    app.command(help="Train ViT-Split (with --auto-split: the split an analysis recommended) or a baseline: linear, full, lora.")(train)

@@ -214,7 +214,7 @@ def resolve_run(run_dir: str | Path) -> Path:
 def build_report(run_dir: str | Path, *, training_runs: list[str | Path] | None = None,
                  warn: Callable[[str], None] | None = None) -> Path:
     """Write RUN/report.html from the run directory alone (plus any ``training_runs`` directories,
-    and the training runs linked to it, see :mod:`reports.training`). Returns its path.
+    and the training runs linked to it, see :mod:`cka_split.reports.training`). Returns its path.
 
     ``warn`` is called with each part left out and why (the page lists them too)."""
     run = resolve_run(run_dir)

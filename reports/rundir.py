@@ -7,7 +7,7 @@ unreadable is left out of the report (and named in :attr:`RunData.problems`), ne
 - ``RUN/cka.npz``: the CKA matrices, read with ``cka_split``'s ``CKAResult.load``.
 - ``RUN/recommendation.json``: :meth:`cka_split.recommend.SplitRecommendation.to_json`'s layout.
 - ``RUN/pca/index.json``: :func:`cka_split.pca.pca_maps`'s index (file names relative to ``RUN/pca``).
-- Linked training runs: see :mod:`reports.training`.
+- Linked training runs: see :mod:`cka_split.reports.training`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class RunData:
     recommendation: dict[str, Any] | None = None
     pca: dict[str, Any] | None = None
     pca_photos: dict[str, Any] | None = None  # RUN/pca/photos/index.json: the same maps on photographs
-    training: list = field(default_factory=list)  # reports.training.TrainingRun
+    training: list = field(default_factory=list)  # cka_split.reports.training.TrainingRun
     problems: list[str] = field(default_factory=list)
 
     @property

@@ -1,6 +1,6 @@
 """The figure sections of the report: CKA heatmaps, same-layer curves, PCA grids, training runs.
 
-Each function takes the :class:`reports.rundir.RunData` of a run and returns the figures of its
+Each function takes the :class:`cka_split.reports.rundir.RunData` of a run and returns the figures of its
 section as template-ready dicts (PNG data URI, title, caption, id), or nothing where the run
 directory lacks that part.
 """

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cka_split.run import AnalyzeConfig, parse_data_options, resolve_run_dir, update_latest, validate
-from cli.app import main
+from cka_split.cli.app import main
 from vitsplit.errors import UserError
 
 

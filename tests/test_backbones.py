@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import vitsplit.checkpoints as ck
+import vitsplit.backbones.hub as hub
+from vitsplit.backbones import demo_vit
+from vitsplit.backbones.hf import hf_spec
+from vitsplit.fileio import sha256_file
 from vitsplit.backbones import Backbone, BackboneSpec, build_backbone, create_vit, resolve_name
 from vitsplit.errors import UserError
 
@@ -158,7 +161,7 @@ def test_every_layout_round_trips_bit_for_bit(tmp_path, layout, arch, wrap, suff
     assert_same_outputs(bb, ref, torch.randn(2, 3, 56, 42))
     source = bb.weights_source
     assert source.startswith(f"file {path.resolve()} sha256:")
-    assert source.split("sha256:")[1] == ck.sha256_file(path)
+    assert source.split("sha256:")[1] == sha256_file(path)
 
 
 def test_official_registers_conversion_moves_cls_position(tmp_path):
@@ -221,7 +224,7 @@ def test_hf_spec_giant_swiglu_width_and_json_kwargs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({
         "model_type": "dinov2", "hidden_size": 1536, "num_hidden_layers": 1, "num_attention_heads": 24,
         "mlp_ratio": 4, "use_swiglu_ffn": True, "image_size": 518, "patch_size": 14}))
-    spec = ck.hf_spec(f"hf:{tmp_path}")
+    spec = hf_spec(f"hf:{tmp_path}")
     json.dumps(spec.timm_kwargs)  # recordable as plain JSON
     with torch.device("meta"):
         vit = timm.create_model(spec.timm_name, **spec.timm_kwargs)
@@ -316,7 +319,7 @@ def test_auto_finds_official_file_in_torch_hub_cache(empty_caches):
     path = save(sd, folder / "dinov2_vits14_pretrain.pth")
     bb = build_backbone("dinov2_vits14", "auto")
     url = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
-    assert bb.weights_source == f"torch.hub {url} (file {path} sha256:{ck.sha256_file(path)})"
+    assert bb.weights_source == f"torch.hub {url} (file {path} sha256:{sha256_file(path)})"
     x = torch.randn(1, 3, 28, 42)
     with torch.no_grad():
         assert torch.equal(bb(x), Backbone(ref, name="ref", weights_source="")(x))
@@ -331,7 +334,7 @@ def test_auto_finds_hf_hub_cache(empty_caches):
     (repo / "refs" / "main").write_text("0123abc")
     path = save(dict(ref.state_dict()), repo / "snapshots" / "0123abc" / "model.safetensors")
     bb = build_backbone(spec, "auto")
-    assert bb.weights_source == f"hub test-org/tiny (file {path} sha256:{ck.sha256_file(path)})"
+    assert bb.weights_source == f"hub test-org/tiny (file {path} sha256:{sha256_file(path)})"
     assert_same_outputs(bb, ref, torch.randn(1, 3, 28, 28))
 
 
@@ -339,17 +342,17 @@ def test_auto_finds_hf_hub_cache(empty_caches):
 def test_auto_offline_fails_fast_naming_both_ways_forward(empty_caches, monkeypatch, how):
     if how == "probe":  # no offline flag: the connection probe decides. 192.0.2.1 is TEST-NET-1 (RFC 5737).
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(ck, "PROBE_ADDRESS", ("192.0.2.1", 443))
+        monkeypatch.setattr(hub, "PROBE_ADDRESS", ("192.0.2.1", 443))
     elif how == "hung-probe":  # a lookup that never returns (a dead DNS server): the probe is abandoned
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         def hung(*args, **kwargs):
             time.sleep(12)
             raise OSError("lookup timed out")
 
-        monkeypatch.setattr(ck.socket, "create_connection", hung)
+        monkeypatch.setattr(hub.socket, "create_connection", hung)
     else:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(ck, "_download", lambda spec: pytest.fail("tried to download while offline"))
+    monkeypatch.setattr(hub, "download", lambda spec: pytest.fail("tried to download while offline"))
     start = time.monotonic()
     with pytest.raises(UserError) as e:
         build_backbone("dinov2_vits14", "auto")
@@ -372,24 +375,22 @@ def test_hf_hub_id_from_the_hf_cache(empty_caches):
         "mlp_ratio": 4, "patch_size": 14, "image_size": 56, "use_swiglu_ffn": False}))
     path = save(hf_layout(ref), snap / "model.safetensors")
     bb = build_backbone("hf:test-org/dinov2-tiny", "auto")
-    assert bb.weights_source == f"hf test-org/dinov2-tiny (file {path} sha256:{ck.sha256_file(path)})"
+    assert bb.weights_source == f"hf test-org/dinov2-tiny (file {path} sha256:{sha256_file(path)})"
     assert_same_outputs(bb, ref, torch.randn(1, 3, 56, 56))
     with pytest.raises(UserError, match="neither a folder nor in the Hugging Face cache"):
         resolve_name("hf:test-org/not-cached")
 
 
 def test_demo_vit_auto_uses_the_demo_cache(empty_caches):
-    from vitsplit import pretrain
-
     with pytest.raises(UserError, match="cka-split demo"):
         build_backbone("demo-vit", "auto")
-    where = ck.demo_vit_cache_path()
+    where = demo_vit.demo_vit_cache_path()
     assert where.parent == empty_caches / "cka" and where.name.startswith("demo-vit-")
-    assert where.name.endswith(".safetensors") and pretrain.FULL_RECIPE.recipe_id in where.name
+    assert where.name.endswith(".safetensors") and demo_vit.FULL_RECIPE.recipe_id in where.name
     vit = randomize(create_vit(resolve_name("demo-vit")))
-    pretrain.save_demo_vit(vit, pretrain.FULL_RECIPE, where, [1.0], [1.0])
+    demo_vit.save_demo_vit(vit, demo_vit.FULL_RECIPE, where, [1.0], [1.0])
     bb = build_backbone("demo-vit", "auto")
-    assert str(where) in bb.weights_source and ck.demo_vit_cache_path() == where
+    assert str(where) in bb.weights_source and demo_vit.demo_vit_cache_path() == where
     assert torch.equal(bb.vit.blocks[3].attn.qkv.weight, vit.blocks[3].attn.qkv.weight)
 
 
@@ -461,3 +462,56 @@ def test_tokens_to_map_drops_prefix_tokens_row_major():
     for i in range(2):
         for j in range(3):
             assert torch.equal(fmap[:, :, i, j], tokens[:, 5 + i * 3 + j])
+
+
+def test_seeded_random_build_leaves_the_global_rng_alone():
+    """build_backbone(seed=...) is reproducible and does not reseed the caller's global generator."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_backbone(tiny_spec(), "random", seed=5)
+    assert torch.equal(torch.rand(3), expected_next)
+    b = build_backbone(tiny_spec(), "random", seed=5)
+    torch.manual_seed(5)
+    ref = create_vit(tiny_spec())  # the weights a global seed of 5 gives
+    assert torch.equal(a.vit.blocks[1].mlp.fc1.weight, b.vit.blocks[1].mlp.fc1.weight)
+    assert torch.equal(a.vit.blocks[1].mlp.fc1.weight, ref.blocks[1].mlp.fc1.weight)
+
+
+@pytest.mark.parametrize("width,swiglu,expected", [(768, False, "vit_base_patch14_dinov2"),
+                                                   (1024, False, "vit_large_patch14_dinov2"),
+                                                   (384, False, "vit_small_patch14_dinov2"),
+                                                   (1536, True, "vit_giant_patch14_dinov2")])
+def test_hf_spec_names_the_timm_architecture_of_its_width(tmp_path, width, swiglu, expected):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "dinov2", "hidden_size": width, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "patch_size": 14, "image_size": 56, "use_swiglu_ffn": swiglu}))
+    spec = hf_spec(f"hf:{tmp_path}")
+    assert spec.timm_name == expected and spec.label == f"timm {expected}"
+
+
+def test_hf_model_of_another_width_is_named_by_its_shape_in_errors(tmp_path):
+    """A width-64 hf: model is built from timm's small architecture; a misfit file's error must give
+    its real width, not call it a ViT-S."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "dinov2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "patch_size": 14, "image_size": 56}))
+    other = save(randomize(create_vit(tiny_spec(embed_dim=32))).state_dict(), tmp_path / "other.safetensors")
+    with pytest.raises(UserError) as e:
+        build_backbone(f"hf:{tmp_path}", str(other))
+    assert "width 64 and 2 blocks" in str(e.value)
+
+
+def test_unreadable_metadata_of_a_loaded_file_is_an_error_not_silence(tmp_path, monkeypatch):
+    """The demo-vit source check reads a file's metadata after its tensors were read: a failure
+    there is reported, not swallowed into a weights_source without the file's origin."""
+    from safetensors import SafetensorError
+
+    path = save(randomize(create_vit(tiny_spec())).state_dict(), tmp_path / "w.safetensors")
+
+    def broken(*args, **kwargs):
+        raise SafetensorError("metadata unreadable")
+
+    monkeypatch.setattr(demo_vit, "safe_open", broken)
+    with pytest.raises(UserError, match="metadata unreadable"):
+        build_backbone(tiny_spec(), str(path))

@@ -12,13 +12,18 @@ import pytest
 def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     env = dict(os.environ, CKA_SPLIT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "cli", "demo", "--quick", "--out", str(out)], cwd=tmp_path, env=env,
+    r = subprocess.run([sys.executable, "-m", "cka_split.cli", "demo", "--quick", "--out", str(out)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "demo.json").read_text())
     assert set(summary["results"]) == {"vitsplit", "linear", "full"}
     for method, res in summary["results"].items():
-        assert 0.0 <= res["mIoU"] <= 100.0 and res["trainable_params"] > 0, method
+        # the summary reports each training run's own evaluation and parameter count
+        ev = json.loads((out / "training" / method / "eval.json").read_text())
+        present = [v for v in ev["IoU"] if v is not None]
+        assert res["mIoU"] == ev["mIoU"] == pytest.approx(sum(present) / len(present)), method
+        tcfg = json.loads((out / "training" / method / "config.json").read_text())
+        assert res["trainable_params"] == tcfg["trainable_params"] > 0, method
     p = {m: r["trainable_params"] for m, r in summary["results"].items()}
     assert p["linear"] < min(p["vitsplit"], p["full"])
     rec = json.loads((out / "recommendation.json").read_text())
@@ -34,5 +39,7 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     page = (out / "report.html").read_text()
     assert "demo-vit" in page and "astronaut" in page and "data:image/png;base64," in page
     assert "report:" in r.stdout and summary["verdict"].split(" (")[0] in " ".join(r.stdout.split())
+    best = max(summary["results"], key=lambda m: summary["results"][m]["mIoU"])
+    assert summary["verdict"].startswith("ViT-Split reached") == (best == "vitsplit")
     # the cached demo-vit is reused by a second run (no pretraining again)
     assert len(list((tmp_path / "cache").glob("demo-vit-*.safetensors"))) == 1

@@ -157,3 +157,22 @@ def test_evaluate_model_end_to_end_on_synthetic_with_perfect_predictions(task):
         assert r["AbsRel"] == pytest.approx(0.0) and r["RMSE"] == pytest.approx(0.0) and r["delta1"] == 100.0
     else:
         assert r["bbox_mAP"] == pytest.approx(100.0) and r["segm_mAP"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("precision,expected", [("fp32", None), ("auto", torch.bfloat16), ("bf16", torch.bfloat16)])
+def test_evaluate_checkpoint_uses_the_runs_precision(monkeypatch, precision, expected):
+    """On CUDA, `cka-split evaluate` must evaluate an fp32 run in fp32 (as its eval.json was), not bf16."""
+    import vitsplit.evaluation.evaluate as ev
+
+    class Stub:
+        def to(self, device):
+            return self
+
+    seen = {}
+    cfg = {"task": "seg", "data": "synthetic:size=16,classes=2", "crop": 16, "seed": 0, "val_length": 1,
+           "precision": precision}
+    monkeypatch.setattr(ev, "load_trained", lambda path: (Stub(), cfg))
+    monkeypatch.setattr(ev, "resolve_device", lambda pref: torch.device("cuda"))
+    monkeypatch.setattr(ev, "evaluate_model", lambda *a, **kw: seen.update(kw) or {})
+    ev.evaluate_checkpoint("run")
+    assert seen["autocast_dtype"] is expected

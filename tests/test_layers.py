@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from vitsplit.layers import DeformBlock, DeformConv3x3, deform_conv2d_fast, set_deform_impl
+from vitsplit.model.deform_block import DeformBlock
+from vitsplit.ops.deform_conv import DeformConv3x3, deform_conv2d_fast, set_deform_impl
 
 
 def _both(x, off, w, **kw):

@@ -6,8 +6,8 @@ import torch
 
 from vitsplit import UserError, build_backbone
 from vitsplit.backbones import Backbone, state_hash
-from vitsplit.heads import DetHead, FixedStrideAnchorGenerator
-from vitsplit.model import ViTSplit, count_trainable, load_trainable, prior_layers_uniform, save_trainable
+from vitsplit.model import ViTSplit, count_trainable, load_trainable, prior_layers_uniform, save_trained
+from vitsplit.model.heads import DetHead, FixedStrideAnchorGenerator
 
 SPEC = {  # size: (K_t, prior layers, {component: published count in M}, total)
     "s": (3, [2, 5, 8, 11], dict(task=5.33, prior=0.59, offsets=0.12, deform=2.65, fusion=0.30, up=1.18, linear=0.06), 10_231_098),
@@ -157,7 +157,7 @@ def test_seg_and_depth_shapes_and_losses():
     d = dep(batch["image"])
     assert d.shape == (2, 1, 50, 62) and bool((d > 0).all())
     # scale-invariant log loss: with lambda -> 1 it is blind to a global scale of the prediction
-    from vitsplit.heads import DepthHead
+    from vitsplit.model.heads import DepthHead
 
     gt = batch["depth"]
     log_pred = torch.log(gt * 3.0).unsqueeze(1)
@@ -273,7 +273,7 @@ def test_save_load_round_trip_and_backbone_check(tmp_path):
         for p in m.split.parameters():
             p.add_(torch.randn_like(p) * 0.01)  # trained-like, not the init
     x = torch.randn(1, 3, 42, 42)
-    path = save_trainable(m, tmp_path / "model.safetensors")
+    path = save_trained(m, tmp_path / "model.safetensors")
     m2 = load_trainable(path, tiny_backbone(seed=0)).eval()
     assert m2.config()["prior_layers"] == [0, 1, 1] and m2.config()["num_classes"] == 4
     torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
@@ -300,3 +300,35 @@ def test_fusion_inputs_are_final_normed_prior_layers_and_backbone_output_at_init
     assert seen["prior"].shape == (2, 128, 3, 4)
     torch.testing.assert_close(seen["prior"], prior, rtol=0, atol=0)  # in the listed order, normed
     torch.testing.assert_close(seen["task"], last, rtol=1e-5, atol=1e-5)  # task head == blocks 2-3 at init
+
+
+def test_one_prior_layer_is_b_and_the_recommendation_uses_the_same_rule():
+    """K_p = 1 divides by zero in the release's formula; every sample starts at b (its i = 0 term),
+    so one layer is [b], for any depth and b. recommend_split imports this one rule."""
+    import cka_split.recommend as rec
+
+    for L, b in ((12, 2), (24, 0), (40, 27), (4, 3)):
+        assert prior_layers_uniform(L, 1, b) == [b] and prior_layers_uniform(L, 3, b)[0] == b
+    assert rec.prior_layers_uniform is prior_layers_uniform
+    with pytest.raises(UserError, match="cannot place 0 prior layers"):
+        prior_layers_uniform(12, 0, 2)
+
+
+def test_trained_run_refuses_a_different_backbone(tmp_path):
+    """load_trained rebuilds the backbone from the run's model and weights and checks the recorded
+    hash: weights that changed since training are refused, not silently used."""
+    from safetensors.torch import save_file
+
+    from vitsplit.engine import TrainConfig, train
+    from vitsplit.model import load_trained
+
+    weights = tmp_path / "backbone.safetensors"
+    save_file(build_backbone("demo-vit", "random", seed=0).vit.state_dict(), str(weights))
+    out = tmp_path / "run"
+    train(TrainConfig(model="demo-vit", weights=str(weights), data="synthetic:size=28,classes=2", crop=28, iters=1,
+                      batch_size=1, k_t=1, prior_layers=[11], lr=1e-3, evaluate=False, out=str(out), device="cpu"))
+    model, cfg = load_trained(out)
+    assert cfg["weights"] == str(weights) and model.k_t == 1
+    save_file(build_backbone("demo-vit", "random", seed=1).vit.state_dict(), str(weights))  # replaced since
+    with pytest.raises(UserError, match="backbone weights"):
+        load_trained(out)

@@ -6,8 +6,7 @@ import torch
 
 from vitsplit import UserError
 from vitsplit.backbones import Backbone
-from vitsplit.model import ViTSplit, count_trainable
-from vitsplit.multitask import MultiTaskViTSplit
+from vitsplit.model import MultiTaskViTSplit, ViTSplit, count_trainable
 
 
 def tiny_backbone(seed: int = 0) -> Backbone:

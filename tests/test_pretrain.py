@@ -10,11 +10,14 @@ import pytest
 import torch
 
 from vitsplit import pretrain as pt
+from vitsplit.backbones import demo_vit as dv
 from vitsplit.backbones import sha256_file
+from vitsplit.pretrain import loop as pretrain_loop
+from vitsplit.progress import NULL_PROGRESS
 from vitsplit.errors import UserError
 
 # A ViT small enough for a test (4 blocks, width 32, 4x4 patches of 14 px on 56 px images).
-TINY = pt.DemoRecipe(
+TINY = dv.DemoRecipe(
     steps=60, batch_size=8, image_size=56, lr=3e-3, warmup_steps=4, dataset_length=32,
     decoder_dim=32, decoder_depth=1, decoder_heads=2,
     arch=(("embed_dim", 32), ("depth", 4), ("num_heads", 2)),
@@ -37,7 +40,7 @@ def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_recipe_id_is_stable_and_changes_with_every_field():
-    again = pt.DemoRecipe.from_json(json.loads(json.dumps(TINY.to_json())))
+    again = dv.DemoRecipe.from_json(json.loads(json.dumps(TINY.to_json())))
     assert again == TINY and again.recipe_id == TINY.recipe_id
     assert TINY.recipe_id == "7b939a60928b"  # the same in every process and on every machine
     changed = {
@@ -46,30 +49,30 @@ def test_recipe_id_is_stable_and_changes_with_every_field():
         "decoder_heads": 4, "data": "folder:x", "dataset_length": 64, "arch": (("depth", 3),), "version": 2,
     }
     # every field but the pretext name (one choice today) is covered
-    assert set(changed) == {f.name for f in dataclasses.fields(pt.DemoRecipe)} - {"pretext"}
+    assert set(changed) == {f.name for f in dataclasses.fields(dv.DemoRecipe)} - {"pretext"}
     ids = {dataclasses.replace(TINY, **{k: v}).recipe_id for k, v in changed.items()}
     assert len(ids) == len(changed) and TINY.recipe_id not in ids
-    assert pt.FULL_RECIPE.recipe_id != pt.QUICK_RECIPE.recipe_id
-    assert pt.FULL_RECIPE.vit_kwargs()["embed_dim"] == 192 and pt.FULL_RECIPE.vit_kwargs()["depth"] == 12
+    assert dv.FULL_RECIPE.recipe_id != dv.QUICK_RECIPE.recipe_id
+    assert dv.FULL_RECIPE.vit_kwargs()["embed_dim"] == 192 and dv.FULL_RECIPE.vit_kwargs()["depth"] == 12
 
 
 def test_recipe_rejects_unknown_pretext_and_arch_keys():
     with pytest.raises(UserError, match="pretext"):
-        pt.DemoRecipe(pretext="rotation")
+        dv.DemoRecipe(pretext="rotation")
     with pytest.raises(UserError, match="arch"):
-        pt.DemoRecipe(arch=(("width", 3),))
+        dv.DemoRecipe(arch=(("width", 3),))
 
 
 def test_cache_dir_env_overrides(monkeypatch, tmp_path):
     monkeypatch.setenv("CKA_SPLIT_CACHE", str(tmp_path / "c"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert pt.cache_dir() == tmp_path / "c"
-    assert pt.cache_path(TINY) == tmp_path / "c" / f"demo-vit-{TINY.recipe_id}.safetensors"
+    assert dv.cache_dir() == tmp_path / "c"
+    assert dv.cache_path(TINY) == tmp_path / "c" / f"demo-vit-{TINY.recipe_id}.safetensors"
     monkeypatch.delenv("CKA_SPLIT_CACHE")
-    assert pt.cache_dir() == tmp_path / "x" / "cka-split"
+    assert dv.cache_dir() == tmp_path / "x" / "cka-split"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "h"))
-    assert pt.cache_dir() == tmp_path / "h" / ".cache" / "cka-split"
+    assert dv.cache_dir() == tmp_path / "h" / ".cache" / "cka-split"
 
 
 def test_patchify_matches_patch_token_order():
@@ -115,13 +118,13 @@ def test_load_or_pretrain_caches_atomically_and_reuses(monkeypatch, tmp_path):
     calls = []
     real = pt.pretrain
 
-    def spy(r, progress=pt.NULL_PROGRESS):
+    def spy(r, progress=NULL_PROGRESS):
         calls.append(r)
         result = real(r, progress)
         spy.result = result
         return result
 
-    monkeypatch.setattr(pt, "pretrain", spy)
+    monkeypatch.setattr(pretrain_loop, "pretrain", spy)
     bb = pt.load_or_pretrain_demo_vit(recipe, cache_dir=tmp_path)
     path = tmp_path / f"demo-vit-{recipe.recipe_id}.safetensors"
     assert calls == [recipe] and path.is_file()
@@ -132,7 +135,7 @@ def test_load_or_pretrain_caches_atomically_and_reuses(monkeypatch, tmp_path):
     assert src.startswith("demo-vit pretrained by cka-split (recipe " + recipe.recipe_id)
     assert "MAE-style masked patch reconstruction, 6 steps on synthetic scenes" in src
     assert f"file {path} sha256:{sha256_file(path)}" in src
-    _, saved_recipe, meta = pt.read_demo_vit_file(path)
+    _, saved_recipe, meta = dv.read_demo_vit_file(path)
     assert saved_recipe == recipe and len(json.loads(meta["losses"])) == 6
 
     mtime = path.stat().st_mtime_ns
@@ -148,7 +151,7 @@ def test_pretrain_demo_vit_is_not_called_saved():
 
 
 def test_a_foreign_file_in_the_cache_is_a_user_error(tmp_path):
-    path = pt.cache_path(TINY, tmp_path)
+    path = dv.cache_path(TINY, tmp_path)
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(path))
@@ -156,7 +159,7 @@ def test_a_foreign_file_in_the_cache_is_a_user_error(tmp_path):
         pt.load_or_pretrain_demo_vit(TINY, cache_dir=tmp_path)
     path.write_bytes(b"garbage")
     with pytest.raises(UserError, match="cka-split demo"):
-        pt.load_demo_vit(path)
+        dv.load_demo_vit(path)
 
 
 def test_cached_demo_weights_load_into_a_fresh_demo_vit(monkeypatch, tmp_path):
@@ -165,16 +168,16 @@ def test_cached_demo_weights_load_into_a_fresh_demo_vit(monkeypatch, tmp_path):
     monkeypatch.setenv("CKA_SPLIT_CACHE", str(tmp_path))
     fresh = create_vit(resolve_name("demo-vit"))
     with pytest.raises(UserError, match="run `cka-split demo`.*--weights random"):
-        pt.load_cached_demo_vit_into(fresh)
+        dv.load_cached_demo_vit_into(fresh)
     # a stand-in for the quick recipe's output (the full recipe's file is looked up first)
     torch.manual_seed(3)
     trained = create_vit(resolve_name("demo-vit"))
-    pt.save_demo_vit(trained, pt.QUICK_RECIPE, pt.cache_path(pt.QUICK_RECIPE), [1.0], [1.0])
-    source = pt.load_cached_demo_vit_into(fresh)
+    dv.save_demo_vit(trained, dv.QUICK_RECIPE, dv.cache_path(dv.QUICK_RECIPE), [1.0], [1.0])
+    source = dv.load_cached_demo_vit_into(fresh)
     assert _state_equal(fresh, trained)
-    assert f"recipe {pt.QUICK_RECIPE.recipe_id}" in source and "pretrained by cka-split" in source
-    assert pt.find_cached_demo_vit() == pt.cache_path(pt.QUICK_RECIPE)
-    assert pt.QUICK_RECIPE.vit_kwargs() == DEMO_VIT_KWARGS and pt.FULL_RECIPE.vit_kwargs() == DEMO_VIT_KWARGS
+    assert f"recipe {dv.QUICK_RECIPE.recipe_id}" in source and "pretrained by cka-split" in source
+    assert dv.find_cached_demo_vit() == dv.cache_path(dv.QUICK_RECIPE)
+    assert dv.QUICK_RECIPE.vit_kwargs() == DEMO_VIT_KWARGS and dv.FULL_RECIPE.vit_kwargs() == DEMO_VIT_KWARGS
 
 
 def test_rendered_images_round_trip_the_dataset_exactly():
@@ -185,7 +188,7 @@ def test_rendered_images_round_trip_the_dataset_exactly():
     assert images.shape == (8, 3, 56, 56) and images.dtype == torch.uint8
     ds = build_dataset("synthetic", "train", task="seg", crop=56, augment=False, length=8, seed=0)
     idx = torch.tensor([2, 5])
-    x = pt._batch(images, idx, torch.tensor([False, True]))
+    x = pretrain_loop._batch(images, idx, torch.tensor([False, True]))
     assert torch.allclose(x[0], ds[2]["image"], atol=1e-5)  # 8-bit scenes survive the uint8 cache
     assert torch.allclose(x[1], ds[5]["image"].flip(-1), atol=1e-5)
     assert not torch.allclose(x[1], ds[5]["image"], atol=1e-2)
@@ -194,10 +197,22 @@ def test_rendered_images_round_trip_the_dataset_exactly():
 def test_a_demo_vit_file_loaded_by_path_says_it_was_pretrained_by_cka_split(tmp_path):
     """build_backbone('demo-vit', PATH) on a cache file keeps the recipe in weights_source."""
     from vitsplit.backbones import build_backbone
-    from vitsplit.pretrain import FULL_RECIPE, save_demo_vit, _create_demo_vit
+    from vitsplit.backbones.demo_vit import FULL_RECIPE, create_demo_vit, save_demo_vit
 
-    vit = _create_demo_vit(FULL_RECIPE)
+    vit = create_demo_vit(FULL_RECIPE)
     path = save_demo_vit(vit, FULL_RECIPE, tmp_path / "demo.safetensors", [1.0], [1.0])
     bb = build_backbone("demo-vit", str(path))
     assert bb.weights_source.startswith("demo-vit pretrained by cka-split (recipe " + FULL_RECIPE.recipe_id)
     assert "sha256:" in bb.weights_source
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_pretraining_puts_back_the_callers_flush_denormal_setting(before):
+    """Flushing denormals is scoped to pretraining: the caller's setting (on or off) survives it."""
+    torch.set_flush_denormal(before)
+    try:
+        assert pretrain_loop.flush_denormal_enabled() == before
+        pt.pretrain(dataclasses.replace(TINY, steps=1, dataset_length=8))
+        assert pretrain_loop.flush_denormal_enabled() == before
+    finally:
+        torch.set_flush_denormal(False)

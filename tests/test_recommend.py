@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from cka_split.recommend import (SplitRecommendation, default_k_p, default_k_t, divergence_start, layer_groups,
-                                 recommend_split, uniform_prior_layers)
+                                 recommend_split)
 from vitsplit.errors import UserError
+from vitsplit.model.configs import prior_layers_uniform
 
 
 class FakeResult:
@@ -116,10 +117,10 @@ def test_layer_subset_start_is_block_after_last_plateau_point():
 
 
 def test_uniform_rule_reproduces_published_configs():
-    assert uniform_prior_layers(12, 2, 4) == [2, 5, 8, 11]
-    assert uniform_prior_layers(24, 2, 8) == [2, 5, 8, 11, 14, 17, 20, 23]
-    assert uniform_prior_layers(40, 27, 14) == [27, 27] + list(range(28, 40))
-    assert uniform_prior_layers(12, 2, 5) == [2, 4, 6, 8, 11]  # detection S: [2, 4, 6, 8, 11]
+    assert prior_layers_uniform(12, 4, 2) == [2, 5, 8, 11]
+    assert prior_layers_uniform(24, 8, 2) == [2, 5, 8, 11, 14, 17, 20, 23]
+    assert prior_layers_uniform(40, 14, 27) == [27, 27] + list(range(28, 40))
+    assert prior_layers_uniform(12, 5, 2) == [2, 4, 6, 8, 11]  # detection S: [2, 4, 6, 8, 11]
 
 
 @pytest.mark.parametrize("L,prior", [(12, [2, 5, 8, 11]), (24, [2, 5, 8, 11, 14, 17, 20, 23])])
@@ -143,7 +144,7 @@ def test_structured_pretrained_moves_b_and_k_p():
     tr = recommend_split(res).per_task["seg"]
     assert tr.b == 3  # blocks 0, 1, 2 stand alone before the first larger group
     assert tr.k_p == 6  # groups from block 3 on: [3,4] [5,6] [7,8] [9] [10] [11]
-    assert tr.prior_layers == uniform_prior_layers(12, 3, 6) == [3, 4, 6, 7, 9, 11]
+    assert tr.prior_layers == prior_layers_uniform(12, 6, 3) == [3, 4, 6, 7, 9, 11]
     assert any("b = 3" in e for e in tr.evidence) and any("K_p = 6" in e for e in tr.evidence)
 
 
@@ -230,7 +231,7 @@ def test_flat_but_high_curve_means_every_block_changed():
 
 
 def test_meta_device_param_count_matches_published_totals():
-    # VITSPLIT_SPEC.md: ViT-Split S 10.23M, B 40.52M trainable parameters (150 classes, K_t 3, 2,5,8,11)
+    # the ViT-Split paper: S 10.23M, B 40.52M trainable parameters (150 classes, K_t 3, 2,5,8,11)
     from cka_split.recommend import vitsplit_param_counter
 
     s = vitsplit_param_counter("dinov2_vits14", {"seg": 150})

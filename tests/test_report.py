@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from cka_split.result import CKAResult
-from reports import build_report
-from reports.rundir import load_cka
-from reports.training import find_training_runs
+from cka_split.reports import build_report
+from cka_split.reports.rundir import load_cka
+from cka_split.reports.training import find_training_runs
 
 L = 12
 STARTS = {"seg": 9, "det": 7}  # planted divergence starts: K_t = L - s = 3 and 5
@@ -320,7 +320,7 @@ def test_a_part_that_cannot_be_drawn_is_named_and_the_rest_stays(tmp_path):
 
 
 def test_cli_report(tmp_path, capsys):
-    from cli.app import main
+    from cka_split.cli.app import main
 
     run = make_run(tmp_path, training=False)
     with pytest.raises(SystemExit) as e:

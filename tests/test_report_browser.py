@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reports import build_report
+from cka_split.reports import build_report
 from test_report import make_run, parse
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

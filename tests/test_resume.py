@@ -16,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from vitsplit.backbones import Backbone
 from vitsplit.errors import UserError
-from vitsplit.train import TrainConfig, train
+from vitsplit.engine import TrainConfig, train
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +96,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads({threads})
 from test_resume import cfg, tiny_backbone
-from vitsplit.train import train
+from vitsplit.engine import train
 train(cfg({out!r}, iters=40, checkpoint_every=2, resume={resume}), backbone=tiny_backbone())
 """
 

@@ -5,22 +5,32 @@ A reader never sees a half-written file, and a run killed mid-write leaves the o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import platform
+import secrets
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from safetensors import safe_open
+
+from .errors import UserError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path``. Returns ``Path(path)``."""
+    """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path``. Returns ``Path(path)``.
+
+    The temporary file is created with mode 0666 minus the process umask, as ``open()`` would
+    create ``path`` (a run directory is meant to be shared); the umask is applied by the kernel,
+    never read or changed here.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temp(path)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run directory is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -33,8 +43,6 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> list[Path]:
     """Create the folder ``path`` (and missing parents) and write a probe file in it, so that a run
     fails before its work, not after, when the folder is a file, lies under a file, or cannot be
     written. Returns the folders it created (outermost first); a UserError names ``what`` otherwise."""
-    from .errors import UserError
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is a file, not a folder; give a folder path")
@@ -47,19 +55,23 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> list[Path]:
         missing.append(p)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        os.unlink(_create_temp(path / ".write-test"))
     except OSError as e:
         raise UserError(f"{what} {path} is not writable ({e.strerror or type(e).__name__}); "
                         "give a folder you can write to") from None
     return missing[::-1]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temp(path: Path) -> str:
+    """An empty new file ``.<name>.<random>.tmp`` beside ``path`` (O_EXCL: never an existing file)."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -86,10 +98,6 @@ def _json_default(o: Any) -> Any:
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Any]]:
     """(metadata, tensors) of a safetensors file; a missing or corrupt file is a UserError."""
-    from safetensors import safe_open
-
-    from .errors import UserError
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist")
@@ -98,6 +106,16 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str,
             return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a corrupt file
         raise UserError(f"{path} is not a safetensors file ({e})") from e
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file's content; a missing or malformed file is a UserError."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise UserError(f"{path} does not exist") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from e
 
 
 def load_torch_restricted(path: str | os.PathLike, *, remedy: str, allow: Sequence[Any] = ()) -> Any:
@@ -112,8 +130,6 @@ def load_torch_restricted(path: str | os.PathLike, *, remedy: str, allow: Sequen
     import zipfile
 
     import torch
-
-    from .errors import UserError
 
     path = Path(path)
     try:
@@ -132,11 +148,17 @@ def load_torch_restricted(path: str | os.PathLike, *, remedy: str, allow: Sequen
         raise UserError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); {remedy}") from e
 
 
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def versions() -> dict[str, str]:
     """Versions a run records in its config.json (Python, platform and the packages that set results)."""
-    import platform
-    from importlib import metadata
-
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in ("cka-split", "torch", "torchvision", "timm", "numpy", "safetensors"):
         try:

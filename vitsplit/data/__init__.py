@@ -2,10 +2,10 @@
 
 Specs (``vitsplit.data.spec``): ``synthetic`` (embedded procedural scenes, ``vitsplit.data.synthetic``),
 ``ade20k:DIR``, ``cityscapes:DIR``, ``folder:DIR`` (``segfolders``), ``coco:ANNOTATIONS.json:IMAGE_DIR``
-(``coco``). Items and attributes follow notes/INTERFACES.md "Data"; transforms are mmseg's ADE20K
+(``coco``). Items and attributes are described in ``dataset`` and ``transforms``; transforms are mmseg's ADE20K
 pipelines (``transforms``); per-item seeding and ``set_epoch`` are described in ``dataset``.
 
-Class conventions: seg classes are 0..num_classes-1 with 255 ignore (synthetic and coco seg: 0 is
+Class conventions: seg classes are 0..num_classes-1 with ``IGNORE_INDEX`` (255) ignore (synthetic and coco seg: 0 is
 "background" and objects are 1..K, so num_classes = K + 1); det labels are 1..num_classes (K
 object classes, background excluded). Synthetic scenes are ``size`` x ``size`` (default: ``crop``).
 """
@@ -17,17 +17,17 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ..backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
+from ..ops.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from .coco import CocoSource
 from .dataset import SeedDataset
+from .labels import IGNORE_INDEX, TASKS
 from .segfolders import ade20k, cityscapes, folder
 from .spec import DataSpec, parse_spec
 from .synthetic import SyntheticScenes
 
-__all__ = ["build_dataset", "collate", "denormalize", "parse_spec", "DataSpec", "SeedDataset", "SyntheticScenes"]
+__all__ = ["IGNORE_INDEX", "TASKS", "build_dataset", "collate", "denormalize", "parse_spec", "DataSpec", "SeedDataset", "SyntheticScenes"]
 
-TASKS = ("seg", "det", "depth")
 SYNTHETIC_LENGTH = {"train": 10_000, "val": 256}
 
 
@@ -85,7 +85,7 @@ def build_dataset(spec: str, split: str, *, task: str, crop: int, augment: bool 
 def collate(items: list[dict]) -> dict:
     """Batch items: ``image`` (B, 3, H, W), ``seg`` (B, H, W), ``depth`` (B, H, W), ``index`` (B,)
     int64; det fields (``boxes``, ``labels``, ``masks``) stay lists. Items of different sizes are
-    padded bottom/right to the largest (image 0, seg 255, depth 0, masks 0); boxes are unchanged."""
+    padded bottom/right to the largest (image 0, seg ``IGNORE_INDEX``, depth 0, masks 0); boxes are unchanged."""
     if not items:
         raise ValueError("collate needs at least one item")
     hmax = max(it["image"].shape[-2] for it in items)
@@ -96,7 +96,7 @@ def collate(items: list[dict]) -> dict:
 
     batch: dict = {"image": torch.stack([pad(it["image"], 0.0) for it in items])}
     if all("seg" in it for it in items):
-        batch["seg"] = torch.stack([pad(it["seg"], 255) for it in items])
+        batch["seg"] = torch.stack([pad(it["seg"], IGNORE_INDEX) for it in items])
     if all("depth" in it for it in items):
         batch["depth"] = torch.stack([pad(it["depth"], 0.0) for it in items])
     for key in ("boxes", "labels"):

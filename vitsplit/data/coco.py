@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .labels import IGNORE_INDEX
 from .readers import read_image
 
-IGNORE_INDEX = 255
 
 
 def check_instances(data: object, path: Path) -> None:
@@ -61,7 +61,7 @@ class CocoSource:
     """One COCO annotation file as a list of samples: ``load(i)`` -> image, boxes, labels[, masks][, seg]."""
 
     def __init__(self, annotations: Path, image_dir: Path, split: str, semantic: bool = False):
-        from pycocotools.coco import COCO
+        from pycocotools.coco import COCO  # noqa: PLC0415 - pycocotools is slow to import; only coco: specs need it
 
         if not annotations.is_file():
             raise UserError(f"COCO annotation file not found: {annotations}")

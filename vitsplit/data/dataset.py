@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import IGNORE_INDEX, eval_pipeline, train_pipeline
+from .labels import IGNORE_INDEX
+from .transforms import eval_pipeline, train_pipeline
 
 _SPLIT_IDS = {"train": 0, "val": 1}
 DET_KEYS = ("boxes", "labels", "masks")
@@ -30,8 +31,8 @@ class SampleSource(Protocol):
 
 
 class SeedDataset(Dataset):
-    """Items per notes/INTERFACES.md "Data": ``image`` (3, H, W) float32 ImageNet-normalised;
-    ``seg`` (H, W) int64 (255 ignore) and ``depth`` (H, W) float32 (0 invalid) when the source has
+    """Items (every dataset's layout; :func:`vitsplit.data.collate` batches them): ``image`` (3, H, W) float32 ImageNet-normalised;
+    ``seg`` (H, W) int64 (``IGNORE_INDEX`` = 255 ignore) and ``depth`` (H, W) float32 (0 invalid) when the source has
     them; for ``task="det"`` also ``boxes`` (N, 4) float32 xyxy, ``labels`` (N,) int64 in 1..K and
     ``masks`` (N, H, W) uint8 (when ``has_masks``); ``index`` int.
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .labels import IGNORE_INDEX
 from .readers import check_same_size, list_images, read_image, read_label
 
 ADE20K_CLASSES = (
@@ -47,7 +48,6 @@ CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )
-IGNORE_INDEX = 255
 
 
 @dataclass

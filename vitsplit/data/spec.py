@@ -1,6 +1,6 @@
 """Parsing of data specs: the one string that names a dataset on the command line.
 
-Grammar (ARCHITECTURE.md, "Data specs")::
+Grammar (the ``--data`` option of every command)::
 
     synthetic[:key=value,...]        embedded procedural scenes; keys: size, classes, objects, length
     ade20k:DIR                       mmseg layout (images/{training,validation}, annotations/...)

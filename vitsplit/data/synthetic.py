@@ -24,7 +24,7 @@ texture period scale with ``(5 / depth) ** 0.6`` (radius 0.09-0.17 of the short 
 uniform. Later objects occlude earlier ones. Periods are given for 112 px scenes and scale with the
 scene size, so a 224 px scene looks like a 112 px one at twice the resolution.
 
-Labels (the contract in notes/INTERFACES.md):
+Labels (the convention of every dataset here, :mod:`vitsplit.data`):
 - ``seg``: 0 = background, 1..K = object classes (segmentation has K + 1 classes);
 - det ``labels`` 1..K (K object classes, 0 is background as in torchvision), ``masks`` the
   *visible* part of each instance, ``boxes`` xyxy from the visible mask (x2 = last column + 1);

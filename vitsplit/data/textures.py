@@ -38,7 +38,7 @@ def _to_bank(image: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=None)
 def photo(name: str) -> np.ndarray:
     """The named scikit-image photograph as a (BANK_SIZE, BANK_SIZE) float32 grey texture in [0, 1]."""
-    import skimage.data
+    import skimage.data  # noqa: PLC0415 - scikit-image takes seconds to import; only textures need it
 
     return _to_bank(np.asarray(getattr(skimage.data, name)()))
 

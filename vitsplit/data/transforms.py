@@ -22,9 +22,10 @@ per (seed, split, epoch, index) (see ``vitsplit.data.dataset``).
 from __future__ import annotations
 
 import numpy as np
-from ..backbones import IMAGENET_MEAN, IMAGENET_STD
 
-IGNORE_INDEX = 255
+from ..ops.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from .labels import IGNORE_INDEX
+
 _MEAN = np.asarray(IMAGENET_MEAN, np.float32)
 _STD = np.asarray(IMAGENET_STD, np.float32)
 
@@ -230,7 +231,7 @@ def photometric_distortion(img: np.ndarray, rng: np.random.Generator, brightness
 
 # ---------------------------------------------------------------- pipelines
 def normalize(img: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32, ImageNet mean/std (backbones.IMAGENET_MEAN/STD)."""
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32, ImageNet mean/std (:mod:`vitsplit.ops.imagenet`)."""
     x = (img.astype(np.float32) * np.float32(1.0 / 255.0) - _MEAN) / _STD
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 

@@ -1,9 +1,8 @@
-"""The deformable block of ViT-Split's prior head and fusion net, and a fast exact deformable conv.
+"""Deformable convolution (DCNv1, Dai et al. 2017): a fast exact functional form and its module.
 
-``DeformBlock`` is what the ViT-Split release uses (see ``shared/VITSPLIT_SPEC.md``): a plain
-``Conv2d(C, 18, 3, padding=1)`` with bias predicts per-pixel offsets, then a 3x3 deformable
-convolution C -> C with padding 1, **no bias**, no modulation mask (DCNv1, Dai et al. 2017) and one
-offset group. Semantics are exactly those of ``torchvision.ops.deform_conv2d``.
+The convolution ViT-Split's :class:`~vitsplit.model.deform_block.DeformBlock` uses: 3x3, padding 1,
+**no bias**, no modulation mask, one offset group. Semantics are exactly those of
+``torchvision.ops.deform_conv2d``.
 
 ``deform_conv2d_fast`` computes the same thing as one ``grid_sample`` (bilinear sampling of every
 kernel tap at its shifted position) followed by one matrix product with the weights, so that the
@@ -88,29 +87,10 @@ class DeformConv3x3(nn.Module):
     def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """x: (B, Cin, H, W), offset: (B, 18, H, W) -> (B, Cout, H, W)."""
         if self.impl == "torchvision":
-            from torchvision.ops import deform_conv2d
+            from torchvision.ops import deform_conv2d  # noqa: PLC0415 - torchvision takes seconds to import; the reference only
 
             return deform_conv2d(x, offset, self.weight, padding=(1, 1))
         return deform_conv2d_fast(x, offset, self.weight, padding=1)
-
-
-class DeformBlock(nn.Module):
-    """Offsets from a plain 3x3 conv (with bias), then a 3x3 DCNv1 conv without bias; no norm.
-
-    (B, Cin, h, w) -> (B, Cout, h, w). The offset conv starts at zero (our choice, as mmcv's
-    ``DeformConv2dPack`` and DCN implementations generally do), so at initialisation the block is
-    an ordinary 3x3 conv and offsets grow from there.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, *, impl: str = "fast"):
-        super().__init__()
-        self.offset = nn.Conv2d(in_channels, 18, 3, padding=1, bias=True)
-        nn.init.zeros_(self.offset.weight)
-        nn.init.zeros_(self.offset.bias)
-        self.conv = DeformConv3x3(in_channels, out_channels, impl=impl)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x, self.offset(x))
 
 
 def set_deform_impl(module: nn.Module, impl: str) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
-from .fileio import atomic_write, load_torch_restricted
+from ..errors import UserError
+from ..fileio import atomic_write, load_torch_restricted
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Learning-rate schedule of the ViT-Split release: poly decay with a linear warm-up.
 
 Source: mmcv 1.4's ``PolyLrUpdaterHook`` (power 0.9, min lr 0, by iteration) with
-``warmup='linear', warmup_iters=1500, warmup_ratio=1e-6`` (``shared/VITSPLIT_SPEC.md``). mmcv
+``warmup='linear', warmup_iters=1500, warmup_ratio=1e-6`` (the ViT-Split release's setting,
+``docs/configurations.md``). mmcv
 computes the poly lr first and then scales it during warm-up:
 
     poly(s)   = (1 - s / iters) ** power                         (times the base lr; min lr 0)

@@ -11,7 +11,7 @@ to (B, C, h, w)) and expose ViT-Split's interface: ``forward(images)``, ``loss(b
 - ``lora``: LoRA (Hu et al. 2022) from ``peft`` on each block's attention ``qkv``/``proj`` and MLP
   ``fc1``/``fc2``; the pretrained weights stay frozen; same head.
 
-Detection and depth use :class:`vitsplit.heads.DetHead` / :class:`vitsplit.heads.DepthHead` on the
+Detection and depth use :class:`~vitsplit.model.heads.DetHead` / :class:`~vitsplit.model.heads.DepthHead` on the
 final map, as ViT-Split uses them on its fused map. Learning rates: parameters that start from
 pretrained weights (the backbone under ``full``) get lr x 0.1, as ViT-Split's task head (copied
 pretrained blocks) does; new parameters (heads, LoRA matrices) get lr.
@@ -25,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import Backbone, backbone_config
-from .errors import UserError
+from ..backbones import Backbone, backbone_config, state_hash
+from ..backbones.backbone import tensors_hash
+from ..errors import UserError
+from .configs import BASELINES, TASKS
 from .heads import DepthHead, DetHead, SegHead
 
-METHODS = ("linear", "full", "lora")
+METHODS = BASELINES
 LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
 
@@ -56,8 +58,8 @@ class Baseline(nn.Module):
         self.det_preset = det_preset
         if method not in METHODS:
             raise UserError(f"unknown baseline method '{method}': use one of {', '.join(METHODS)}")
-        if task not in ("seg", "det", "depth"):
-            raise UserError(f"unknown task '{task}': use seg, det or depth")
+        if task not in TASKS:
+            raise UserError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
         if task in ("det", "depth") and backbone.embed_dim % 32:
             raise UserError(f"{backbone.name} has width {backbone.embed_dim}; the det/depth heads' GroupNorm(32, C) needs a multiple of 32")
         self.method, self.task = method, task
@@ -68,8 +70,11 @@ class Baseline(nn.Module):
         C = backbone.embed_dim
         for p in backbone.parameters():
             p.requires_grad_(method == "full")
+        # Full fine-tuning changes the backbone: remember the weights the model was built on (the
+        # trained-weights file records them, and loading checks them).
+        self._built_on_sha256 = state_hash(backbone) if method == "full" else None
         if method == "lora":
-            from peft import LoraConfig, inject_adapter_in_model
+            from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - peft takes seconds to import; only LoRA needs it
 
             cfg = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
             inject_adapter_in_model(cfg, backbone.vit)
@@ -146,12 +151,20 @@ class Baseline(nn.Module):
             groups.insert(0, {"params": pretrained, "lr": lr * 0.1, "weight_decay": weight_decay, "name": "backbone"})
         return groups
 
+    def backbone_sha256(self) -> str:
+        """:func:`~vitsplit.backbones.state_hash` of the backbone this model was built on: the frozen
+        backbone (linear); the weights before training (full); the frozen base weights under LoRA,
+        hashed with the names they have without the adapters (lora)."""
+        if self.method == "full":
+            return self._built_on_sha256
+        if self.method == "lora":
+            return tensors_hash({k.replace(".base_layer.", "."): v for k, v in self.backbone.state_dict().items()
+                                 if "lora_" not in k})
+        return state_hash(self.backbone)
+
     def config(self) -> dict[str, Any]:
-        bb = self.backbone
-        info = {"name": bb.name, "weights_source": bb.weights_source, "num_layers": bb.num_layers,
-                "embed_dim": bb.embed_dim, "patch_size": bb.patch_size, "num_prefix_tokens": bb.num_prefix_tokens}
-        if self.method != "lora":  # LoRA-wrapped modules hash differently from the plain backbone
-            info = backbone_config(bb)
+        """JSON-ready: method, task, head settings and the backbone it was built on (with its hash)."""
+        info = backbone_config(self.backbone, state_sha256=self.backbone_sha256())
         return {"method": self.method, "task": self.task, "num_classes": self.num_classes, "masks": self.masks,
                 "det_preset": self.det_preset if self.task == "det" else None,
                 "lora_rank": self.lora_rank if self.method == "lora" else None,

@@ -1,8 +1,8 @@
 """Several ViT-Split tasks on one frozen backbone pass (the paper's multi-task deployment, Sec. 3.4).
 
 One no-grad pass computes every block any task reads (the union of their needed layers, stopping
-at the deepest); each task's :class:`~vitsplit.model.SplitHeads` then runs on those shared frozen
-tokens. Outputs equal those of separate single-task :class:`~vitsplit.model.ViTSplit` models with
+at the deepest); each task's :class:`~vitsplit.model.vit_split.SplitHeads` then runs on those shared frozen
+tokens. Outputs equal those of separate single-task :class:`~vitsplit.model.vit_split.ViTSplit` models with
 the same weights; the saving is the repeated backbone computation.
 """
 
@@ -13,9 +13,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .backbones import Backbone
-from .errors import UserError
-from .model import SplitHeads, ViTSplit, _param_groups, freeze_backbone, frozen_pass
+from ..backbones import Backbone
+from ..errors import UserError
+from .vit_split import SplitHeads, ViTSplit, _param_groups, freeze_backbone, frozen_pass
 
 
 class MultiTaskViTSplit(nn.Module):

@@ -1,7 +1,7 @@
 """Task heads on a fused ViT-Split map (B, C, h, w): segmentation, depth, detection.
 
-Source: ``shared/VITSPLIT_SPEC.md`` (the ViT-Split release, Li et al., ICCV 2025), which these
-follow layer for layer; the baselines reuse them on a plain ViT's last feature map.
+Source: the ViT-Split release (Li et al., ICCV 2025), which these follow layer for layer
+(``docs/architecture.md``); the baselines reuse them on a plain ViT's last feature map.
 
 - :class:`SegHead`: 4x up path (two ConvTranspose2d(2, 2) + GroupNorm(32, C) + GELU), BatchNorm,
   1x1 "linear" classifier; logits are bilinearly resized to the requested size.
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from ..data.labels import IGNORE_INDEX
+from ..errors import UserError
 
 
 def _up_block(c: int) -> list[nn.Module]:
@@ -48,7 +49,7 @@ class SegHead(nn.Module):
         logits = self.cls(self.bn(self.up(fused)))
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
-    def loss(self, logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255, *,
+    def loss(self, logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX, *,
              avg_non_ignore: bool = False) -> torch.Tensor:
         """Cross-entropy; logits (B, K, H', W') are resized to the label size (B, H, W) first.
 
@@ -109,7 +110,7 @@ class FixedStrideAnchorGenerator(nn.Module):
     def __init__(self, sizes: tuple[tuple[int, ...], ...], aspect_ratios: tuple[tuple[float, ...], ...],
                  strides: tuple[float, ...]):
         super().__init__()
-        from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: PLC0415 - torchvision takes seconds to import; only detection needs it
 
         self.base = AnchorGenerator(sizes, aspect_ratios)
         self.strides = tuple(float(s) for s in strides)
@@ -196,6 +197,7 @@ class DetHead(nn.Module):
             raise UserError(f"unknown detection preset '{preset}': use {' or '.join(DET_PRESETS)}")
         hp = DET_PRESETS[preset]
         self.preset = preset
+        # torchvision takes seconds to import and only detection needs it: imported here, not at the top.
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
         from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
         from torchvision.models.detection.roi_heads import RoIHeads
@@ -246,7 +248,7 @@ class DetHead(nn.Module):
 
     def _geometry(self, fused: torch.Tensor, image_size: tuple[int, int]) -> tuple[tuple[int, int], int, int]:
         """Padded size (H', W') = (h*p, w*p) and the (top, left) offset of the original image in it,
-        following :meth:`vitsplit.backbones.Backbone.pad` (centre padding, extra pixel bottom/right)."""
+        following :meth:`vitsplit.backbones.backbone.Backbone.pad` (centre padding, extra pixel bottom/right)."""
         ph, pw = fused.shape[-2] * self.patch_size, fused.shape[-1] * self.patch_size
         h, w = int(image_size[0]), int(image_size[1])
         if ph < h or pw < w or ph - h >= self.patch_size or pw - w >= self.patch_size:
@@ -254,7 +256,7 @@ class DetHead(nn.Module):
         return (ph, pw), (ph - h) // 2, (pw - w) // 2
 
     def _image_list(self, fused: torch.Tensor, padded_size: tuple[int, int]):
-        from torchvision.models.detection.image_list import ImageList
+        from torchvision.models.detection.image_list import ImageList  # noqa: PLC0415 - see DetHead.__init__
 
         # Only image_sizes and the batch size are read downstream (anchors use our fixed strides).
         return ImageList(fused.new_empty((fused.shape[0], 0, *padded_size)), [padded_size] * fused.shape[0])
@@ -291,7 +293,7 @@ class DetHead(nn.Module):
         """Detections in original-image pixels: per image {"boxes" (N, 4) xyxy, "labels" (N,),
         "scores" (N,)[, "masks" (N, 1, H, W) probabilities]} as torchvision's Mask R-CNN returns.
         Boxes are clipped to the image; boxes lying wholly in the padding are dropped."""
-        from torchvision.models.detection.roi_heads import paste_masks_in_image
+        from torchvision.models.detection.roi_heads import paste_masks_in_image  # noqa: PLC0415 - see DetHead.__init__
         from torchvision.ops import boxes as box_ops
 
         padded, top, left = self._geometry(fused, image_size)

@@ -1,5 +1,5 @@
 """ViT-Split (Li et al., "ViT-Split: Unleashing the Power of Vision Foundation Models via Efficient
-Splitting Heads", ICCV 2025), exactly as ``shared/VITSPLIT_SPEC.md`` describes the public release.
+Splitting Heads", ICCV 2025), as the public release builds it (``docs/architecture.md``).
 
 A frozen backbone runs once (no grad, stopping at the deepest block anyone reads). Trainable parts
 (:class:`SplitHeads`):
@@ -9,41 +9,32 @@ A frozen backbone runs once (no grad, stopping at the deepest block anyone reads
 - prior head: the listed frozen layers' patch tokens (final-normed) concatenated on channels,
   then Conv 1x1 (K_p*C -> C) + GELU + DeformBlock + GELU;
 - fusion net: [prior, task] -> Conv 1x1 (2C -> C) + GELU + DeformBlock + GELU;
-- the task's head (:mod:`vitsplit.heads`).
+- the task's head (:mod:`vitsplit.model.heads`).
 
-:class:`ViTSplit` is one backbone plus one :class:`SplitHeads`; :mod:`vitsplit.multitask` puts
+:class:`ViTSplit` is one backbone plus one :class:`SplitHeads`; :mod:`vitsplit.model.multitask` puts
 several :class:`SplitHeads` on one frozen pass.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import numbers
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from .backbones import Backbone, backbone_config, state_hash
-from .errors import UserError
+from ..backbones import Backbone, backbone_config
+from ..errors import UserError
+from ..ops.deform_conv import set_deform_impl
+from .configs import TASKS
+from .deform_block import DeformBlock
 from .heads import DepthHead, DetHead, SegHead
-from .layers import DeformBlock, set_deform_impl
-
-TASKS = ("seg", "det", "depth")
 
 
 def count_trainable(module: nn.Module) -> int:
     """Number of parameters with ``requires_grad`` (shared parameters counted once)."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters() if p.requires_grad}.values())
-
-
-def prior_layers_uniform(num_layers: int, k_p: int, b: int) -> list[int]:
-    """The release's uniform prior-layer sampling ``S = {b + int(i * (L-1-b) / (K_p-1))}``."""
-    if k_p == 1:
-        return [b]
-    return [b + int(i * (num_layers - 1 - b) / (k_p - 1)) for i in range(k_p)]
 
 
 class TaskHead(nn.Module):
@@ -172,14 +163,11 @@ class SplitHeads(nn.Module):
         Seg/depth: the 4x map covers the centre-padded image (e.g. 518 px for a 512 crop) and is
         resized as a whole to the input size, as the release does (it is not cropped first).
         Det: boxes are mapped back through the padding offset exactly (see :class:`DetHead`)."""
-        if self.task == "seg":
-            return self.head(fused, image_size)
-        if self.task == "depth":
-            return torch.exp(self.head(fused, image_size))
-        return self.head(fused, image_size)
+        out = self.head(fused, image_size)
+        return torch.exp(out) if self.task == "depth" else out  # the depth head predicts log-depth
 
     def compute_loss(self, fused: torch.Tensor, batch: dict[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """Losses for a batch (INTERFACES "Data" layout); key "loss" is the total."""
+        """Losses for a batch (the layout of :func:`vitsplit.data.collate`); key "loss" is the total."""
         if self.task == "seg":
             if "seg" not in batch:
                 raise UserError("the segmentation task needs 'seg' labels in the data")
@@ -305,45 +293,3 @@ class ViTSplit(nn.Module):
             "num_layers": self.backbone.num_layers, "embed_dim": self.backbone.embed_dim,
             "patch_size": self.backbone.patch_size, "num_prefix_tokens": self.backbone.num_prefix_tokens}
         return {**self.split.head_config(), "backbone": bb}
-
-
-def save_trainable(model: ViTSplit, path: str | Path) -> Path:
-    """Write the trainable weights as safetensors with the config (incl. the backbone's state hash)
-    in the file's metadata under "vitsplit_config". Atomic."""
-    from safetensors.torch import save_file
-
-    from .fileio import atomic_write
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-    meta = {"vitsplit_config": json.dumps(model.config())}
-    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
-
-
-def read_trainable(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, state) from a file written by :func:`save_trainable`."""
-    from .fileio import read_safetensors
-
-    meta, state = read_safetensors(path)
-    if "vitsplit_config" not in meta:
-        raise UserError(f"{path} has no ViT-Split config in its metadata; it was not written by save_trainable")
-    return json.loads(meta["vitsplit_config"]), state
-
-
-def load_trainable(path: str | Path, backbone: Backbone, *, deform_impl: str = "fast") -> ViTSplit:
-    """Rebuild a :class:`ViTSplit` on ``backbone`` from :func:`save_trainable`'s file.
-
-    Raises ``UserError`` if ``backbone`` is not the one the weights were trained on (different
-    architecture or a different state hash)."""
-    cfg, state = read_trainable(path)
-    want = cfg["backbone"]
-    if (backbone.num_layers, backbone.embed_dim) != (want["num_layers"], want["embed_dim"]):
-        raise UserError(f"{path} was trained on {want['name']} ({want['num_layers']} blocks, width {want['embed_dim']}); "
-                        f"the given backbone {backbone.name} has {backbone.num_layers} blocks, width {backbone.embed_dim}")
-    got = state_hash(backbone)
-    if got != want["state_sha256"]:
-        raise UserError(f"{path} was trained on backbone weights {want['state_sha256'][:12]} ({want['weights_source']}); "
-                        f"the given backbone's weights are {got[:12]} ({backbone.weights_source}): load the same weights")
-    model = ViTSplit(backbone, cfg["k_t"], cfg["prior_layers"], cfg["task"], cfg["num_classes"],
-                     masks=cfg["masks"], deform_impl=deform_impl, det_preset=cfg.get("det_preset", "coco"))
-    model.load_trainable_state_dict(state)
-    return model

@@ -28,10 +28,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cli.app import main
+from cka_split.cli.app import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI_MODULE = "cli"
+CLI_MODULE = "cka_split.cli"
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -194,7 +194,7 @@ def test_raw_pickle_weights_give_one_line_without_torch_warning(tmp_path, capsys
 
 def test_resume_reads_a_checkpoint_with_numpy_rng_state(trained):
     """The allow-list is exactly wide enough for what save_checkpoint writes (numpy's RNG state array)."""
-    from vitsplit.checkpoint import load_checkpoint
+    from vitsplit.engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(trained / "last.pt")
     assert ckpt["step"] == 2 and isinstance(ckpt["rng"]["numpy"][1], np.ndarray)

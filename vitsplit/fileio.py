@@ -5,6 +5,7 @@ A reader never sees a half-written file, and a run killed mid-write leaves the o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -60,6 +61,22 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> list[Path]:
         raise UserError(f"{what} {path} is not writable ({e.strerror or type(e).__name__}); "
                         "give a folder you can write to") from None
     return missing[::-1]
+
+
+def existing_path(path: str | os.PathLike, what: str) -> Path:
+    """``path`` with every symlink resolved; a UserError naming ``what`` when it does not exist, is a
+    symlink loop, or cannot be looked at (e.g. a folder without search permission on the way)."""
+    p = Path(path).expanduser()
+    try:
+        return p.resolve(strict=True)
+    except FileNotFoundError:
+        raise UserError(f"{what} {p} does not exist") from None
+    except RuntimeError:  # Python < 3.13 reports a symlink loop this way
+        raise UserError(f"{what} {p} is a symlink loop (it leads back to itself); give the file it should point at") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{what} {p} is a symlink loop (it leads back to itself); give the file it should point at") from None
+        raise UserError(f"{what} {p} cannot be read ({e.strerror or type(e).__name__})") from None
 
 
 def _create_temp(path: Path) -> str:
@@ -118,12 +135,12 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({e})") from e
 
 
-def load_torch_restricted(path: str | os.PathLike, *, remedy: str, allow: Sequence[Any] = ()) -> Any:
+def load_torch_restricted(path: str | os.PathLike, *, remedy: str, allow: Sequence[Any] = (), what: str = "file") -> Any:
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and plain containers only,
     plus the classes and functions in ``allow``; a file that pickles anything else is refused and
     nothing in it is imported or called. Torch's two-line warning about the pickle protocol of a file
-    that ``torch.save`` did not write is silenced: the UserError says what is wrong, ending in
-    ``remedy`` (what the user should do)."""
+    that ``torch.save`` did not write is silenced: the UserError says what is wrong with the ``what``
+    (e.g. "weights file"), ending in ``remedy`` (what the user should do)."""
     import pickle
     import re
     import warnings
@@ -142,10 +159,11 @@ def load_torch_restricted(path: str | os.PathLike, *, remedy: str, allow: Sequen
             raise UserError(f"refused to load {path}: it pickles '{found.group(1) or found.group(2)}', which is not a "
                             "tensor or plain container, and loading it could run code (torch.load weights_only=True); "
                             f"{remedy}") from e
-        raise UserError(f"cannot read {path}: not a torch file that loads with weights_only=True "
+        raise UserError(f"cannot read {what} {path}: not a torch file that loads with weights_only=True "
                         f"(no code is run); {remedy}") from e
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); {remedy}") from e
+        raise UserError(f"cannot read {what} {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                        f"{remedy}") from e
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

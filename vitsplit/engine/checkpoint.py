@@ -67,8 +67,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"cannot resume: {path} does not exist (run without --resume, or point --out at the run to continue)")
     remedy = "delete it, or give another --out"
-    ckpt = load_torch_restricted(path, remedy=f"it was not written by cka-split train: {remedy}",
-                                 allow=_NUMPY_ARRAY_GLOBALS)
+    ckpt = load_torch_restricted(path, what="resume checkpoint", allow=_NUMPY_ARRAY_GLOBALS,
+                                 remedy=f"cka-split train did not write it: {remedy}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != "cka-split-resume-1":
         raise UserError(f"cannot resume: {path} was not written by cka-split train; {remedy}")
     return ckpt

@@ -7,9 +7,10 @@ from typing import List, Optional
 
 import typer
 
+from cka_split.run import ANALYZE_RANGES
 from vitsplit.errors import UserError
 
-from .options import parse_task_map
+from .options import checked, parse_task_map
 from .progress import RichProgress
 from .recommend import print_recommendation
 
@@ -21,17 +22,17 @@ def analyze(
     tasks: List[str] = typer.Option(["seg", "det"], "--tasks", help="Tasks to analyse: seg, det, depth (repeat or list)."),
     finetuned: Optional[List[str]] = typer.Option(None, help="TASK=PATH: a backbone fine-tuned elsewhere for TASK (repeatable)."),
     data: Optional[List[str]] = typer.Option(None, help="SPEC or TASK=SPEC: synthetic, ade20k:DIR, cityscapes:DIR, folder:DIR, coco:ANN.json:IMG_DIR."),
-    finetune_steps: int = typer.Option(300, help="Steps of full fine-tuning for each task copy the tool makes."),
-    probe_images: int = typer.Option(256, help="Images on which CKA is computed."),
-    batch_size: int = typer.Option(32, help="Minibatch size of the CKA estimator (>= 4 for the unbiased one)."),
+    finetune_steps: int = typer.Option(300, help="Steps of full fine-tuning for each task copy the tool makes.", callback=checked(ANALYZE_RANGES["finetune_steps"])),
+    probe_images: int = typer.Option(256, help="Images on which CKA is computed.", callback=checked(ANALYZE_RANGES["probe_images"])),
+    batch_size: int = typer.Option(32, help="Minibatch size of the CKA estimator (>= 4 for the unbiased one).", callback=checked(ANALYZE_RANGES["batch_size"])),
     features: str = typer.Option("tokens", help="tokens (patch tokens per image), mean, or cls."),
-    image_size: int = typer.Option(224, help="Probe image size in pixels."),
+    image_size: int = typer.Option(224, help="Probe image size in pixels.", callback=checked(ANALYZE_RANGES["image_size"])),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast; features are upcast for CKA)."),
-    seed: int = typer.Option(0, help="Seed for data order, fine-tuning and initialisation."),
+    seed: int = typer.Option(0, help="Seed for data order, fine-tuning and initialisation.", callback=checked(ANALYZE_RANGES["seed"])),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<timestamp>)."),
-    pca_images: int = typer.Option(4, help="Probe images drawn as PCA feature maps (0: none)."),
-    max_trainable_params: Optional[float] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions)."),
+    pca_images: int = typer.Option(4, help="Probe images drawn as PCA feature maps (0: none).", callback=checked(ANALYZE_RANGES["pca_images"])),
+    max_trainable_params: Optional[float] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions).", callback=checked(ANALYZE_RANGES["max_trainable_params"])),
 ) -> None:
     from cka_split.run import AnalyzeConfig, parse_data_options, run_analyze
 

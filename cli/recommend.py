@@ -9,6 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cka_split.run import ANALYZE_RANGES
+
+from .options import checked
+
 
 def print_recommendation(rec, run: Path) -> None:
     """A table of K_t and prior layers per task, then the evidence, on stdout."""
@@ -33,7 +37,7 @@ def print_recommendation(rec, run: Path) -> None:
 
 def recommend(
     run_dir: Path = typer.Argument(..., help="An analysis run directory."),
-    max_trainable_params: Optional[float] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions)."),
+    max_trainable_params: Optional[float] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions).", callback=checked(ANALYZE_RANGES["max_trainable_params"])),
 ) -> None:
     from cka_split.run import recommend_run
 

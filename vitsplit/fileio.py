@@ -63,6 +63,14 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> list[Path]:
     return missing[::-1]
 
 
+def check_output_file(path: str | os.PathLike, what: str) -> None:
+    """Refuse, before any work, an output file path that is a folder or whose folder cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file name such as {path / 'metrics.json'}")
+    ensure_writable_dir(path.parent, f"{what} {path}: its folder")
+
+
 def existing_path(path: str | os.PathLike, what: str) -> Path:
     """``path`` with every symlink resolved; a UserError naming ``what`` when it does not exist, is a
     symlink loop, or cannot be looked at (e.g. a folder without search permission on the way)."""

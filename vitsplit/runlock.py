@@ -189,3 +189,13 @@ class RunLock:
             except OSError:
                 break
         self.created = []
+
+
+def check_not_in_use(folder: str | os.PathLike, to_do: str) -> None:
+    """Refuse to read ``folder`` while a live job owns it (for readers that need the job's finished
+    output, not ownership: evaluating a training run); ``to_do`` ends the advice ("evaluate it")."""
+    path = Path(folder) / LOCK_NAME
+    owner = _read(path) if path.is_file() else None
+    if owner is not None and not owner.is_stale():
+        raise UserError(f"{Path(folder)} is in use by {owner.describe()}; {to_do} when that job has ended "
+                        f"(if it is not running, delete {path})")

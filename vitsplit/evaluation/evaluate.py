@@ -44,8 +44,8 @@ def evaluate_model(model: Any, dataset: Any, task: str, *, mode: str = "whole", 
         raise UserError(f"unknown evaluation mode '{mode}': use whole or slide")
     if mode == "slide" and task != "seg":
         raise UserError("sliding-window evaluation is for segmentation; use --mode whole for det and depth")
-    for name, allowed in EVAL_RANGES.items():
-        allowed.check(f"--{name.replace('_', '-')}", {"stride": stride, "batch_size": batch_size}[name])
+    EVAL_RANGES["stride"].check("--stride", stride)
+    EVAL_RANGES["batch_size"].check("--batch-size", batch_size)
     crop = int(crop or 0)
     stride = int(stride if stride is not None else max(1, (2 * crop) // 3))
     if mode == "slide" and stride > crop:

@@ -115,7 +115,7 @@ def validate(cfg: AnalyzeConfig) -> None:
     for t, path in cfg.finetuned.items():
         if t not in cfg.tasks:
             raise UserError(f"--finetuned {t}=... names task '{t}', which is not in --tasks ({' '.join(cfg.tasks)}); add it there or drop it")
-        found = _given_path(f"--finetuned {t}={path}", path)
+        found = _given_path("--finetuned", f"{t}={path}", path)
         if found.is_dir() and not hf_weight_files(found):
             raise UserError(f"--finetuned {t}={path} is a folder without a weights file ({', '.join(HF_WEIGHT_FILES)}); "
                             "give the fine-tuned weights file itself")
@@ -123,7 +123,7 @@ def validate(cfg: AnalyzeConfig) -> None:
         if t != "*" and t not in cfg.tasks:
             raise UserError(f"--data {t}=... names task '{t}', which is not in --tasks ({' '.join(cfg.tasks)})")
     if cfg.weights not in ("auto", "random"):
-        _given_path(f"--weights {cfg.weights}", cfg.weights, hint=" (use auto, random, or a weights file)")
+        _given_path("--weights", cfg.weights, cfg.weights, hint=" (use auto, random, or a weights file)")
     if cfg.features not in FEATURES:
         raise UserError(f"--features {cfg.features}: use tokens, mean or cls")
     if cfg.precision not in PRECISIONS:
@@ -142,12 +142,13 @@ def validate(cfg: AnalyzeConfig) -> None:
         raise UserError(f"--finetune-steps {cfg.finetune_steps}: tasks without --finetuned need at least 1 fine-tuning step")
 
 
-def _given_path(label: str, path: str, hint: str = "") -> Path:
-    """``path`` resolved; 'LABEL: no such file' if it is missing, a UserError if it is a symlink loop."""
+def _given_path(option: str, given: str, path: str, hint: str = "") -> Path:
+    """``path`` (given as ``OPTION GIVEN``) resolved; 'OPTION GIVEN: no such file' if it is missing, a
+    UserError naming it if it is a symlink loop."""
     p = Path(path).expanduser()
     if not p.exists() and not p.is_symlink():
-        raise UserError(f"{label}: no such file{hint}")
-    return existing_path(p, label)
+        raise UserError(f"{option} {given}: no such file{hint}")
+    return existing_path(p, option)
 
 
 def default_run_dir(root: str | Path = "runs") -> Path:

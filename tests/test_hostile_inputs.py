@@ -249,11 +249,10 @@ def test_analyze_out_that_cannot_be_written_is_refused_first(case, tmp_path, cap
     refused(capsys, OUT_MESSAGE, *analyze_args(hf_dir, out))
 
 
-@pytest.mark.parametrize("case", OUT_CASES + ["existing folder"])
+@pytest.mark.parametrize("case", ["existing folder", "under a file", "unwritable"])
 def test_evaluate_out_that_cannot_be_written_is_refused_first(case, tmp_path, capsys, trained, tripwire):
+    """``evaluate --out FILE`` (an existing file is simply replaced, as asked)."""
     out = {**bad_outs(tmp_path), "existing folder": tmp_path}[case]
-    if case == "existing file":  # an existing file is replaced: that is what --out FILE asks for
-        pytest.skip("a file is a valid --out for evaluate")
     refused(capsys, r"--out .*(folder|directory|cannot|not writable|permitted|Permission|No such)",
             "evaluate", trained, "--device", "cpu", "--out", out)
 
@@ -554,10 +553,12 @@ def test_two_concurrent_trains_on_one_out(tmp_path, hf_dir):
                                 cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)
         assert second.returncode == 2, second.stderr
         assert re_search(rf"in use by pid {first.pid}", second.stderr) and second.stderr.count("\n") == 1
+        _wait_for(lambda: (out / "last.pt").exists(), first)
     finally:
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=120)
-    assert json.loads((out / "config.json").read_text())["seed"] == 0
+    assert first.returncode == 130
+    assert json.loads((out / "config.json").read_text())["seed"] == 0  # the first run's, untouched
 
 
 # ------------------------------------------------------------------------------------------ Ctrl-C

@@ -112,7 +112,7 @@ def demo_recipe(quick: bool = False) -> DemoRecipe:
     return QUICK_RECIPE if quick else FULL_RECIPE
 
 
-CACHE_FOLDER = "the demo-vit cache folder (set CKA_SPLIT_CACHE to use another)"  # how errors name cache_dir()
+CACHE_FOLDER = "demo-vit cache folder ($CKA_SPLIT_CACHE)"  # how errors name cache_dir()
 
 
 def cache_dir() -> Path:

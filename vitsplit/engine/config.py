@@ -13,9 +13,9 @@ from ..backbones import Backbone
 from ..backbones.reading import weights_path
 from ..errors import UserError
 from ..fileio import read_json
-from ..ranges import COUNT, NON_NEGATIVE, POSITIVE, Range
 from ..model.configs import METHODS, TASKS, default_split
 from ..model.heads import DET_PRESETS, det_preset_for
+from ..ranges import COUNT, NON_NEGATIVE, POSITIVE, Range
 from .schedule import default_warmup
 
 SMALL_WIDTH = 384  # ViT-S's embedding width, the widest backbone that takes the small-model learning rate
@@ -165,7 +165,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     cfg.weights = cfg.weights or "auto"
     if cfg.weights not in ("auto", "random", "given"):
         weights_path(cfg.weights)  # a missing file or a symlink loop fails here, before the data is read
-
     if cfg.weight_decay is None:
         cfg.weight_decay = 0.05 if cfg.task == "det" else 1e-2
     if cfg.warmup_iters is None:

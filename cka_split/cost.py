@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from vitsplit.errors import UserError
+from vitsplit.ranges import POSITIVE
 
 ParamCount = Callable[[str, int, list[int]], int]
 FullCount = Callable[[str], int]
@@ -62,8 +63,9 @@ def parse_budget(text: str | None, option: str = "--max-trainable-params") -> Bu
             x = float(v)
         except ValueError:
             raise UserError(f"{option} takes millions of parameters (12 or seg=12,det=40), not '{text}'") from None
-        if not x > 0:
-            raise UserError(f"{option} {text}: a budget must be positive")
+        problem = POSITIVE.problem(x)
+        if problem is not None:
+            raise UserError(f"{option} {text}: a budget {problem}")
         return int(round(x * 1e6))
 
     if "=" not in text:

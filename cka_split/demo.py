@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 
 from vitsplit.backbones import build_backbone
-from vitsplit.backbones.demo_vit import cache_path, demo_recipe
+from vitsplit.backbones.demo_vit import CACHE_FOLDER, cache_path, demo_recipe
 from vitsplit.engine import TrainConfig, train
 from vitsplit.errors import UserError
-from vitsplit.fileio import atomic_write_json
+from vitsplit.fileio import atomic_write_json, ensure_writable_dir
 from vitsplit.ops.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from vitsplit.pretrain import load_or_pretrain_demo_vit
 from vitsplit.progress import NULL_PROGRESS, Progress
@@ -109,13 +109,16 @@ def run_demo(out: Path, plan: DemoPlan = FULL_PLAN, progress: Progress = NULL_PR
     """Steps 1-4 of the module docstring into ``out`` (the analysis run directory; training runs go
     to ``out/training/<method>``). Returns a summary dict (also saved as ``out/demo.json``)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    recipe = demo_recipe(plan.quick)
+    cached = cache_path(recipe).is_file()
+    if not cached:  # where the pretrained weights will go, and where the run will go: before any work
+        ensure_writable_dir(cache_path(recipe).parent, CACHE_FOLDER)
+    ensure_writable_dir(out, "--out")
+    if any(out.iterdir()):
         raise UserError(f"{out} already holds files; give a new --out directory")
     t0 = time.time()
     timings: dict[str, float] = {}
 
-    recipe = demo_recipe(plan.quick)
-    cached = cache_path(recipe).is_file()
     t = time.time()
     progress.log(("using the cached demo-vit " if cached else "pretraining demo-vit (cached for later runs): ")
                  + recipe.describe())

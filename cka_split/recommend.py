@@ -140,11 +140,19 @@ class SplitRecommendation:
     def from_json(cls, d: dict[str, Any]) -> "SplitRecommendation":
         try:
             per_task = {t: TaskSplit(**s) for t, s in d["per_task"].items()}
-            return cls(model=d["model"], num_layers=int(d["num_layers"]), pretrained=d["pretrained"],
-                       tasks=list(d["tasks"]), per_task=per_task, settings=dict(d["settings"]),
-                       max_trainable_params=d.get("max_trainable_params"))
-        except (KeyError, TypeError) as e:
+            rec = cls(model=d["model"], num_layers=int(d["num_layers"]), pretrained=d["pretrained"],
+                      tasks=list(d["tasks"]), per_task=per_task, settings=dict(d["settings"]),
+                      max_trainable_params=d.get("max_trainable_params"))
+        except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"recommendation.json does not have the expected layout ({e}); rerun 'cka-split recommend RUN'") from e
+        for t, s in rec.per_task.items():
+            ok_k = isinstance(s.k_t, int) and not isinstance(s.k_t, bool) and 1 <= s.k_t <= rec.num_layers
+            ok_p = all(isinstance(i, int) and 0 <= i < rec.num_layers for i in s.prior_layers)
+            if not (ok_k and ok_p):
+                bad = f"k_t {s.k_t!r}" if not ok_k else f"prior_layers {s.prior_layers!r}"
+                raise UserError(f"recommendation.json gives {bad} for {t}, which is not a split of {rec.num_layers} "
+                                "blocks; rerun 'cka-split recommend RUN'")
+        return rec
 
     @classmethod
     def load(cls, path: str | Path) -> "SplitRecommendation":

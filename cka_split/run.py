@@ -30,12 +30,15 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from vitsplit.backbones import backbone_config, build_backbone
+from vitsplit.backbones.hf import HF_WEIGHT_FILES, hf_weight_files
 from vitsplit.data import TASKS, build_dataset, collate
 from vitsplit.device import resolve_device
 from vitsplit.engine import finetune_backbone
 from vitsplit.errors import UserError
-from vitsplit.fileio import atomic_write, atomic_write_json, atomic_write_text, sha256_file, versions
+from vitsplit.fileio import atomic_write, atomic_write_json, atomic_write_text, existing_path, sha256_file, versions
 from vitsplit.progress import NULL_PROGRESS, Progress
+from vitsplit.ranges import COUNT, NON_NEGATIVE, POSITIVE, Range
+from vitsplit.runlock import LOCK_NAME, RunLock
 
 from .analysis import analyze
 from .cka import MIN_SE_BATCHES
@@ -47,6 +50,13 @@ from .result import CKAResult
 AUTO_CHECK_BATCH = 8      # images per minibatch of the "auto" checks' probe set
 FEATURES = ("tokens", "mean", "cls")
 PRECISIONS = ("fp32", "bf16")
+
+
+# The numeric options' allowed values (None: the default); the CLI checks the same table while parsing.
+ANALYZE_RANGES: dict[str, Range] = {
+    "finetune_steps": NON_NEGATIVE, "finetune_lr": POSITIVE, "finetune_batch_size": COUNT, "probe_images": COUNT,
+    "batch_size": COUNT, "image_size": COUNT, "seed": NON_NEGATIVE, "pca_images": NON_NEGATIVE,
+}
 
 
 @dataclass
@@ -112,13 +122,15 @@ def validate(cfg: AnalyzeConfig) -> None:
     for t, path in cfg.finetuned.items():
         if t not in cfg.tasks:
             raise UserError(f"--finetuned {t}=... names task '{t}', which is not in --tasks ({' '.join(cfg.tasks)}); add it there or drop it")
-        if not Path(path).is_file():
-            raise UserError(f"--finetuned {t}={path}: no such file")
+        found = _given_path("--finetuned", f"{t}={path}", path)
+        if found.is_dir() and not hf_weight_files(found):
+            raise UserError(f"--finetuned {t}={path} is a folder without a weights file ({', '.join(HF_WEIGHT_FILES)}); "
+                            "give the fine-tuned weights file itself")
     for t in cfg.data:
         if t != "*" and t not in cfg.tasks:
             raise UserError(f"--data {t}=... names task '{t}', which is not in --tasks ({' '.join(cfg.tasks)})")
-    if cfg.weights not in ("auto", "random") and not Path(cfg.weights).is_file():
-        raise UserError(f"--weights {cfg.weights}: no such file (use auto, random, or a weights file)")
+    if cfg.weights not in ("auto", "random"):
+        _given_path("--weights", cfg.weights, cfg.weights, hint=" (use auto, random, or a weights file)")
     if cfg.features not in FEATURES:
         raise UserError(f"--features {cfg.features}: use tokens, mean or cls")
     if cfg.precision not in PRECISIONS:
@@ -127,17 +139,14 @@ def validate(cfg: AnalyzeConfig) -> None:
         raise UserError(f"--device {cfg.device}: use auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available; use --device cpu or auto")
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    for name, allowed in ANALYZE_RANGES.items():
+        if not (name == "finetune_steps" and not isinstance(cfg.finetune_steps, int)):  # "auto": below
+            allowed.check(f"--{name.replace('_', '-')}", getattr(cfg, name))
     if cfg.unbiased and cfg.batch_size < 4:
         raise UserError(f"--batch-size {cfg.batch_size} is too small for the unbiased CKA estimator, which needs at least 4 images per minibatch")
     if cfg.probe_images < cfg.batch_size:
         raise UserError(f"--probe-images {cfg.probe_images} is smaller than one minibatch (--batch-size {cfg.batch_size}); use more probe images or a smaller batch")
     check_budget_tasks(cfg.max_trainable_params, cfg.tasks)
-    if cfg.image_size < 1:
-        raise UserError(f"--image-size {cfg.image_size}: must be positive")
-    if cfg.pca_images < 0:
-        raise UserError(f"--pca-images {cfg.pca_images}: must be 0 (no PCA maps) or more")
     if cfg.finetune_steps == "auto":
         if cfg.finetune_max_steps < 1 or cfg.finetune_check_every < 1 or cfg.finetune_patience < 1:
             raise UserError("--finetune-max-steps, --finetune-check-every and --finetune-patience must be at least 1")
@@ -147,6 +156,15 @@ def validate(cfg: AnalyzeConfig) -> None:
         raise UserError(f"--finetune-steps {cfg.finetune_steps}: give a number of steps or 'auto'")
     elif any(t not in cfg.finetuned for t in cfg.tasks) and cfg.finetune_steps < 1:
         raise UserError(f"--finetune-steps {cfg.finetune_steps}: tasks without --finetuned need at least 1 fine-tuning step")
+
+
+def _given_path(option: str, given: str, path: str, hint: str = "") -> Path:
+    """``path`` (given as ``OPTION GIVEN``) resolved; 'OPTION GIVEN: no such file' if it is missing, a
+    UserError naming it if it is a symlink loop."""
+    p = Path(path).expanduser()
+    if not p.exists() and not p.is_symlink():
+        raise UserError(f"{option} {given}: no such file{hint}")
+    return existing_path(p, option)
 
 
 def default_run_dir(root: str | Path = "runs") -> Path:
@@ -245,11 +263,19 @@ def se_batches_warning(cfg: AnalyzeConfig) -> str | None:
 def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple[Path, SplitRecommendation]:
     """The whole pipeline (module docstring). Returns (run directory, recommendation)."""
     validate(cfg)
+    run = Path(cfg.out) if cfg.out else default_run_dir()
+    with RunLock(run) as lock:  # one job per run directory (--out that cannot be written fails here)
+        if any(p.name != LOCK_NAME for p in run.iterdir()):
+            raise UserError(f"{run} already holds files; give a new --out directory")
+        if lock.stale is not None:
+            progress.log(f"note: {lock.path} was left by {lock.stale.describe()}, which is no longer running; "
+                         "this run took it over")
+        return _analyze_locked(cfg, run, progress)
+
+
+def _analyze_locked(cfg: AnalyzeConfig, run: Path, progress: Progress) -> tuple[Path, SplitRecommendation]:
     t0 = time.time()
     started = datetime.now().isoformat(timespec="seconds")
-    run = Path(cfg.out) if cfg.out else default_run_dir()
-    if run.exists() and any(run.iterdir()):
-        raise UserError(f"{run} already holds files; give a new --out directory")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
@@ -338,6 +364,11 @@ def recommend_run(run_dir: str | Path, max_trainable_params: Budget = None, **kw
     """Recompute RUN/recommendation.json from RUN/cka.npz and RUN/config.json (no model weights; a
     budget builds ViT-Split on the meta device to count parameters). ``kwargs`` go to recommend_split."""
     run = resolve_run_dir(run_dir)
+    with RunLock(run, what="RUN_DIR"):  # not while an analysis is still writing it
+        return _recommend_locked(run, max_trainable_params, **kwargs)
+
+
+def _recommend_locked(run: Path, max_trainable_params: Budget, **kwargs) -> tuple[Path, SplitRecommendation]:
     for name in ("config.json", "cka.npz"):
         if not (run / name).is_file():
             raise UserError(f"{run / name} is missing; is {run} a run written by 'cka-split analyze'?")

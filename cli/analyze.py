@@ -7,9 +7,10 @@ from typing import List, Optional
 
 import typer
 
+from cka_split.run import ANALYZE_RANGES
 from vitsplit.errors import UserError
 
-from .options import parse_task_map
+from .options import checked, parse_task_map
 from .progress import RichProgress
 from .recommend import print_recommendation
 
@@ -36,15 +37,15 @@ def analyze(
     finetune_check_every: int = typer.Option(25, help="With --finetune-steps auto: steps between checks of the recommendation."),
     finetune_patience: int = typer.Option(3, help="With --finetune-steps auto: stop when K_t has not changed for this many checks."),
     finetune_check_images: int = typer.Option(64, help="With --finetune-steps auto: probe images of each check."),
-    probe_images: int = typer.Option(256, help="Images on which CKA is computed."),
-    batch_size: int = typer.Option(32, help="Minibatch size of the CKA estimator (>= 4 for the unbiased one)."),
+    probe_images: int = typer.Option(256, help="Images on which CKA is computed.", callback=checked(ANALYZE_RANGES["probe_images"])),
+    batch_size: int = typer.Option(32, help="Minibatch size of the CKA estimator (>= 4 for the unbiased one).", callback=checked(ANALYZE_RANGES["batch_size"])),
     features: str = typer.Option("tokens", help="tokens (patch tokens per image), mean, or cls."),
-    image_size: int = typer.Option(224, help="Probe image size in pixels."),
+    image_size: int = typer.Option(224, help="Probe image size in pixels.", callback=checked(ANALYZE_RANGES["image_size"])),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast; features are upcast for CKA)."),
-    seed: int = typer.Option(0, help="Seed for data order, fine-tuning and initialisation."),
+    seed: int = typer.Option(0, help="Seed for data order, fine-tuning and initialisation.", callback=checked(ANALYZE_RANGES["seed"])),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<timestamp>)."),
-    pca_images: int = typer.Option(4, help="Probe images drawn as PCA feature maps (0: none)."),
+    pca_images: int = typer.Option(4, help="Probe images drawn as PCA feature maps (0: none).", callback=checked(ANALYZE_RANGES["pca_images"])),
     max_trainable_params: Optional[str] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions): one number, or per task seg=12,det=40."),
 ) -> None:
     from cka_split.cost import parse_budget

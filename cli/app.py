@@ -1,8 +1,10 @@
 """The typer app and the one error path: a :class:`UserError` (or a usage error) becomes one line
-on stderr and exit code 2; any other exception is a bug and keeps its traceback."""
+on stderr and exit code 2; Ctrl-C becomes one line saying what was interrupted (and how to resume
+it) and exit code 130; any other exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -10,6 +12,7 @@ import typer
 from vitsplit.errors import UserError
 
 from . import analyze, compare, demo, evaluate, recommend, report, train
+from .interrupt import Interrupted, interrupted_line
 
 app = typer.Typer(
     name="cka-split",
@@ -31,10 +34,16 @@ _MRO = {c.__name__: c for c in typer.BadParameter.__mro__}
 _UsageError, _ClickException = _MRO["UsageError"], _MRO["ClickException"]
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C; typer returns it for a KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``cka-split`` and ``python -m cka_split.cli``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rv = app(args=argv, prog_name="cka-split", standalone_mode=False)
+    except Interrupted as e:
+        _interrupted(argv, e.run)
     except UserError as e:
         print(f"cka-split: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -54,4 +63,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
+    if rv == EXIT_INTERRUPTED:  # a Ctrl-C that typer caught: it prints nothing itself
+        _interrupted(argv, None)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _interrupted(argv: list[str], run) -> None:
+    """One line on what was interrupted (from rank 0 only under torchrun), exit code 130."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(interrupted_line(argv, run), file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)

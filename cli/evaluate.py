@@ -8,20 +8,27 @@ from typing import Optional
 
 import typer
 
+from vitsplit.evaluation.evaluate import EVAL_RANGES
+
+from .options import checked
+
 
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A training output directory or its model.safetensors."),
     data: Optional[str] = typer.Option(None, help="Data spec (default: the one the model was trained with; its val split)."),
     mode: str = typer.Option("whole", help="whole or slide (sliding window at the training crop)."),
-    stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default 2/3 of the crop, mmseg's 341 for 512)."),
+    stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default 2/3 of the crop, mmseg's 341 for 512).",
+                                         callback=checked(EVAL_RANGES["stride"])),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     out: Optional[Path] = typer.Option(None, help="Also write the metrics to this JSON file."),
 ) -> None:
     from vitsplit.evaluate import evaluate_checkpoint
-    from vitsplit.fileio import atomic_write_json
+    from vitsplit.fileio import atomic_write_json, check_output_file
 
     from .progress import RichProgress, console
 
+    if out is not None:
+        check_output_file(out, "--out")  # before the evaluation, not after it
     with RichProgress() as progress:
         result = evaluate_checkpoint(checkpoint, data=data, mode=mode, stride=stride, device=device, progress=progress)
     if out is not None:

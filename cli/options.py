@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
+import typer
+
 from vitsplit.errors import UserError
+from vitsplit.ranges import Range
 
 
-def parse_int_list(text: str | None, option: str) -> list[int] | None:
-    """'2,5,8,11' -> [2, 5, 8, 11]."""
+def parse_layer_list(text: str | None, option: str) -> list[int] | None:
+    """'2,5,8,11' -> [2, 5, 8, 11]: block indices as typed by a user, each once, none empty or negative
+    (the model checks them against its depth). A repeat is refused here, not in the model: the
+    published ViT-g default samples block 27 twice, but a user who types a block twice made a typo."""
     if text is None:
         return None
+    items = text.replace(" ", "").split(",")
+    if "" in items:
+        raise UserError(f"{option} '{text}' has an empty item; give comma-separated block indices such as 2,5,8,11")
     try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
+        values = [int(t) for t in items]
     except ValueError:
         raise UserError(f"{option} takes comma-separated integers such as 2,5,8,11, not '{text}'") from None
+    for v in values:
+        if v < 0:
+            raise UserError(f"{option} '{text}' has {v}; block indices start at 0")
+        if values.count(v) > 1:
+            raise UserError(f"{option} '{text}' lists block {v} twice; give each block once")
+    return values
 
 
 def parse_task_map(items: list[str] | None, option: str) -> dict[str, str]:
@@ -26,3 +42,17 @@ def parse_task_map(items: list[str] | None, option: str) -> dict[str, str]:
             raise UserError(f"{option} names task '{task}' twice")
         out[task] = value
     return out
+
+
+# ------------------------------------------------------------------ numbers, checked while parsing
+def checked(allowed: Range) -> Callable[[float | None], float | None]:
+    """A typer callback refusing what ``allowed`` refuses, while the command line is parsed: the
+    error reads "Invalid value for '--lr': must be greater than 0, got -1" and no work has started."""
+
+    def check(value: float | None) -> float | None:
+        problem = None if value is None else allowed.problem(value)
+        if problem is not None:
+            raise typer.BadParameter(problem)
+        return value
+
+    return check

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,7 +17,8 @@ def report(
 ) -> None:
     from cka_split.reports import build_report
 
-    path = build_report(run_dir, training_runs=training or None)
+    path = build_report(run_dir, training_runs=training or None,
+                        warn=lambda problem: print(f"cka-split: warning: {problem}", file=sys.stderr))
     rec = path.parent / "recommendation.json"
     if rec.is_file():
         from cka_split.recommend import SplitRecommendation

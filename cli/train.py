@@ -8,12 +8,15 @@ from typing import Optional
 
 import typer
 
-from .options import parse_int_list
+from vitsplit.engine.config import TRAIN_RANGES
+
+from .interrupt import Interrupted
+from .options import checked, parse_layer_list
 
 
 def train(
     auto_split: Optional[str] = typer.Option(None, "--auto-split", help="Take model, weights, K_t and prior layers from RUN/recommendation.json: a run dir, or 'latest' for runs/latest. Explicit options override."),
-    k_t: Optional[int] = typer.Option(None, "--k-t", help="Task-head blocks (copies of the last K_t blocks)."),
+    k_t: Optional[int] = typer.Option(None, "--k-t", help="Task-head blocks (copies of the last K_t blocks).", callback=checked(TRAIN_RANGES["k_t"])),
     prior_layers: Optional[str] = typer.Option(None, help="Comma-separated 0-based prior layers, e.g. 2,5,8,11."),
     task: str = typer.Option("seg", help="seg, det or depth."),
     method: str = typer.Option("vitsplit", help="vitsplit, linear, full, lora or vit-adapter (ViT-Adapter, segmentation)."),
@@ -22,41 +25,45 @@ def train(
     weights: Optional[str] = typer.Option(None, help="auto, random, or a weights file (default auto, or the recommendation's)."),
     data: str = typer.Option("synthetic", help="Data spec."),
     val_data: Optional[str] = typer.Option(None, help="Data spec for the final evaluation (default: --data's val split)."),
-    iters: int = typer.Option(40000, help="Training iterations (optimizer steps)."),
-    batch_size: int = typer.Option(8, help="Images per optimizer step (over all processes and accumulation steps)."),
-    grad_accum: int = typer.Option(1, help="Gradient accumulation steps per optimizer step."),
-    crop: int = typer.Option(512, help="Training crop size."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the published one for the model size and task)."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 1e-2; 0.05 for det)."),
-    warmup_iters: Optional[int] = typer.Option(None, help="Linear warm-up steps (default min(1500, iters // 10))."),
-    seed: int = typer.Option(0, help="Seed (data order, augmentation, head init)."),
-    checkpoint_every: int = typer.Option(500, help="Write OUT/last.pt every N steps."),
-    log_every: int = typer.Option(10, help="Append to OUT/metrics.jsonl every N steps."),
+    iters: int = typer.Option(40000, help="Training iterations (optimizer steps).", callback=checked(TRAIN_RANGES["iters"])),
+    batch_size: int = typer.Option(8, help="Images per optimizer step (over all processes and accumulation steps).", callback=checked(TRAIN_RANGES["batch_size"])),
+    grad_accum: int = typer.Option(1, help="Gradient accumulation steps per optimizer step.", callback=checked(TRAIN_RANGES["grad_accum"])),
+    crop: int = typer.Option(512, help="Training crop size.", callback=checked(TRAIN_RANGES["crop"])),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the published one for the model size and task).", callback=checked(TRAIN_RANGES["lr"])),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 1e-2; 0.05 for det).", callback=checked(TRAIN_RANGES["weight_decay"])),
+    warmup_iters: Optional[int] = typer.Option(None, help="Linear warm-up steps (default min(1500, iters // 10)).", callback=checked(TRAIN_RANGES["warmup_iters"])),
+    seed: int = typer.Option(0, help="Seed (data order, augmentation, head init).", callback=checked(TRAIN_RANGES["seed"])),
+    checkpoint_every: int = typer.Option(500, help="Write OUT/last.pt every N steps.", callback=checked(TRAIN_RANGES["checkpoint_every"])),
+    log_every: int = typer.Option(10, help="Append to OUT/metrics.jsonl every N steps.", callback=checked(TRAIN_RANGES["log_every"])),
     out: Path = typer.Option(Path("runs/train"), help="Output directory."),
     resume: bool = typer.Option(False, help="Continue from OUT/last.pt."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."),
-    num_workers: int = typer.Option(0, help="DataLoader worker processes."),
-    train_length: Optional[int] = typer.Option(None, help="Training set length (synthetic: number of scenes)."),
-    val_length: Optional[int] = typer.Option(None, help="Validation set length (synthetic: number of scenes)."),
+    num_workers: int = typer.Option(0, help="DataLoader worker processes.", callback=checked(TRAIN_RANGES["num_workers"])),
+    train_length: Optional[int] = typer.Option(None, help="Training set length (synthetic: number of scenes).", callback=checked(TRAIN_RANGES["train_length"])),
+    val_length: Optional[int] = typer.Option(None, help="Validation set length (synthetic: number of scenes).", callback=checked(TRAIN_RANGES["val_length"])),
     eval_mode: str = typer.Option("whole", help="Final evaluation: whole or slide."),
-    lora_rank: int = typer.Option(8, help="LoRA rank (--method lora)."),
+    lora_rank: int = typer.Option(8, help="LoRA rank (--method lora).", callback=checked(TRAIN_RANGES["lora_rank"])),
     no_masks: bool = typer.Option(False, "--no-masks", help="Detection without masks (Faster R-CNN)."),
 ) -> None:
     from vitsplit.engine import TrainConfig, train as run_train
+    from vitsplit.errors import RunInterrupted
 
     from .progress import RichProgress, console
 
     cfg = TrainConfig(task=task, method=method, head=head, model=model, weights=weights, data=data, val_data=val_data, k_t=k_t,
-                      prior_layers=parse_int_list(prior_layers, "--prior-layers"), auto_split=auto_split, iters=iters,
+                      prior_layers=parse_layer_list(prior_layers, "--prior-layers"), auto_split=auto_split, iters=iters,
                       batch_size=batch_size, grad_accum=grad_accum, crop=crop, lr=lr, weight_decay=weight_decay,
                       warmup_iters=warmup_iters, seed=seed, checkpoint_every=checkpoint_every, log_every=log_every,
                       out=str(out), resume=resume, device=device, precision=precision, num_workers=num_workers,
                       train_length=train_length, val_length=val_length, eval_mode=eval_mode, lora_rank=lora_rank,
                       masks=not no_masks)
     main = int(os.environ.get("RANK", "0")) == 0
-    with RichProgress(enabled=main) as progress:
-        result = run_train(cfg, progress)
+    try:
+        with RichProgress(enabled=main) as progress:
+            result = run_train(cfg, progress)
+    except RunInterrupted as e:  # typer would turn it into a bare exit code 130
+        raise Interrupted(e) from None
     if main:
         shown = {k: v for k, v in result.items() if k not in ("IoU", "class_names")}
         console.print("[bold]final metrics[/bold] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

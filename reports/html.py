@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -234,14 +234,20 @@ def resolve_run(run_dir: str | Path) -> Path:
     return p
 
 
-def build_report(run_dir: str | Path, *, training_runs: list[str | Path] | None = None) -> Path:
+def build_report(run_dir: str | Path, *, training_runs: list[str | Path] | None = None,
+                 warn: Callable[[str], None] | None = None) -> Path:
     """Write RUN/report.html from the run directory alone (plus any ``training_runs`` directories,
-    and the training runs linked to it, see :mod:`cka_split.reports.training`). Returns its path."""
+    and the training runs linked to it, see :mod:`cka_split.reports.training`). Returns its path.
+
+    ``warn`` is called with each part left out and why (the page lists them too)."""
     run = resolve_run(run_dir)
     data = read_run(run)
     data.training = find_training_runs(run, training_runs, data.problems)
     html = render_report(data)
-    return atomic_write_text(run / "report.html", html)
+    path = atomic_write_text(run / "report.html", html)
+    for problem in data.problems if warn is not None else []:
+        warn(problem)
+    return path
 
 
 __all__ = ["build_report", "render_report", "report_context"]

@@ -117,11 +117,16 @@ def read_run(run_dir: str | Path) -> RunData:
     if data.recommendation is not None and not isinstance(data.recommendation.get("per_task"), dict):
         data.problems.append("recommendation.json has no per_task table; the recommendation is left out.")
         data.recommendation = None
+    if data.recommendation is not None:
+        _drop_unusable_tasks(data.recommendation, data.problems)
     if (run / "cka.npz").is_file():
         try:
             data.cka = load_cka(run / "cka.npz")
         except Exception as e:  # any unreadable npz: report it, keep going
             data.problems.append(f"cka.npz could not be read ({type(e).__name__}: {e}); the CKA figures are left out.")
+    else:
+        data.problems.append("cka.npz is missing, so the CKA heatmaps and curves are left out; "
+                             "rerun 'cka-split analyze' to make it.")
     pca = _read_json(run / "pca" / "index.json", data.problems)
     if pca is not None and isinstance(pca.get("images"), list):
         data.pca = pca
@@ -129,6 +134,30 @@ def read_run(run_dir: str | Path) -> RunData:
     if photos is not None and isinstance(photos.get("images"), list):
         data.pca_photos = photos
     return data
+
+
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _drop_unusable_tasks(rec: dict[str, Any], problems: list[str]) -> None:
+    """Remove from ``rec["per_task"]`` every task whose K_t is not a block count (NaN, a string, < 1,
+    more than the model's blocks) or whose prior layers are not block indices, naming each in ``problems``:
+    the report must not print a split that is not one."""
+    num_layers = rec.get("num_layers")
+    for task, s in list(rec["per_task"].items()):
+        k_t = s.get("k_t") if isinstance(s, dict) else None
+        prior = s.get("prior_layers") if isinstance(s, dict) else None
+        if not _is_index(k_t) or k_t < 1 or (_is_index(num_layers) and k_t > num_layers):
+            why = f"k_t {k_t!r}"
+        elif not isinstance(prior, list) or not all(_is_index(i) and i >= 0 for i in prior):
+            why = f"prior_layers {prior!r}"
+        else:
+            continue
+        problems.append(f"recommendation.json gives {why} for {task}, which is not a split of "
+                        f"{num_layers if _is_index(num_layers) else 'the'} blocks; that recommendation is left out "
+                        "(rerun 'cka-split recommend').")
+        del rec["per_task"][task]
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")

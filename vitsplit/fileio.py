@@ -5,6 +5,7 @@ A reader never sees a half-written file, and a run killed mid-write leaves the o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ import platform
 import secrets
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from safetensors import safe_open
 
@@ -37,6 +38,53 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str) -> list[Path]:
+    """Create the folder ``path`` (and missing parents) and write a probe file in it, so that a run
+    fails before its work, not after, when the folder is a file, lies under a file, or cannot be
+    written. Returns the folders it created (outermost first); a UserError names ``what`` otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder; give a folder path")
+    missing = []
+    for p in [path, *path.parents]:
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise UserError(f"{what} {path} cannot be created: {p} is a file, not a folder")
+            break
+        missing.append(p)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.unlink(_create_temp(path / ".write-test"))
+    except OSError as e:
+        raise UserError(f"{what} {path} is not writable ({e.strerror or type(e).__name__}); "
+                        "give a folder you can write to") from None
+    return missing[::-1]
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> None:
+    """Refuse, before any work, an output file path that is a folder or whose folder cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file name such as {path / 'metrics.json'}")
+    ensure_writable_dir(path.parent, f"{what} {path}: its folder")
+
+
+def existing_path(path: str | os.PathLike, what: str) -> Path:
+    """``path`` with every symlink resolved; a UserError naming ``what`` when it does not exist, is a
+    symlink loop, or cannot be looked at (e.g. a folder without search permission on the way)."""
+    p = Path(path).expanduser()
+    try:
+        return p.resolve(strict=True)
+    except FileNotFoundError:
+        raise UserError(f"{what} {p} does not exist") from None
+    except RuntimeError:  # Python < 3.13 reports a symlink loop this way
+        raise UserError(f"{what} {p} is a symlink loop (it leads back to itself); give the file it should point at") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{what} {p} is a symlink loop (it leads back to itself); give the file it should point at") from None
+        raise UserError(f"{what} {p} cannot be read ({e.strerror or type(e).__name__})") from None
 
 
 def _create_temp(path: Path) -> str:
@@ -93,6 +141,37 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path} does not exist") from e
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e})") from e
+
+
+def load_torch_restricted(path: str | os.PathLike, *, remedy: str, allow: Sequence[Any] = (), what: str = "file") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and plain containers only,
+    plus the classes and functions in ``allow``; a file that pickles anything else is refused and
+    nothing in it is imported or called. Torch's two-line warning about the pickle protocol of a file
+    that ``torch.save`` did not write is silenced: the UserError says what is wrong with the ``what``
+    (e.g. "weights file"), ending in ``remedy`` (what the user should do)."""
+    import pickle
+    import re
+    import warnings
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allow)):
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
+        if found:  # the restricted unpickler met a class or function: it was neither imported nor called
+            raise UserError(f"refused to load {path}: it pickles '{found.group(1) or found.group(2)}', which is not a "
+                            "tensor or plain container, and loading it could run code (torch.load weights_only=True); "
+                            f"{remedy}") from e
+        raise UserError(f"cannot read {what} {path}: not a torch file that loads with weights_only=True "
+                        f"(no code is run); {remedy}") from e
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"cannot read {what} {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                        f"{remedy}") from e
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -112,6 +112,9 @@ def demo_recipe(quick: bool = False) -> DemoRecipe:
     return QUICK_RECIPE if quick else FULL_RECIPE
 
 
+CACHE_FOLDER = "demo-vit cache folder ($CKA_SPLIT_CACHE)"  # how errors name cache_dir()
+
+
 def cache_dir() -> Path:
     """Where demo-vit weights are cached: ``$CKA_SPLIT_CACHE`` if set, else
     ``$XDG_CACHE_HOME/cka-split``, else ``~/.cache/cka-split``."""

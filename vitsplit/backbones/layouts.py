@@ -131,9 +131,12 @@ def load_strict(vit: nn.Module, state: dict[str, torch.Tensor], spec: BackboneSp
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} != {tuple(t.shape)}" for k, t in expected.items()
               if k in state and tuple(state[k].shape) != tuple(t.shape)]
+    # load_state_dict would cast integer or boolean tensors to float without a word: refuse them
+    kinds = [f"{k} {str(state[k].dtype).removeprefix('torch.')}" for k, t in expected.items()
+             if k in state and t.is_floating_point() and not state[k].is_floating_point()]
     problems = []
     for title, items in (("shape mismatch (checkpoint != model)", shapes), ("missing", missing),
-                         ("unexpected", unexpected)):
+                         ("unexpected", unexpected), ("integer tensors where the model has floats", kinds)):
         if items:
             more = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
             problems.append(f"{title}: {', '.join(items[:4])}{more}")

@@ -7,9 +7,7 @@ carry a prefix (``backbone.``, ``module.``, ``teacher.backbone.``, ``dinov2.``, 
 
 from __future__ import annotations
 
-import pickle
-import re
-import zipfile
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from safetensors.torch import load_file
 
 from ..errors import UserError
 from .dinov3_layouts import HF_DINOV3_ANCHOR
+from ..fileio import existing_path, load_torch_restricted
 from .spec import WAYS_FORWARD
 
 # Keys that identify a ViT state dict, and the layout each one means.
@@ -30,11 +29,18 @@ ANCHORS = (TIMM_ANCHOR, HF_ANCHOR, HF_DINOV3_ANCHOR)  # HF_DINOV3_ANCHOR: Huggin
 WRAPPER_KEYS = ("state_dict", "model", "teacher", "module")
 
 
+def weights_path(weights: str | os.PathLike) -> Path:
+    """A weights file or folder with symlinks resolved; a UserError if it is missing or a symlink loop."""
+    try:
+        return existing_path(weights, "weights file")
+    except UserError as e:
+        raise UserError(f"{e}: {WAYS_FORWARD}") from None
+
+
 def read_checkpoint(path: Path) -> Any:
     """The object stored in a weights file: safetensors, or a torch zip/legacy file read with
     ``weights_only=True`` (plain tensors and containers only; pickled code is refused)."""
-    if not path.exists():
-        raise UserError(f"weights file {path} does not exist: {WAYS_FORWARD}")
+    path = weights_path(path)
     if not path.is_file():
         raise UserError(f"weights path {path} is not a file: {WAYS_FORWARD}")
     if path.suffix == ".json":  # a sharded checkpoint's index: read by hf_weight_files
@@ -44,19 +50,8 @@ def read_checkpoint(path: Path) -> Any:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise UserError(f"cannot read {path} as safetensors ({e}): pass a valid weights file") from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:  # the restricted unpickler met a class or function: never import or call it
-            raise UserError(
-                f"refused to load {path}: it pickles '{found.group(1)}', which is not a tensor or plain container, "
-                "and loading it could run code (torch.load weights_only=True); re-save just the state dict, "
-                "or convert it to .safetensors") from e
-        raise UserError(f"cannot read weights file {path}: not a torch weights file that loads with "
-                        "weights_only=True (no code is run): pass a .pth/.pt/.safetensors state dict") from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
-        raise UserError(f"cannot read weights file {path} ({type(e).__name__}: {e}): pass a .pth/.pt/.safetensors file") from e
+    return load_torch_restricted(path, what="weights file", remedy="re-save just the state dict, or convert it "
+                                                                   "to .safetensors")
 
 
 def _looks_like_safetensors(path: Path) -> bool:

@@ -23,7 +23,7 @@ from ..fileio import sha256_file
 from . import demo_vit, hub
 from .hf import HF_WEIGHT_FILES, hf_weight_files
 from .layouts import load_strict, to_timm_layout
-from .reading import backbone_state, read_checkpoint
+from .reading import backbone_state, read_checkpoint, weights_path
 from .spec import WAYS_FORWARD, BackboneSpec
 
 
@@ -36,7 +36,7 @@ def load_weights(vit: nn.Module, spec: BackboneSpec, weights: str | os.PathLike)
     """
     if str(weights) == "auto":
         return _load_auto(vit, spec)
-    path = Path(weights).expanduser().resolve()
+    path = weights_path(weights)
     if path.is_dir():
         files = hf_weight_files(path)
         if not files:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,36 @@ from ..errors import UserError
 from .labels import IGNORE_INDEX
 from .readers import read_image
 
+
+
+def check_instances(data: object, path: Path) -> None:
+    """Refuse a COCO instances file that pycocotools would index wrongly or fail on later: every image
+    needs a unique integer ``id`` and a ``file_name``; every annotation an integer ``image_id``, a
+    known ``category_id`` and a ``bbox`` of four finite numbers ``[x, y, w, h]``."""
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+        raise UserError(f"{path} is not a COCO instances file (needs lists images, annotations, categories)")
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
+            raise UserError(f"category #{i} in {path} has no integer 'id'; fix the annotation file")
+    cats = {c["id"] for c in data["categories"]}
+    image_ids: set[int] = set()
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not isinstance(img.get("id"), int) or not isinstance(img.get("file_name"), str):
+            raise UserError(f"image #{i} in {path} lacks an integer 'id' or a 'file_name'; fix the annotation file")
+        if img["id"] in image_ids:
+            raise UserError(f"image id {img['id']} appears twice in {path}; image ids must be unique")
+        image_ids.add(img["id"])
+    for i, ann in enumerate(data["annotations"]):
+        name = f"annotation {ann.get('id', '#' + str(i))}" if isinstance(ann, dict) else f"annotation #{i}"
+        if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), int):
+            raise UserError(f"{name} in {path} has no integer 'image_id'; fix the annotation file")
+        if ann.get("category_id") not in cats:
+            raise UserError(f"{name} in {path} has unknown category_id {ann.get('category_id')}")
+        box = ann.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise UserError(f"{name} in {path} has no 'bbox' of four numbers [x, y, w, h] (found {box!r}); "
+                            "fix the annotation file")
 
 
 class CocoSource:
@@ -40,8 +71,7 @@ class CocoSource:
             data = json.loads(annotations.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read COCO annotation file {annotations} ({exc})") from None
-        if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
-            raise UserError(f"{annotations} is not a COCO instances file (needs images, annotations, categories)")
+        check_instances(data, annotations)
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -55,10 +85,6 @@ class CocoSource:
         self.num_classes = len(cats)
         if semantic and self.num_classes > 254:
             raise UserError(f"{annotations} has {self.num_classes} categories; semantic maps hold at most 254")
-        for ann in data["annotations"]:
-            if ann.get("category_id") not in self.cat_to_label:
-                raise UserError(f"annotation {ann.get('id')} in {annotations} has unknown category_id "
-                                f"{ann.get('category_id')}")
         self.has_masks = all(ann.get("segmentation") for ann in data["annotations"] if not ann.get("iscrowd", 0))
         ids = sorted(self.coco.imgs)
         if split == "train":

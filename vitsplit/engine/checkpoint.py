@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, load_torch_restricted
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,15 +54,21 @@ def save_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], o
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+# numpy's global RNG state is a tuple holding one uint32 array; these globals rebuild such an array and
+# nothing else (torch.load weights_only=True refuses every other class or function).
+_NUMPY_ARRAY_GLOBALS = (np.zeros(1).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32)))
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (our own file: full unpickling)."""
+    """Read a checkpoint written by :func:`save_checkpoint` without running code from it: a run
+    directory may come from someone else, so ``last.pt`` is read with ``torch.load(weights_only=True)``
+    (tensors, numbers, strings, containers, and the numpy array of the RNG state)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"cannot resume: {path} does not exist (run without --resume, or point --out at the run to continue)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"cannot resume: {path} is not a readable checkpoint ({e})") from e
+    remedy = "delete it, or give another --out"
+    ckpt = load_torch_restricted(path, what="resume checkpoint", allow=_NUMPY_ARRAY_GLOBALS,
+                                 remedy=f"cka-split train did not write it: {remedy}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != "cka-split-resume-1":
-        raise UserError(f"cannot resume: {path} was not written by cka-split train")
+        raise UserError(f"cannot resume: {path} was not written by cka-split train; {remedy}")
     return ckpt

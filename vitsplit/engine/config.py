@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from ..backbones import Backbone
+from ..backbones.reading import weights_path
 from ..errors import UserError
 from ..fileio import read_json
 from ..model.baselines import check_head
 from ..model.configs import METHODS, TASKS, default_split
 from ..model.heads import DET_PRESETS, det_preset_for
+from ..ranges import COUNT, NON_NEGATIVE, POSITIVE, Range
 from .schedule import default_warmup
 
 SMALL_WIDTH = 384  # ViT-S's embedding width, the widest backbone that takes the small-model learning rate
@@ -22,7 +24,19 @@ SMALL_WIDTH = 384  # ViT-S's embedding width, the widest backbone that takes the
 # DeiT-S/B configs, 2e-5 for the 24-block AugReg-L config.
 ADAPTER_LR = {12: 6e-5, 24: 2e-5}
 # Fields that may differ between a run and its resumption (they do not change the result).
-RESUME_FREE = ("resume", "max_steps_this_run", "out", "num_workers", "device", "evaluate", "eval_batch_size")
+RESUME_FREE = ("resume", "max_steps_this_run", "out", "num_workers", "device", "evaluate", "eval_batch_size",
+               "checkpoint_every")
+
+
+# The numeric options' allowed values (None, "the default", always passes); the CLI checks the same
+# table while parsing (cka_split.cli.options.checked).
+TRAIN_RANGES: dict[str, Range] = {
+    "k_t": COUNT, "iters": COUNT, "batch_size": COUNT, "grad_accum": COUNT, "crop": COUNT, "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE, "warmup_iters": NON_NEGATIVE, "seed": NON_NEGATIVE, "checkpoint_every": COUNT,
+    "log_every": COUNT, "num_workers": NON_NEGATIVE, "train_length": COUNT, "val_length": COUNT,
+    "eval_stride": COUNT, "eval_batch_size": COUNT, "lora_rank": COUNT, "lora_alpha": POSITIVE,
+    "max_steps_this_run": NON_NEGATIVE,
+}
 
 
 @dataclass
@@ -139,9 +153,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         check_head(cfg.head, cfg.method, cfg.task)
     if cfg.method == "vit-adapter" and cfg.task != "seg":
         raise UserError(f"--method vit-adapter is built for segmentation (the paper's comparison), not '{cfg.task}'")
-    for name in ("iters", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
-        if int(getattr(cfg, name)) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name, allowed in TRAIN_RANGES.items():
+        allowed.check(f"--{name.replace('_', '-')}", getattr(cfg, name))
     if cfg.eval_mode not in ("whole", "slide"):
         raise UserError(f"unknown evaluation mode '{cfg.eval_mode}': use whole or slide")
     if cfg.precision not in ("auto", "fp32", "bf16"):
@@ -162,6 +175,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         cfg.split_source = "explicit (--k-t/--prior-layers)"
     cfg.model = cfg.model or "dinov2_vits14"
     cfg.weights = cfg.weights or "auto"
+    if cfg.weights not in ("auto", "random", "given"):
+        weights_path(cfg.weights)  # a missing file or a symlink loop fails here, before the data is read
     if cfg.weight_decay is None:
         cfg.weight_decay = 0.05 if cfg.task == "det" else 1e-2
     if cfg.warmup_iters is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..data import collate
 from ..device import train_autocast_dtype
-from ..errors import UserError
+from ..errors import RunInterrupted, UserError
 from ..progress import NULL_PROGRESS, Progress
 from .checkpoint import save_checkpoint, set_rng_state
 from .config import TrainConfig
@@ -53,6 +54,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _diverged(step: int, loss: float | None, lr: float, checkpoint: Path | None, checkpoint_step: int | None,
+              cause: str | None = None) -> UserError:
+    """The error that stops a run whose loss (or update) stopped being a number at ``step``."""
+    what = cause or f"the loss is {loss} at step {step}"
+    saved = (f"the last good checkpoint is {checkpoint} (step {checkpoint_step})" if checkpoint is not None
+             else "no checkpoint was written before it")
+    return UserError(f"training diverged: {what} (lr {lr:.3g}); {saved}; lower --lr (or lengthen --warmup-iters) "
+                     "and train again")
+
+
+def _all_finite(value: float, d: Dist) -> bool:
+    """Whether ``value`` is finite on every process (each rank sees its own micro-batches' loss)."""
+    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
+    if d.world > 1:
+        torch.distributed.all_reduce(bad)
+    return bool(bad.item() == 0)
+
+
 def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.device, dist_info: Dist | None = None,
         out: Path | None = None, progress: Progress = NULL_PROGRESS, start: dict[str, Any] | None = None,
         on_step: Callable[[int], bool] | None = None) -> dict[str, Any]:
@@ -60,6 +79,11 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
 
     ``start``: a loaded resume checkpoint. ``on_step(step)``: called after every optimizer step;
     True stops the loop there ("stopped"). Returns {"step", "stopped", "elapsed"}.
+
+    A loss that is NaN or infinite (or an update that overflows float32) stops the run before the
+    optimizer applies it, with a UserError naming the step and the last good checkpoint; nothing
+    non-finite is logged. Ctrl-C raises :class:`~vitsplit.errors.RunInterrupted` with the step reached
+    and the last checkpoint written (the resumed run's own, if none was written since).
     """
     d = dist_info or Dist()
     model.to(device)
@@ -92,6 +116,8 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
     bar = progress.task(f"train {cfg.method} {cfg.task}", cfg.iters, completed=step)
     batches = iter(loader)
     run_steps, stopped = 0, False
+    checkpoint = out / "last.pt" if out is not None and start is not None else None
+    checkpoint_step = int(start["step"]) if start is not None else None
     t_log, n_log, t_seg = time.perf_counter(), 0, time.perf_counter()
     elapsed0 = elapsed
     try:
@@ -114,7 +140,15 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
                     (losses["loss"] / cfg.grad_accum).backward()
                 for k, v in losses.items():
                     parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            opt.step()
+            if not _all_finite(parts["loss"], d):
+                raise _diverged(step + 1, parts["loss"], lr_now, checkpoint, checkpoint_step)
+            try:
+                opt.step()
+            except RuntimeError as e:  # AdamW's step size lr / (1 - beta1^t) overflows float32 for a huge lr
+                if "overflow" not in str(e):
+                    raise
+                raise _diverged(step + 1, None, lr_now, checkpoint, checkpoint_step,
+                                cause=f"the update of step {step + 1} overflows float32") from None
             step += 1
             run_steps += 1
             n_log += 1
@@ -139,10 +173,14 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
                                     data={"seed": cfg.seed, "samples_seen": step * cfg.batch_size,
                                           "epoch": step * cfg.batch_size // len(dataset),
                                           "offset": step * cfg.batch_size % len(dataset)})
+                checkpoint, checkpoint_step = out / "last.pt", step
                 d.barrier()
             if on_step is not None and on_step(step):
                 stopped = True
                 break
+    except KeyboardInterrupt as e:
+        raise RunInterrupted(f"train {cfg.method} {cfg.task}", step, cfg.iters,
+                             None if checkpoint is None else str(checkpoint), checkpoint_step) from e
     finally:
         bar.close()
     return {"step": step, "stopped": stopped, "elapsed": elapsed}

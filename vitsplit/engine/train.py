@@ -12,6 +12,7 @@ A run writes ``OUT/config.json``, ``metrics.jsonl``, ``last.pt`` (resume), ``mod
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -31,9 +32,10 @@ from ..model import count_trainable, save_trained
 from ..model.build import build_model as model_build
 from ..model.heads import det_preset_for
 from ..progress import NULL_PROGRESS, Progress
+from ..runlock import RunLock
 from .checkpoint import load_checkpoint
 from .config import RESUME_FREE, TrainConfig, finish_config, resolve_config
-from .distributed import init_distributed
+from .distributed import Dist, init_distributed
 from .loop import fit, seed_everything
 
 
@@ -86,24 +88,39 @@ def train(cfg: TrainConfig, progress: Progress = NULL_PROGRESS, *, backbone: Bac
         device = resolve_device(cfg.device, d.local_rank if d.world > 1 else None)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        out = Path(cfg.out)
-        ckpt = None
-        if cfg.resume:
-            ckpt = load_checkpoint(out / "last.pt")
-        elif d.main and (out / "last.pt").exists():
-            raise UserError(f"{out} already holds a training run: add --resume to continue it, or give another --out")
-        seed_everything(cfg.seed)
-        train_set = build_dataset(cfg.data, "train", task=cfg.task, crop=cfg.crop, augment=True,
-                                  length=cfg.train_length, seed=cfg.seed)
-        backbone = (copy.deepcopy(backbone) if backbone is not None else
-                    build_backbone(cfg.model, cfg.weights, seed=cfg.seed if cfg.weights == "random" else None))
-        finish_config(cfg, backbone)
-        if ckpt is not None:
-            _check_resume(ckpt["config"], cfg)
-        seed_everything(cfg.seed)
-        model = build_model(cfg, backbone, train_set.num_classes)
+        # rank 0 owns OUT for the whole run (another job on it is refused, naming it)
+        with RunLock(cfg.out) if d.main else contextlib.nullcontext() as lock:
+            if lock is not None and lock.stale is not None:
+                progress.log(f"note: {lock.path} was left by {lock.stale.describe()}, which is no longer running; "
+                             "this run took it over")
+            return _train_locked(cfg, d, device, progress, backbone)
+    finally:
+        if d.created:
+            torch.distributed.destroy_process_group()
+
+
+def _train_locked(cfg: TrainConfig, d: Dist, device: torch.device, progress: Progress,
+                  backbone: Backbone | None) -> dict[str, Any]:
+    """The run, once OUT is ours. A fresh run that fails or is interrupted before its first checkpoint
+    leaves nothing behind (no lone config.json); one with a checkpoint keeps it and its records."""
+    out = Path(cfg.out)
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(out / "last.pt")
+    elif d.main and (out / "last.pt").exists():
+        raise UserError(f"{out} already holds a training run: add --resume to continue it, or give another --out")
+    seed_everything(cfg.seed)
+    train_set = build_dataset(cfg.data, "train", task=cfg.task, crop=cfg.crop, augment=True,
+                              length=cfg.train_length, seed=cfg.seed)
+    backbone = (copy.deepcopy(backbone) if backbone is not None else
+                build_backbone(cfg.model, cfg.weights, seed=cfg.seed if cfg.weights == "random" else None))
+    finish_config(cfg, backbone)
+    if ckpt is not None:
+        _check_resume(ckpt["config"], cfg)
+    seed_everything(cfg.seed)
+    model = build_model(cfg, backbone, train_set.num_classes)
+    try:
         if d.main:
-            out.mkdir(parents=True, exist_ok=True)
             record = {**cfg.to_dict(), "weights_source": backbone.weights_source, "num_classes": train_set.num_classes,
                       "trainable_params": count_trainable(model), "world_size": d.world, "device_used": str(device),
                       "versions": versions(), "model_config": model.config()}
@@ -116,21 +133,23 @@ def train(cfg: TrainConfig, progress: Progress = NULL_PROGRESS, *, backbone: Bac
         progress.log(f"training {cfg.method} on {cfg.task}: {count_trainable(model):,} trainable parameters, "
                      f"{cfg.iters} iterations" + (f", resuming at step {ckpt['step']}" if ckpt else ""))
         state = fit(model, train_set, cfg, device=device, dist_info=d, out=out, progress=progress, start=ckpt)
-        if state["stopped"]:
-            return {"stopped_at": state["step"]}
-        result: dict[str, Any] = {}
-        if d.main:
-            save_trained(model, out / "model.safetensors", cfg.to_dict())
-            if cfg.evaluate:
-                val = build_dataset(cfg.val_data or cfg.data, "val", task=cfg.task, crop=cfg.crop, augment=False,
-                                    length=cfg.val_length, seed=cfg.seed)
-                amp = eval_autocast_dtype(cfg.precision, device)
-                result = evaluate_model(model, val, cfg.task, mode=cfg.eval_mode, crop=cfg.crop, stride=cfg.eval_stride,
-                                        batch_size=cfg.eval_batch_size, device=device, autocast_dtype=amp, progress=progress)
-            result = {**result, "iters": state["step"], "train_seconds": round(state["elapsed"], 3)}
-            atomic_write_json(out / "eval.json", result)
-        d.barrier()
-        return result
-    finally:
-        if d.created:
-            torch.distributed.destroy_process_group()
+    except BaseException:
+        if d.main and ckpt is None and not (out / "last.pt").exists():
+            for name in ("config.json", "metrics.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        raise
+    if state["stopped"]:
+        return {"stopped_at": state["step"]}
+    result: dict[str, Any] = {}
+    if d.main:
+        save_trained(model, out / "model.safetensors", cfg.to_dict())
+        if cfg.evaluate:
+            val = build_dataset(cfg.val_data or cfg.data, "val", task=cfg.task, crop=cfg.crop, augment=False,
+                                length=cfg.val_length, seed=cfg.seed)
+            amp = eval_autocast_dtype(cfg.precision, device)
+            result = evaluate_model(model, val, cfg.task, mode=cfg.eval_mode, crop=cfg.crop, stride=cfg.eval_stride,
+                                    batch_size=cfg.eval_batch_size, device=device, autocast_dtype=amp, progress=progress)
+        result = {**result, "iters": state["step"], "train_seconds": round(state["elapsed"], 3)}
+        atomic_write_json(out / "eval.json", result)
+    d.barrier()
+    return result

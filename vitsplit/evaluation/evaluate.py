@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,9 +19,15 @@ from ..device import eval_autocast_dtype, resolve_device
 from ..errors import UserError
 from ..model import load_trained
 from ..progress import NULL_PROGRESS, Progress
+from ..ranges import COUNT, Range
+from ..runlock import check_not_in_use
 from .coco import coco_map
 from .inference import same_size_batches, slide_inference
 from .metrics import DepthMetric, IoUMetric, finite_or_none
+
+
+# The numeric options' allowed values; the CLI checks the same table while parsing.
+EVAL_RANGES: dict[str, Range] = {"stride": COUNT, "batch_size": COUNT}
 
 
 @torch.no_grad()
@@ -37,11 +44,20 @@ def evaluate_model(model: Any, dataset: Any, task: str, *, mode: str = "whole", 
         raise UserError(f"unknown evaluation mode '{mode}': use whole or slide")
     if mode == "slide" and task != "seg":
         raise UserError("sliding-window evaluation is for segmentation; use --mode whole for det and depth")
+    EVAL_RANGES["stride"].check("--stride", stride)
+    EVAL_RANGES["batch_size"].check("--batch-size", batch_size)
+    crop = int(crop or 0)
+    stride = int(stride if stride is not None else max(1, (2 * crop) // 3))
+    if mode == "slide" and stride > crop:
+        raise UserError(f"--stride {stride} is larger than the {crop}-pixel window: pixels between windows would get "
+                        f"no prediction; use a stride of at most {crop}")
+    predicts = getattr(model, "num_classes", None)
+    if task != "depth" and predicts is not None and predicts != dataset.num_classes:
+        raise UserError(f"the model predicts {predicts} classes, but the data has {dataset.num_classes}: evaluate it on "
+                        "data labelled with the classes it was trained on (--data)")
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    crop = int(crop or 0)
-    stride = int(stride or max(1, (2 * crop) // 3))
     seg_metric = IoUMetric(dataset.num_classes, dataset.ignore_index) if task == "seg" else None
     depth_metric = DepthMetric() if task == "depth" else None
     targets: list[dict[str, Any]] = []
@@ -91,6 +107,8 @@ def evaluate_checkpoint(path: Any, *, data: str | None = None, mode: str = "whol
     """Metrics of a trained model (OUT or OUT/model.safetensors) on the val split of ``data``
     (default: the data it was trained on), at its training crop and in the precision its run
     evaluated in (:func:`vitsplit.device.eval_autocast_dtype`), so that it reproduces eval.json."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    check_not_in_use(folder, "evaluate it")  # a training run still writing there is not finished
     model, cfg = load_trained(path)
     dev = resolve_device(device)
     val = build_dataset(data or cfg.get("val_data") or cfg["data"], "val", task=cfg["task"], crop=cfg["crop"],

@@ -253,6 +253,10 @@ class ViTSplit(nn.Module):
         return self.split.k_t
 
     @property
+    def num_classes(self) -> int:
+        return self.split.num_classes
+
+    @property
     def prior_layers(self) -> list[int]:
         return list(self.split.prior_layers)
 

@@ -31,10 +31,11 @@ import torch
 from torch import nn
 
 from ..backbones import Backbone
-from ..backbones.demo_vit import (FULL_RECIPE, PRETEXTS, DemoRecipe, cache_path, create_demo_vit, load_demo_vit,
-                                  save_demo_vit, weights_source)
+from ..backbones.demo_vit import (CACHE_FOLDER, FULL_RECIPE, PRETEXTS, DemoRecipe, cache_path, create_demo_vit,
+                                  load_demo_vit, save_demo_vit, weights_source)
 from ..data import build_dataset
 from ..errors import UserError
+from ..fileio import ensure_writable_dir
 from ..ops.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from ..progress import NULL_PROGRESS, Progress
 from .mae import MaskedAutoencoder
@@ -194,6 +195,7 @@ def load_or_pretrain_demo_vit(recipe: DemoRecipe = FULL_RECIPE, cache_dir: str |
     if path.is_file():
         progress.log(f"using cached demo-vit {path}")
         return load_demo_vit(path)
+    ensure_writable_dir(path.parent, CACHE_FOLDER)  # before minutes of pretraining, not after
     result = pretrain(recipe, progress)
     save_demo_vit(result.vit, recipe, path, result.losses, result.baselines)
     progress.log(f"saved demo-vit to {path}")

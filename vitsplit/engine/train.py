@@ -35,6 +35,10 @@ from .checkpoint import load_checkpoint
 from .config import RESUME_FREE, TrainConfig, finish_config, resolve_config
 from .distributed import init_distributed
 from .loop import fit, seed_everything
+from .memory import PeakMemory
+
+# eval.json fields that measure the machine, not the result (two identical runs differ only in these)
+MEASURED = ("train_seconds", "step_time_s", "peak_memory_mb", "peak_memory_kind", "peak_memory_scope")
 
 
 def build_model(cfg: TrainConfig, backbone: Backbone, num_classes: int) -> nn.Module:
@@ -86,6 +90,7 @@ def train(cfg: TrainConfig, progress: Progress = NULL_PROGRESS, *, backbone: Bac
         device = resolve_device(cfg.device, d.local_rank if d.world > 1 else None)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        memory = PeakMemory(device)
         out = Path(cfg.out)
         ckpt = None
         if cfg.resume:
@@ -118,6 +123,7 @@ def train(cfg: TrainConfig, progress: Progress = NULL_PROGRESS, *, backbone: Bac
         state = fit(model, train_set, cfg, device=device, dist_info=d, out=out, progress=progress, start=ckpt)
         if state["stopped"]:
             return {"stopped_at": state["step"]}
+        peak = memory.record(d)
         result: dict[str, Any] = {}
         if d.main:
             save_trained(model, out / "model.safetensors", cfg.to_dict())
@@ -127,7 +133,8 @@ def train(cfg: TrainConfig, progress: Progress = NULL_PROGRESS, *, backbone: Bac
                 amp = eval_autocast_dtype(cfg.precision, device)
                 result = evaluate_model(model, val, cfg.task, mode=cfg.eval_mode, crop=cfg.crop, stride=cfg.eval_stride,
                                         batch_size=cfg.eval_batch_size, device=device, autocast_dtype=amp, progress=progress)
-            result = {**result, "iters": state["step"], "train_seconds": round(state["elapsed"], 3)}
+            result = {**result, "iters": state["step"], "train_seconds": round(state["elapsed"], 3),
+                      "step_time_s": round(state["elapsed"] / max(state["step"], 1), 6), **peak}
             atomic_write_json(out / "eval.json", result)
         d.barrier()
         return result

@@ -89,6 +89,7 @@ class TaskSplit:
     pretrained_groups: list[list[int]]
     trainable_params: int | None = None
     evidence: list[str] = field(default_factory=list)
+    rgn: dict[str, Any] | None = None  # the gradient-norm rival's entry (cka_split.rgn.measure_rgn), if measured
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The ``analyze`` pipeline and the run directory it writes (``docs/run-directory.md``).
 
 1. Load the pretrained backbone (``model``, ``weights``).
-2. Per task: load ``finetuned[task]`` (a backbone fine-tuned elsewhere) or fine-tune a copy with the
+1b. Unless ``selector`` is "cka": the gradient-norm rival (:mod:`cka_split.rgn`) per task, ``RUN/rgn.json``.
+2. Per task (not with ``selector`` "rgn"): load ``finetuned[task]`` (a backbone fine-tuned elsewhere) or fine-tune a copy with the
    trainer (:func:`vitsplit.engine.finetune_backbone`, ``finetune_steps`` on that task's data) and
    save it to ``RUN/finetuned/TASK.safetensors`` (timm state-dict layout).
 3. CKA of every block of every model, one pass over ``probe_images`` validation images
@@ -41,6 +42,7 @@ from .analysis import analyze
 from .pca import pca_maps
 from .recommend import SplitRecommendation, recommend_split, vitsplit_param_counter
 from .result import CKAResult
+from .rgn import DEFAULT_BATCHES, attach_rgn, check_rgn_options, load_rgn, rgn_for_tasks, rgn_recommendation, save_rgn
 FEATURES = ("tokens", "mean", "cls")
 PRECISIONS = ("fp32", "bf16")
 
@@ -69,6 +71,8 @@ class AnalyzeConfig:
     unbiased: bool = True
     pca_images: int = 4
     max_trainable_params: int | None = None
+    selector: str = "both"  # cka | rgn | both: which K_t selectors run (cka_split.rgn)
+    rgn_batches: int = DEFAULT_BATCHES  # minibatches of the RGN measurement
 
     def data_for(self, task: str) -> str:
         return self.data.get(task, self.data.get("*", "synthetic"))
@@ -127,6 +131,7 @@ def validate(cfg: AnalyzeConfig) -> None:
         raise UserError(f"--probe-images {cfg.probe_images} is smaller than one minibatch (--batch-size {cfg.batch_size}); use more probe images or a smaller batch")
     if cfg.image_size < 1:
         raise UserError(f"--image-size {cfg.image_size}: must be positive")
+    check_rgn_options(cfg.selector, cfg.rgn_batches)
     if cfg.pca_images < 0:
         raise UserError(f"--pca-images {cfg.pca_images}: must be 0 (no PCA maps) or more")
     if any(t not in cfg.finetuned for t in cfg.tasks) and cfg.finetune_steps < 1:
@@ -219,7 +224,12 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
     models = {"pretrained": pretrained}
     sources: dict[str, dict[str, Any]] = {"pretrained": {"origin": "pretrained", "weights": cfg.weights}}
     run.mkdir(parents=True, exist_ok=True)
-    for t in cfg.tasks:
+    rgn = {} if cfg.selector == "cka" else rgn_for_tasks(
+        pretrained, {t: cfg.data_for(t) for t in cfg.tasks}, batches=cfg.rgn_batches, batch_size=cfg.finetune_batch_size, crop=cfg.image_size,
+        seed=cfg.seed, device=device, progress=progress)
+    if rgn:
+        save_rgn(run / "rgn.json", rgn)
+    for t in cfg.tasks if cfg.selector != "rgn" else []:  # --selector rgn: no task copies, no task CKA
         if t in cfg.finetuned:
             bb = build_backbone(cfg.model, cfg.finetuned[t])
             sources[t] = {"origin": "given (--finetuned)", "file": str(Path(cfg.finetuned[t]).resolve())}
@@ -256,9 +266,11 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
         weights_arg, weights_file_sha = str(Path(cfg.weights).resolve()), sha256_file(cfg.weights)
     num_classes = task_num_classes(cfg)
     counter = vitsplit_param_counter(cfg.model, num_classes)
-    rec = recommend_split(res, tasks=cfg.tasks, model=cfg.model, num_layers=pretrained.num_layers,
-                          max_trainable_params=cfg.max_trainable_params, param_count=counter)
-    atomic_write_json(run / "recommendation.json", rec.to_json())
+    rec = (rgn_recommendation(rgn, model=cfg.model, num_layers=pretrained.num_layers, param_count=counter)
+           if cfg.selector == "rgn" else
+           recommend_split(res, tasks=cfg.tasks, model=cfg.model, num_layers=pretrained.num_layers,
+                           max_trainable_params=cfg.max_trainable_params, param_count=counter))
+    atomic_write_json(run / "recommendation.json", attach_rgn(rec, rgn).to_json())
 
     config = {
         "command": "analyze",
@@ -299,5 +311,5 @@ def recommend_run(run_dir: str | Path, max_trainable_params: int | None = None, 
     counter = vitsplit_param_counter(model, num_classes)
     rec = recommend_split(res, tasks=tasks, model=model, num_layers=num_layers, max_trainable_params=max_trainable_params,
                           param_count=counter, **kwargs)
-    atomic_write_json(run / "recommendation.json", rec.to_json())
+    atomic_write_json(run / "recommendation.json", attach_rgn(rec, load_rgn(run / "rgn.json")).to_json())
     return run, rec

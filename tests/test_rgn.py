@@ -1,0 +1,100 @@
+"""The gradient-norm rival (cka_split.rgn): the K_t rule on constructed profiles, the measurement on a
+constructed ViT whose early blocks get no gradient, and its place in recommendation.json."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from cka_split.recommend import SplitRecommendation
+from cka_split.rgn import check_rgn_options, measure_rgn, rgn_k_t, rgn_recommendation
+from vitsplit.backbones import Backbone
+from vitsplit.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("L", [4, 12, 24])
+def test_a_step_profile_gives_k_t_l_minus_s_for_every_s(L):
+    rng = np.random.default_rng(L)
+    for s in range(1, L):
+        zero_below = np.r_[np.zeros(s), rng.uniform(0.5, 2.0, L - s) * 1e-3]  # only blocks >= s get gradient
+        plateau = np.r_[rng.uniform(0.8, 1.25, s), 10 * rng.uniform(0.8, 1.25, L - s)] * 1e-4  # a noisy plateau
+        assert rgn_k_t(zero_below).k_t == L - s, (L, s)
+        assert rgn_k_t(plateau).k_t == L - s, (L, s)
+        assert rgn_k_t(plateau).ratio == pytest.approx(10, rel=0.35)
+
+
+def test_one_dominant_last_block_does_not_pull_the_boundary_onto_itself():
+    # blocks 8-10 get 10x the gradient of 0-7 and the last block 30x: the step is at block 8 (K_t 4).
+    r = np.r_[np.ones(8), 10 * np.ones(3), 30.0]
+    assert rgn_k_t(r).k_t == 4
+    # the same least-squares step on the raw scale would isolate the last block (K_t 1): why the log
+    sse = [((r[:s] - r[:s].mean()) ** 2).sum() + ((r[s:] - r[s:].mean()) ** 2).sum() for s in range(1, 12)]
+    assert 12 - (1 + int(np.argmin(sse))) == 1
+
+
+def test_early_blocks_dominant_gives_every_block_but_the_first():
+    c = rgn_k_t(np.linspace(5.0, 1.0, 12))
+    assert c.k_t == 11 and c.ratio is None and "early blocks" in c.evidence[0]
+
+
+def test_a_flat_profile_ties_go_to_the_smaller_k_t_and_bad_input_is_a_user_error():
+    assert rgn_k_t(np.r_[np.ones(5), 1.0 + 1e-9]).k_t == 1
+    for bad in ([1.0], [0.0, 0.0], [1.0, np.nan], [-1.0, 1.0]):
+        with pytest.raises(UserError):
+            rgn_k_t(bad)
+    with pytest.raises(UserError, match="--selector"):
+        check_rgn_options("grad", 5)
+    with pytest.raises(UserError, match="--rgn-batches"):
+        check_rgn_options("rgn", 0)
+
+
+class Cut(nn.Module):
+    """A block whose input is detached: the blocks before it get no gradient from the loss."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x.detach())
+
+
+def cut_backbone(s: int, depth: int = 6) -> Backbone:
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=0,
+                            dynamic_img_size=True)
+    vit.blocks[s] = Cut(vit.blocks[s])
+    return Backbone(vit, name="tiny", weights_source="random (seed 0)").eval()
+
+
+@pytest.mark.parametrize("s", [2, 4])
+def test_measured_rgn_on_a_vit_whose_early_blocks_get_no_gradient(s):
+    bb = cut_backbone(s)
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    entry = measure_rgn(bb, "seg", "synthetic:size=32,classes=3", batches=3, batch_size=2, crop=32, seed=0)
+    assert entry["k_t"] == 6 - s
+    assert entry["scores"][:s] == [0.0] * s and min(entry["scores"][s:]) > 0
+    assert len(entry["se"]) == 6 and entry["batches"] == 3 and entry["seconds"] > 0
+    assert all(torch.equal(v, bb.state_dict()[k]) for k, v in before.items())  # nothing updated, input untouched
+    json.dumps(entry)  # recommendation.json holds it as is
+
+
+def test_rgn_recommendation_round_trips_through_recommendation_json():
+    entry = {"k_t": 4, "scores": [0.1] * 8 + [1.0] * 4, "se": [0.0] * 12, "batches": 5, "batch_size": 8, "ratio": 10.0,
+             "evidence": ["step"], "seconds": 1.0}
+    rec = rgn_recommendation({"seg": entry}, model="dinov2_vits14", num_layers=12, param_count=lambda t, k, p: 1000 * k)
+    s = rec.per_task["seg"]
+    assert (s.k_t, s.task_head_layers, s.prior_layers, s.trainable_params) == (4, [8, 9, 10, 11], [2, 5, 8, 11], 4000)
+    back = SplitRecommendation.from_json(json.loads(json.dumps(rec.to_json())))
+    assert back.per_task["seg"].rgn == entry

@@ -26,7 +26,7 @@ Usage::
     python benchmarks/split_validation.py --out runs/split_validation   # the embedded world (~90 min, 2 cores)
     python benchmarks/split_validation.py --quick --out /tmp/sv         # smoke test, random weights: the numbers mean nothing
     python benchmarks/split_validation.py --model dinov2_vits14 --weights auto --setting seg=ade20k:/data/ade \\
-        --image-size 518 --crop 512 --iters 8000 --batch-size 16 --device cuda --out runs/sv-dinov2
+        --image-size 224 --crop 512 --iters 8000 --batch-size 16 --device cuda --out runs/sv-dinov2
 
 Rerunning the same command resumes: finished analyses are reused, sweeps skip finished points.
 Writes OUT/split_validation.json (rows, machine, command) and prints the table.

@@ -111,7 +111,7 @@ class SweepPoint:
     method: str
     seed: int
     k_t: int | None = None
-    prior_layers: tuple[int, ...] | None = None  # None: the default (the published rule, or the analysis's)
+    prior_layers: tuple[int, ...] | None = None  # None: the sweep's base (the analysis's, else the published rule)
     prior_tag: bool = False  # name the prior layers in the directory (several explicit choices)
 
     @property
@@ -122,8 +122,9 @@ class SweepPoint:
         return f"kt{self.k_t:02d}{tag}-s{self.seed}"
 
     def config(self, base: TrainConfig, out: Path) -> TrainConfig:
+        prior = list(self.prior_layers) if self.prior_layers is not None else base.prior_layers  # base's: the analysis's
         return dataclasses.replace(base, method=self.method, seed=self.seed, k_t=self.k_t, out=str(out / self.name),
-                                   prior_layers=list(self.prior_layers) if self.prior_layers is not None else None,
+                                   prior_layers=prior if self.method == "vitsplit" else None,
                                    auto_split=None, split_source=None, resume=False)
 
 
@@ -180,7 +181,7 @@ def resolve_sweep(cfg: SweepConfig, backbone: Backbone | None = None) -> tuple[S
         link = {"analysis": str(Path(source).parent), "picks": {"cka": k_cka, "rgn": rgn.get("k_t")}}
         if b.auto_split is not None:  # take model, weights and prior layers from the analysis (explicit ones win)
             b.model, b.weights = b.model or model, b.weights or weights
-            cfg.prior_layers = cfg.prior_layers or [prior]
+            b.prior_layers = b.prior_layers or prior  # every point's, unless --prior-layers choices are given
     b.auto_split = None
     b = resolve_config(b)
     cfg.base = b

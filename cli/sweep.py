@@ -30,7 +30,7 @@ def sweep(
 ) -> None:
     from cka_split.sweep import SweepConfig, run_sweep
 
-    from .progress import RichProgress, console
+    from .progress import RichProgress
 
     base = train_command.train_config(**options, auto_split=auto_split, k_t=None, prior_layers=None, method="vitsplit", out=out, resume=False)
     cfg = SweepConfig(base=base, k_t=k_t or [], seeds=seeds, methods=_methods(method), out=str(out), analysis=analysis,
@@ -39,13 +39,15 @@ def sweep(
     with RichProgress(enabled=main, keep_finished=False) as progress:
         result = run_sweep(cfg, progress)
     if main:
-        print_sweep(result, out, console)
+        print_sweep(result, out)
 
 
-def print_sweep(result: dict[str, Any], out: Path, console) -> None:
-    """The per-K_t table (mean +- SD over seeds, parameters, step time), the baselines and the best."""
+def print_sweep(result: dict[str, Any], out: Path) -> None:
+    """The per-K_t table (mean +- SD over seeds, parameters, step time), the baselines and the best, on stdout."""
+    from rich.console import Console
     from rich.table import Table
 
+    console = Console(soft_wrap=True)
     points = result["points"]
     table = Table(title=f"sweep: {result['task']} {result['metric']} ({'higher' if result['higher_is_better'] else 'lower'} is better)")
     for col in ("K_t", "seeds", f"{result['metric']} mean", "SD", "trainable params", "step time (s)"):

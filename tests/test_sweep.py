@@ -131,3 +131,51 @@ def test_seeds_and_prior_layer_choices_name_and_group_the_points(tmp_path):
     assert [p["name"] for p in res["points"]] == ["kt01-p0.3-s0", "kt01-p1.2-s0", "kt01-p0.3-s1", "kt01-p1.2-s1"]
     assert set(res["summary"]) == {"1@0,3", "1@1,2"} and all(s["n"] == 2 for s in res["summary"].values())
     assert json.loads((Path(tmp_path) / "kt01-p1.2-s1" / "config.json").read_text())["seed"] == 1
+
+
+@pytest.mark.slow
+def test_torchrun_sweep_trains_each_point_with_ddp_and_writes_once(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep"
+    script = shutil.which("cka-split", path=str(Path(sys.executable).parent))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, "sweep",
+           "--k-t", "1,2", "--model", "demo-vit", "--weights", "random", "--data", "synthetic:size=28,classes=2",
+           "--crop", "28", "--iters", "2", "--batch-size", "4", "--checkpoint-every", "2", "--log-every", "1",
+           "--val-length", "2", "--train-length", "8", "--device", "cpu", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads((out / "sweep.json").read_text())
+    assert [p["name"] for p in d["points"]] == ["kt01-s0", "kt02-s0"] and d["pending"] == []
+    for p in d["points"]:
+        assert json.loads((out / p["run"] / "config.json").read_text())["world_size"] == 2
+        assert [json.loads(s)["iter"] for s in (out / p["run"] / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(x.name for x in out.iterdir()) == ["kt01-s0", "kt02-s0", "sweep.json"]  # no stray temporary files
+    assert r.stdout.count("wrote ") == 1  # rank 0 alone prints
+
+
+def test_auto_split_links_the_analysis_and_takes_its_prior_layers(tmp_path):
+    from cka_split.sweep import resolve_sweep
+
+    run = tmp_path / "runs" / "analysis"
+    run.mkdir(parents=True)
+    rec = {"model": "tiny", "weights": "random", "num_layers": 4,
+           "per_task": {"seg": {"k_t": 2, "prior_layers": [1, 3], "rgn": {"k_t": 1}}}}
+    (run / "recommendation.json").write_text(json.dumps(rec))
+    cfg = SweepConfig(base=base(auto_split=str(run)), k_t="all", out=str(tmp_path / "runs" / "sweep"))
+    resolved, L, link = resolve_sweep(cfg, backbone=tiny_backbone())
+    assert (L, resolved.k_t, resolved.base.prior_layers) == (4, [1, 2, 3], [1, 3])
+    assert link == {"analysis": str(run.resolve()), "picks": {"cka": 2, "rgn": 1}}
+    assert resolved.base.auto_split is None  # the points are plain runs with explicit options
+    assert [p.name for p in resolved.plan()] == ["kt01-s0", "kt02-s0", "kt03-s0"]
+    assert [p.config(resolved.base, tmp_path).prior_layers for p in resolved.plan()] == [[1, 3]] * 3
+    only_link = resolve_sweep(SweepConfig(base=base(), k_t=[1], analysis=str(run), out=str(tmp_path / "s2")),
+                              backbone=tiny_backbone())
+    assert only_link[0].base.prior_layers is None and only_link[2]["picks"] == {"cka": 2, "rgn": 1}
+    with pytest.raises(UserError, match="K_t 4 is outside 1..3"):
+        resolve_sweep(SweepConfig(base=base(), k_t=[4], out=str(tmp_path / "s3")), backbone=tiny_backbone())

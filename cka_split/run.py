@@ -309,7 +309,10 @@ def recommend_run(run_dir: str | Path, max_trainable_params: int | None = None, 
         raise UserError(f"{run / 'config.json'} is not an analyze config ({e}); rerun 'cka-split analyze'") from e
     res = CKAResult.load(run / "cka.npz")
     counter = vitsplit_param_counter(model, num_classes)
-    rec = recommend_split(res, tasks=tasks, model=model, num_layers=num_layers, max_trainable_params=max_trainable_params,
-                          param_count=counter, **kwargs)
-    atomic_write_json(run / "recommendation.json", attach_rgn(rec, load_rgn(run / "rgn.json")).to_json())
+    rgn = load_rgn(run / "rgn.json")
+    rec = (rgn_recommendation(rgn, model=model, num_layers=num_layers, param_count=counter)
+           if opts.get("selector") == "rgn" else  # an RGN-only run has no task copies to read K_t from
+           recommend_split(res, tasks=tasks, model=model, num_layers=num_layers, max_trainable_params=max_trainable_params,
+                           param_count=counter, **kwargs))
+    atomic_write_json(run / "recommendation.json", attach_rgn(rec, rgn).to_json())
     return run, rec

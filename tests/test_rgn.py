@@ -114,3 +114,25 @@ def test_rgn_recommendation_round_trips_through_recommendation_json():
     assert (s.k_t, s.task_head_layers, s.prior_layers, s.trainable_params) == (4, [8, 9, 10, 11], [2, 5, 8, 11], 4000)
     back = SplitRecommendation.from_json(json.loads(json.dumps(rec.to_json())))
     assert back.per_task["seg"].rgn == entry
+
+
+@pytest.mark.slow
+def test_analyze_selector_rgn_makes_no_copies_and_recommend_keeps_the_rgn_entry(tmp_path, capsys):
+    from cka_split.cli.app import main
+    from cka_split.run import recommend_run
+
+    run = tmp_path / "runs" / "rgn"
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "--model", "demo-vit", "--weights", "random", "--tasks", "seg", "--selector", "rgn",
+              "--rgn-batches", "2", "--data", "synthetic:size=28,classes=2", "--image-size", "28", "--probe-images", "8",
+              "--batch-size", "4", "--pca-images", "0", "--device", "cpu", "--out", str(run)])
+    assert e.value.code == 0, capsys.readouterr().err
+    rec = json.loads((run / "recommendation.json").read_text())
+    seg = rec["per_task"]["seg"]
+    assert rec["settings"]["selector"] == "rgn" and seg["k_t"] == seg["rgn"]["k_t"] and len(seg["rgn"]["scores"]) == 12
+    assert seg["prior_layers"] == [2, 5, 8, 11] and seg["trainable_params"] > 0
+    assert not (run / "finetuned").exists()  # no task copies
+    assert json.loads((run / "rgn.json").read_text())["seg"] == seg["rgn"]
+    assert (run / "report.html").is_file() and "RGN" in (run / "report.html").read_text()
+    _, again = recommend_run(run)  # `cka-split recommend RUN` recomputes it from rgn.json
+    assert again.to_json() == rec

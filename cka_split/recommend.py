@@ -117,6 +117,7 @@ class TaskSplit:
     larger_than_full: bool | None = None
     largest_k_t_below_full: int | None = None
     divergence_share_last: list[float | None] = field(default_factory=list)
+    rgn: dict[str, Any] | None = None  # the gradient-norm rival's entry (cka_split.rgn.measure_rgn), if measured
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The ``analyze`` pipeline and the run directory it writes (``docs/run-directory.md``).
 
 1. Load the pretrained backbone (``model``, ``weights``).
-2. Per task: load ``finetuned[task]`` (a backbone fine-tuned elsewhere) or fine-tune a copy with the
+1b. Unless ``selector`` is "cka": the gradient-norm rival (:mod:`cka_split.rgn`) per task, ``RUN/rgn.json``.
+2. Per task (not with ``selector`` "rgn"): load ``finetuned[task]`` (a backbone fine-tuned elsewhere) or fine-tune a copy with the
    trainer (:func:`vitsplit.engine.finetune_backbone`, ``finetune_steps`` on that task's data) and
    save it to ``RUN/finetuned/TASK.safetensors`` (timm state-dict layout).
 3. CKA of every block of every model, one pass over ``probe_images`` validation images
@@ -46,6 +47,7 @@ from .cost import Budget, check_budget_tasks, full_finetune_param_counter
 from .pca import pca_maps
 from .recommend import SplitRecommendation, recommend_split, vitsplit_param_counter
 from .result import CKAResult
+from .rgn import DEFAULT_BATCHES, attach_rgn, check_rgn_options, load_rgn, rgn_for_tasks, rgn_recommendation, save_rgn
 
 AUTO_CHECK_BATCH = 8      # images per minibatch of the "auto" checks' probe set
 FEATURES = ("tokens", "mean", "cls")
@@ -87,6 +89,8 @@ class AnalyzeConfig:
     unbiased: bool = True
     pca_images: int = 4
     max_trainable_params: Budget = None  # one number for every task, or {task: number}
+    selector: str = "both"  # cka | rgn | both: which K_t selectors run (cka_split.rgn)
+    rgn_batches: int = DEFAULT_BATCHES  # minibatches of the RGN measurement
 
     def data_for(self, task: str) -> str:
         return self.data.get(task, self.data.get("*", "synthetic"))
@@ -146,6 +150,7 @@ def validate(cfg: AnalyzeConfig) -> None:
         raise UserError(f"--batch-size {cfg.batch_size} is too small for the unbiased CKA estimator, which needs at least 4 images per minibatch")
     if cfg.probe_images < cfg.batch_size:
         raise UserError(f"--probe-images {cfg.probe_images} is smaller than one minibatch (--batch-size {cfg.batch_size}); use more probe images or a smaller batch")
+    check_rgn_options(cfg.selector, cfg.rgn_batches)
     check_budget_tasks(cfg.max_trainable_params, cfg.tasks)
     if cfg.finetune_steps == "auto":
         if cfg.finetune_max_steps < 1 or cfg.finetune_check_every < 1 or cfg.finetune_patience < 1:
@@ -284,7 +289,12 @@ def _analyze_locked(cfg: AnalyzeConfig, run: Path, progress: Progress) -> tuple[
     models = {"pretrained": pretrained}
     sources: dict[str, dict[str, Any]] = {"pretrained": {"origin": "pretrained", "weights": cfg.weights}}
     run.mkdir(parents=True, exist_ok=True)
-    for t in cfg.tasks:
+    rgn = {} if cfg.selector == "cka" else rgn_for_tasks(
+        pretrained, {t: cfg.data_for(t) for t in cfg.tasks}, batches=cfg.rgn_batches, batch_size=cfg.finetune_batch_size, crop=cfg.image_size,
+        seed=cfg.seed, device=device, progress=progress)
+    if rgn:
+        save_rgn(run / "rgn.json", rgn)
+    for t in cfg.tasks if cfg.selector != "rgn" else []:  # --selector rgn: no task copies, no task CKA
         if t in cfg.finetuned:
             bb = build_backbone(cfg.model, cfg.finetuned[t])
             sources[t] = {"origin": "given (--finetuned)", "file": str(Path(cfg.finetuned[t]).resolve())}
@@ -336,9 +346,11 @@ def _analyze_locked(cfg: AnalyzeConfig, run: Path, progress: Progress) -> tuple[
         weights_arg, weights_file_sha = str(Path(cfg.weights).resolve()), sha256_file(cfg.weights)
     num_classes = task_num_classes(cfg)
     counter, full_counter = vitsplit_param_counter(cfg.model, num_classes), full_finetune_param_counter(cfg.model, num_classes)
-    rec = recommend_split(res, tasks=cfg.tasks, model=cfg.model, num_layers=pretrained.num_layers,
-                          max_trainable_params=cfg.max_trainable_params, param_count=counter, full_count=full_counter)
-    atomic_write_json(run / "recommendation.json", rec.to_json())
+    rec = (rgn_recommendation(rgn, model=cfg.model, num_layers=pretrained.num_layers, param_count=counter)
+           if cfg.selector == "rgn" else
+           recommend_split(res, tasks=cfg.tasks, model=cfg.model, num_layers=pretrained.num_layers,
+                           max_trainable_params=cfg.max_trainable_params, param_count=counter, full_count=full_counter))
+    atomic_write_json(run / "recommendation.json", attach_rgn(rec, rgn).to_json())
 
     config = {
         "command": "analyze",
@@ -383,7 +395,10 @@ def _recommend_locked(run: Path, max_trainable_params: Budget, **kwargs) -> tupl
     res = CKAResult.load(run / "cka.npz")
     check_budget_tasks(max_trainable_params, tasks)
     counter, full_counter = vitsplit_param_counter(model, num_classes), full_finetune_param_counter(model, num_classes)
-    rec = recommend_split(res, tasks=tasks, model=model, num_layers=num_layers, max_trainable_params=max_trainable_params,
-                          param_count=counter, full_count=full_counter, **kwargs)
-    atomic_write_json(run / "recommendation.json", rec.to_json())
+    rgn = load_rgn(run / "rgn.json")
+    rec = (rgn_recommendation(rgn, model=model, num_layers=num_layers, param_count=counter)
+           if opts.get("selector") == "rgn" else  # an RGN-only run has no task copies to read K_t from
+           recommend_split(res, tasks=tasks, model=model, num_layers=num_layers, max_trainable_params=max_trainable_params,
+                           param_count=counter, full_count=full_counter, **kwargs))
+    atomic_write_json(run / "recommendation.json", attach_rgn(rec, rgn).to_json())
     return run, rec

@@ -47,6 +47,8 @@ def analyze(
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<timestamp>)."),
     pca_images: int = typer.Option(4, help="Probe images drawn as PCA feature maps (0: none).", callback=checked(ANALYZE_RANGES["pca_images"])),
     max_trainable_params: Optional[str] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions): one number, or per task seg=12,det=40."),
+    selector: str = typer.Option("both", help="K_t selectors: cka (task copies + CKA), rgn (relative gradient norms of a few batches, Lee et al. 2023; no copies) or both."),
+    rgn_batches: int = typer.Option(5, help="Minibatches (8 images each, the task copies' fine-tuning batch) over which RGN is averaged."),
 ) -> None:
     from cka_split.cost import parse_budget
     from cka_split.run import AnalyzeConfig, parse_data_options, run_analyze
@@ -65,6 +67,7 @@ def analyze(
         batch_size=batch_size, features=features, image_size=image_size, device=device, precision=precision,
         seed=seed, out=str(out) if out is not None else None, pca_images=pca_images,
         max_trainable_params=parse_budget(max_trainable_params),
+        selector=selector, rgn_batches=rgn_batches,
     )
     from cka_split.reports import build_report
 

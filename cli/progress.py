@@ -20,8 +20,8 @@ def _fmt(v: Any) -> str:
 
 
 class _RichTask(ProgressTask):
-    def __init__(self, bar: RichBar, task_id: int):
-        self.bar, self.task_id = bar, task_id
+    def __init__(self, bar: RichBar, task_id: int, keep: bool = True):
+        self.bar, self.task_id, self.keep = bar, task_id, keep
 
     def advance(self, n: int = 1, **fields: Any) -> None:
         info = "  ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
@@ -29,12 +29,17 @@ class _RichTask(ProgressTask):
 
     def close(self) -> None:
         self.bar.stop_task(self.task_id)
+        if not self.keep:
+            self.bar.remove_task(self.task_id)
 
 
 class RichProgress(Progress):
-    """Use as a context manager around the work: ``with RichProgress() as p: lib_call(progress=p)``."""
+    """Use as a context manager around the work: ``with RichProgress() as p: lib_call(progress=p)``.
 
-    def __init__(self, enabled: bool = True):
+    ``keep_finished=False`` removes each bar when it closes (a sweep's dozens of training runs)."""
+
+    def __init__(self, enabled: bool = True, keep_finished: bool = True):
+        self.keep_finished = keep_finished
         self.bar = RichBar(
             SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.speed}" if False else ""), TimeElapsedColumn(), TextColumn("ETA"),
@@ -55,7 +60,8 @@ class RichProgress(Progress):
         if not self.started:
             self.bar.start()
             self.started = True
-        return _RichTask(self.bar, self.bar.add_task(description, total=total, completed=completed, info=""))
+        return _RichTask(self.bar, self.bar.add_task(description, total=total, completed=completed, info=""),
+                         keep=self.keep_finished)
 
     def log(self, message: str) -> None:
         self.bar.console.log(message)

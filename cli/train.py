@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -46,18 +46,13 @@ def train(
     lora_rank: int = typer.Option(8, help="LoRA rank (--method lora).", callback=checked(TRAIN_RANGES["lora_rank"])),
     no_masks: bool = typer.Option(False, "--no-masks", help="Detection without masks (Faster R-CNN)."),
 ) -> None:
-    from vitsplit.engine import TrainConfig, train as run_train
+    options = dict(locals())  # every option, by name (first statement: nothing else is local yet)
+    from vitsplit.engine import train as run_train
     from vitsplit.errors import RunInterrupted
 
     from .progress import RichProgress, console
 
-    cfg = TrainConfig(task=task, method=method, head=head, model=model, weights=weights, data=data, val_data=val_data, k_t=k_t,
-                      prior_layers=parse_layer_list(prior_layers, "--prior-layers"), auto_split=auto_split, iters=iters,
-                      batch_size=batch_size, grad_accum=grad_accum, crop=crop, lr=lr, weight_decay=weight_decay,
-                      warmup_iters=warmup_iters, seed=seed, checkpoint_every=checkpoint_every, log_every=log_every,
-                      out=str(out), resume=resume, device=device, precision=precision, num_workers=num_workers,
-                      train_length=train_length, val_length=val_length, eval_mode=eval_mode, lora_rank=lora_rank,
-                      masks=not no_masks)
+    cfg = train_config(**options)
     main = int(os.environ.get("RANK", "0")) == 0
     try:
         with RichProgress(enabled=main) as progress:
@@ -69,6 +64,18 @@ def train(
         console.print("[bold]final metrics[/bold] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                             for k, v in shown.items()))
         console.print(f"wrote {out}/config.json, metrics.jsonl, last.pt, model.safetensors, eval.json")
+
+
+def train_config(**options: Any):
+    """The :class:`vitsplit.engine.TrainConfig` of ``cka-split train``'s options, given by parameter name
+    (``cka-split sweep`` builds its points' shared options with it too)."""
+    from vitsplit.engine import TrainConfig
+
+    opts = dict(options)
+    opts["prior_layers"] = parse_layer_list(opts.get("prior_layers"), "--prior-layers")
+    opts["masks"] = not opts.pop("no_masks", False)
+    opts["out"] = str(opts["out"])
+    return TrainConfig(**opts)
 
 
 def register(app: typer.Typer) -> None:

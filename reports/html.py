@@ -18,6 +18,7 @@ from vitsplit.fileio import atomic_write_text
 
 from .rundir import RunData, read_run
 from .sections import curve_figures, heatmap_figures, pca_figures, se_table, training_section
+from .sweep import find_sweeps, sweep_section
 from .text import dig, fmt_blocks, fmt_params, fmt_seconds
 from .training import find_training_runs
 
@@ -142,18 +143,22 @@ def recommendation_rows(data: RunData) -> list[dict[str, Any]]:
             continue
         start = s.get("divergence_start")
         k_t, k_cka = s.get("k_t"), s.get("k_t_from_cka")
+        rgn = s.get("rgn") if isinstance(s.get("rgn"), dict) else {}
         rows.append({
             "task": t, "k_t": k_t, "task_head": fmt_blocks(s.get("task_head_layers") or []),
             "b": s.get("b", "-"), "k_p": s.get("k_p", "-"),
             "prior": ", ".join(map(str, s.get("prior_layers") or [])) or "-",
             "start": "flat (nothing beyond noise)" if start is None else f"{start} ({s.get('divergence_kind', 'step')})",
-            "k_t_note": (f"CKA alone gives {k_cka}" if k_cka is not None and k_cka != k_t else ""),
+            "k_t_note": "; ".join(x for x in (f"CKA alone gives {k_cka}" if k_cka is not None and k_cka != k_t else "",
+                                              f"RGN picks {rgn['k_t']}" if rgn.get("k_t") is not None else "") if x),
             "params": fmt_params(s.get("trainable_params")),
             "vs_full": ("-" if s.get("params_vs_full") is None else f"{s['params_vs_full']:.2f}x"
                         + (" (larger than full fine-tuning)" if s.get("larger_than_full") else "")),
             "avoided": "-" if s.get("backward_avoided") is None else f"{s['backward_avoided']:.0%}",
             "step": "-" if s.get("step_time_ratio_estimate") is None else f"{s['step_time_ratio_estimate']:.2f}x",
-            "evidence": [str(e) for e in s.get("evidence") or []],
+            "evidence": [str(e) for e in s.get("evidence") or []] + [
+                f"RGN rival ({rgn.get('batches')} minibatches, {fmt_seconds(rgn.get('seconds'))}): {e}" for e in rgn.get("evidence") or []
+                if str(e) not in (s.get("evidence") or [])],
             "summary": (f"Copy the last {k_t} of {L} blocks ({fmt_blocks(s.get('task_head_layers') or [])}) as the {t} task head; "
                         f"the prior head reads blocks {', '.join(map(str, s.get('prior_layers') or []))}."
                         if k_t is not None and L else ""),
@@ -200,6 +205,7 @@ def report_context(data: RunData) -> dict[str, Any]:
         "rec_settings": ", ".join(f"{k}={v}" for k, v in (rec.get("settings") or {}).items()),
         "budget": _budget(rec.get("max_trainable_params")),
         "training": _section("training runs", lambda d: training_section(d.training), data),
+        "sweeps": _section("K_t sweeps", lambda d: sweep_section(d, d.sweeps), data),
         "problems": data.problems,
         "generated": datetime.now().isoformat(timespec="seconds"),
     }
@@ -235,14 +241,16 @@ def resolve_run(run_dir: str | Path) -> Path:
 
 
 def build_report(run_dir: str | Path, *, training_runs: list[str | Path] | None = None,
-                 warn: Callable[[str], None] | None = None) -> Path:
-    """Write RUN/report.html from the run directory alone (plus any ``training_runs`` directories,
-    and the training runs linked to it, see :mod:`cka_split.reports.training`). Returns its path.
+                 sweeps: list[str | Path] | None = None, warn: Callable[[str], None] | None = None) -> Path:
+    """Write RUN/report.html from the run directory alone (plus any ``training_runs`` and ``sweeps``
+    directories, and the training runs and sweeps linked to it, see :mod:`cka_split.reports.training`
+    and :mod:`cka_split.reports.sweep`). Returns its path.
 
     ``warn`` is called with each part left out and why (the page lists them too)."""
     run = resolve_run(run_dir)
     data = read_run(run)
     data.training = find_training_runs(run, training_runs, data.problems)
+    data.sweeps = find_sweeps(run, sweeps, data.problems)
     html = render_report(data)
     path = atomic_write_text(run / "report.html", html)
     for problem in data.problems if warn is not None else []:

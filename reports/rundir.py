@@ -80,6 +80,7 @@ class RunData:
     pca: dict[str, Any] | None = None
     pca_photos: dict[str, Any] | None = None  # RUN/pca/photos/index.json: the same maps on photographs
     training: list = field(default_factory=list)  # cka_split.reports.training.TrainingRun
+    sweeps: list = field(default_factory=list)  # cka_split.reports.sweep.Sweep
     problems: list[str] = field(default_factory=list)
 
     @property

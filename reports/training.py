@@ -35,7 +35,7 @@ from .rundir import read_json_file
 
 LINK_KEYS = ("auto_split_run", "analysis_run", "auto_split", "split_run")
 PARAM_KEYS = ("trainable_params", "num_trainable_params", "trainable_parameters", "params_trainable")
-STEP_TIME_KEYS = ("step_time", "sec_per_iter", "time_per_iter", "seconds_per_step", "step_seconds", "iter_time")
+STEP_TIME_KEYS = ("step_time_s", "step_time", "sec_per_iter", "time_per_iter", "seconds_per_step", "step_seconds", "iter_time")
 RATE_KEYS = ("it_s", "it_per_sec", "iters_per_sec", "its")  # iterations per second (metrics.jsonl rows)
 SAME_SETUP = ("task", "model", "data", "iters", "crop", "batch_size")  # what a baseline must share
 OWN_BACKBONE_METHODS = ("vit-adapter",)  # baselines compared on their own backbones (any "model")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["analyze", "recommend", "train", "evaluate", "report", "compare", "demo"]  # in `cka-split --help`'s order
+COMMANDS = ["analyze", "recommend", "train", "sweep", "evaluate", "report", "compare", "demo"]  # in `cka-split --help`'s order
 
 
 def outside(tmp_path: Path) -> dict:

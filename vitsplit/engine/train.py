@@ -37,6 +37,10 @@ from .checkpoint import load_checkpoint
 from .config import RESUME_FREE, TrainConfig, finish_config, resolve_config
 from .distributed import Dist, init_distributed
 from .loop import fit, seed_everything
+from .memory import PeakMemory
+
+# eval.json fields that measure the machine, not the result (two identical runs differ only in these)
+MEASURED = ("train_seconds", "step_time_s", "peak_memory_mb", "peak_memory_kind", "peak_memory_scope")
 
 
 def build_model(cfg: TrainConfig, backbone: Backbone, num_classes: int) -> nn.Module:
@@ -103,6 +107,7 @@ def _train_locked(cfg: TrainConfig, d: Dist, device: torch.device, progress: Pro
                   backbone: Backbone | None) -> dict[str, Any]:
     """The run, once OUT is ours. A fresh run that fails or is interrupted before its first checkpoint
     leaves nothing behind (no lone config.json); one with a checkpoint keeps it and its records."""
+    memory = PeakMemory(device)
     out = Path(cfg.out)
     ckpt = None
     if cfg.resume:
@@ -140,6 +145,7 @@ def _train_locked(cfg: TrainConfig, d: Dist, device: torch.device, progress: Pro
         raise
     if state["stopped"]:
         return {"stopped_at": state["step"]}
+    peak = memory.record(d)
     result: dict[str, Any] = {}
     if d.main:
         save_trained(model, out / "model.safetensors", cfg.to_dict())
@@ -149,7 +155,8 @@ def _train_locked(cfg: TrainConfig, d: Dist, device: torch.device, progress: Pro
             amp = eval_autocast_dtype(cfg.precision, device)
             result = evaluate_model(model, val, cfg.task, mode=cfg.eval_mode, crop=cfg.crop, stride=cfg.eval_stride,
                                     batch_size=cfg.eval_batch_size, device=device, autocast_dtype=amp, progress=progress)
-        result = {**result, "iters": state["step"], "train_seconds": round(state["elapsed"], 3)}
+        result = {**result, "iters": state["step"], "train_seconds": round(state["elapsed"], 3),
+                  "step_time_s": round(state["elapsed"] / max(state["step"], 1), 6), **peak}
         atomic_write_json(out / "eval.json", result)
     d.barrier()
     return result

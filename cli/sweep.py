@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 import typer
 
 from . import train as train_command
-from .options import parse_int_list, reuse_options
+from .options import parse_layer_list, reuse_options
 
 
 def _methods(items: list[str]) -> list[str]:
@@ -34,7 +34,7 @@ def sweep(
 
     base = train_command.train_config(**options, auto_split=auto_split, k_t=None, prior_layers=None, method="vitsplit", out=out, resume=False)
     cfg = SweepConfig(base=base, k_t=k_t or [], seeds=seeds, methods=_methods(method), out=str(out), analysis=analysis,
-                      prior_layers=[parse_int_list(p, "--prior-layers") for p in prior_layers or []])
+                      prior_layers=[parse_layer_list(p, "--prior-layers") for p in prior_layers or []])
     main = int(os.environ.get("RANK", "0")) == 0
     with RichProgress(enabled=main, keep_finished=False) as progress:
         result = run_sweep(cfg, progress)

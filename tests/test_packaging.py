@@ -91,7 +91,7 @@ def test_layering_contract_sees_cli_and_reports(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Contracts: 3 kept, 0 broken." in r.stdout
     with open(tmp_path / "cka_split" / "reports" / "html.py", "a") as f:
-        f.write("\nfrom cka_split.cli.options import parse_int_list  # upward\n")
+        f.write("\nfrom cka_split.cli.options import parse_layer_list  # upward\n")
     r = lint_imports(tmp_path, *contracts)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "cka_split.reports is not allowed to import cka_split.cli" in r.stdout

@@ -48,7 +48,7 @@ from vitsplit.fileio import atomic_write, atomic_write_json
 from vitsplit.progress import NULL_PROGRESS, Progress
 
 from .analysis import batch_images, resolve_layers
-from .cka import MIN_SE_BATCHES, GramWorkspace, MinibatchCKA
+from .cka import GramWorkspace, MinibatchCKA
 from .features import FEATURE_MODES, BlockFeatures
 from .jackknife import se_from_replicates
 from .result import CKAResult

@@ -1,17 +1,14 @@
 """The ``analyze`` pipeline and the run directory it writes (``docs/run-directory.md``).
 
-1. Load the pretrained backbone (``model``, ``weights``).
-1b. Unless ``selector`` is "cka": the gradient-norm rival (:mod:`cka_split.rgn`) per task, ``RUN/rgn.json``.
+1. Load the pretrained backbone; unless ``selector`` is "cka", the gradient-norm rival (:mod:`cka_split.rgn`), ``RUN/rgn.json``.
 2. Per task (not with ``selector`` "rgn"): load ``finetuned[task]`` (a backbone fine-tuned elsewhere) or fine-tune a copy with the
-   trainer (:func:`vitsplit.engine.finetune_backbone`, ``finetune_steps`` on that task's data) and
-   save it to ``RUN/finetuned/TASK.safetensors`` (timm state-dict layout).
+   trainer (:func:`vitsplit.engine.finetune_backbone`) and save it to ``RUN/finetuned/TASK.safetensors``.
 3. CKA of every block of every model, one pass over ``probe_images`` validation images
    (:func:`cka_split.analysis.analyze`), saved as ``RUN/cka.npz``.
 4. PCA maps of the first ``pca_images`` probe images (:func:`cka_split.pca.pca_maps`) in ``RUN/pca/``.
 5. The recommendation (:func:`cka_split.recommend.recommend_split`) in ``RUN/recommendation.json``,
-   ``RUN/config.json`` (every resolved option, versions, seed, weights sources and hashes). Then
-   ``runs/latest`` (the ``latest`` entry beside the run directory) points at this run. The report
-   (``RUN/report.html``) is the ``reports`` package's job; the CLI builds it right after this.
+   ``RUN/config.json`` (every resolved option, versions, seeds, weights sources and hashes); then
+   ``runs/latest`` points at this run. The CLI builds ``RUN/report.html`` (``reports``) after this.
 
 :func:`recommend_run` recomputes step 5's recommendation from a saved run without any model weights.
 """
@@ -58,6 +55,7 @@ PRECISIONS = ("fp32", "bf16")
 ANALYZE_RANGES: dict[str, Range] = {
     "finetune_steps": NON_NEGATIVE, "finetune_lr": POSITIVE, "finetune_batch_size": COUNT, "probe_images": COUNT,
     "batch_size": COUNT, "image_size": COUNT, "seed": NON_NEGATIVE, "pca_images": NON_NEGATIVE,
+    "finetune_max_steps": COUNT, "finetune_check_every": COUNT, "finetune_patience": COUNT,
 }
 
 
@@ -153,8 +151,6 @@ def validate(cfg: AnalyzeConfig) -> None:
     check_rgn_options(cfg.selector, cfg.rgn_batches)
     check_budget_tasks(cfg.max_trainable_params, cfg.tasks)
     if cfg.finetune_steps == "auto":
-        if cfg.finetune_max_steps < 1 or cfg.finetune_check_every < 1 or cfg.finetune_patience < 1:
-            raise UserError("--finetune-max-steps, --finetune-check-every and --finetune-patience must be at least 1")
         if cfg.finetune_check_images < AUTO_CHECK_BATCH:
             raise UserError(f"--finetune-check-images {cfg.finetune_check_images}: give at least {AUTO_CHECK_BATCH}")
     elif not isinstance(cfg.finetune_steps, int):

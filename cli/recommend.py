@@ -9,10 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cka_split.run import ANALYZE_RANGES
-
-from .options import checked
-
 
 def print_recommendation(rec, run: Path) -> None:
     """A table of K_t and prior layers per task, then the evidence, on stdout."""

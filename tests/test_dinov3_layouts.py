@@ -301,10 +301,10 @@ def test_dinov3_real_sizes_on_the_meta_device():
 
 def test_auto_offline_says_the_weights_are_gated(empty_caches):
     with pytest.raises(UserError) as e:
-        build_backbone("dinov3_vitb16", "auto")
+        build_backbone("dinov3_vits16", "auto")
     msg = str(e.value)
     assert "licence" in msg and "log in" in msg and "--weights PATH" in msg and "--weights random" in msg
-    assert "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth" in msg and "facebook/dinov3-vitb16-pretrain-lvd1689m" in msg
+    assert "dinov3_vits16_pretrain_lvd1689m-08c60483.pth" in msg and "facebook/dinov3-vits16-pretrain-lvd1689m" in msg
 
 
 def test_refused_download_says_the_weights_are_gated(empty_caches, monkeypatch):
@@ -313,8 +313,8 @@ def test_refused_download_says_the_weights_are_gated(empty_caches, monkeypatch):
     def refuse(repo, filename):
         raise PermissionError(f"403 gated repo {repo}")
     monkeypatch.setattr(hub, "hf_download", refuse)
-    with pytest.raises(UserError, match=r"PermissionError.*licence on https://huggingface.co/timm/vit_large_patch16_dinov3"):
-        build_backbone("dinov3_vitl16", "auto")
+    with pytest.raises(UserError, match=r"PermissionError.*licence on https://huggingface.co/timm/vit_small_patch16_dinov3"):
+        build_backbone("dinov3_vits16", "auto")
 
 
 def test_auto_finds_the_official_file_and_the_transformers_cache(empty_caches):

@@ -19,8 +19,13 @@ DEPTH, START = 6, 3
 
 def dinov3_folder(tmp_path):
     cfg = transformers.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=DEPTH, num_attention_heads=2,
-                                       intermediate_size=128, num_register_tokens=4, layerscale_value=0.5)
+                                       intermediate_size=128, num_register_tokens=4, layerscale_value=1.0)
     model = transformers.DINOv3ViTModel(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights large enough that every block changes the tokens (HF's init: std 0.02)
+        for n, p in model.named_parameters():
+            if "layer_scale" not in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g) + (1.0 if "norm" in n and n.endswith("weight") else 0.0))
     model.save_pretrained(tmp_path / "dinov3-tiny")
     return tmp_path / "dinov3-tiny"
 
@@ -32,8 +37,10 @@ def test_dinov3_analyze_recommend_train(tmp_path, capsys, monkeypatch):
     name = f"hf:{folder}"
     vit = build_backbone(name, "auto").vit
     g = torch.Generator().manual_seed(1)
-    seg = {k: (v + 0.05 * torch.randn(v.shape, generator=g) if k.startswith("blocks.") and int(k.split(".")[1]) >= START
-               else v).contiguous() for k, v in vit.state_dict().items()}
+    # blocks >= START perturbed by twice their mean magnitude (HF initialises weights with std 0.02)
+    seg = {k: (v + 2.0 * v.abs().mean().clamp_min(0.02) * torch.randn(v.shape, generator=g)
+               if k.startswith("blocks.") and int(k.split(".")[1]) >= START else v).contiguous()
+           for k, v in vit.state_dict().items()}
     save_file(seg, str(tmp_path / "seg.safetensors"))
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as e:

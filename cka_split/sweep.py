@@ -13,10 +13,11 @@ ViT-Split): train at every K_t and keep the best. A sweep does exactly that with
   metric, :data:`METRICS`), ``higher_is_better``, ``analysis`` (the analysis run it is linked to, or
   null), ``picks`` (that run's CKA and RGN K_t for the task), ``config`` (the shared options and the
   grid), ``points`` (finished points: ``k_t`` (null for a baseline), ``prior_layers``, ``method``,
-  ``seed``, ``run`` (relative to SWEEP), ``metric``, ``trainable_params``, ``step_time_s``,
+  ``head``, ``seed``, ``run`` (relative to SWEEP), ``metric``, ``trainable_params``, ``step_time_s``,
   ``peak_memory_mb``), ``pending`` (names of points not finished yet), ``summary`` (per K_t: ``mean``,
   ``sd`` (sample SD over seeds, null for one seed), ``n``; keyed ``"<k_t>"``, or ``"<k_t>@<prior>"``
-  when several prior-layer choices are swept), ``baselines`` (the same per baseline method),
+  when several prior-layer choices are swept), ``baselines`` (the same per baseline method, named
+  ``full + upernet`` etc. when ``--head upernet`` applies to it),
   ``pooled_sd`` (the seed SD pooled over K_t) and ``best_k_t`` (the highest mean; ties go to the
   smaller, cheaper K_t).
 
@@ -48,14 +49,14 @@ from vitsplit.engine.config import RESUME_FREE
 from vitsplit.engine.distributed import init_distributed
 from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write_json, read_json
-from vitsplit.model.configs import BASELINES, METHODS
+from vitsplit.model.configs import BASELINES, METHODS, UPERNET_METHODS
 from vitsplit.progress import NULL_PROGRESS, Progress
 
 # The main metric of each task as eval.json names it, and whether larger is better: segmentation
 # mIoU (%), depth delta < 1.25 (%, "delta1"), detection box mAP (%).
 METRICS: dict[str, tuple[str, bool]] = {"seg": ("mIoU", True), "depth": ("delta1", True), "det": ("bbox_mAP", True)}
 # Options a point sets itself; a finished point's config.json is compared on every other option.
-POINT_FIELDS = ("method", "k_t", "prior_layers", "seed", "out", "split_source", "auto_split")
+POINT_FIELDS = ("method", "head", "k_t", "prior_layers", "seed", "out", "split_source", "auto_split")
 
 
 def parse_k_t(spec: str, num_layers: int) -> list[int]:
@@ -122,8 +123,11 @@ class SweepPoint:
         return f"kt{self.k_t:02d}{tag}-s{self.seed}"
 
     def config(self, base: TrainConfig, out: Path) -> TrainConfig:
+        """The point's training options: the base's, with this method, K_t, prior layers and seed;
+        ``--head`` applies to the methods that take it (``UPERNET_METHODS``), the others keep their linear head."""
         prior = list(self.prior_layers) if self.prior_layers is not None else base.prior_layers  # base's: the analysis's
-        return dataclasses.replace(base, method=self.method, seed=self.seed, k_t=self.k_t, out=str(out / self.name),
+        head = base.head if self.method in UPERNET_METHODS else "linear"
+        return dataclasses.replace(base, method=self.method, head=head, seed=self.seed, k_t=self.k_t, out=str(out / self.name),
                                    prior_layers=prior if self.method == "vitsplit" else None,
                                    auto_split=None, split_source=None, resume=False)
 
@@ -183,7 +187,12 @@ def resolve_sweep(cfg: SweepConfig, backbone: Backbone | None = None) -> tuple[S
             b.model, b.weights = b.model or model, b.weights or weights
             b.prior_layers = b.prior_layers or prior  # every point's, unless --prior-layers choices are given
     b.auto_split = None
-    b = resolve_config(b)
+    head = b.head
+    b = resolve_config(dataclasses.replace(b, head="linear"))  # the base is a ViT-Split config; --head is the baselines'
+    b.head = head
+    for m in cfg.methods:
+        if m in UPERNET_METHODS:
+            resolve_config(dataclasses.replace(b, method=m, k_t=None, prior_layers=None))  # refuse a head it cannot take
     cfg.base = b
     L = backbone.num_layers if backbone is not None else num_layers_of(b.model)
     if isinstance(cfg.k_t, str):
@@ -221,6 +230,7 @@ def point_record(point: SweepPoint, run: Path, sweep_dir: Path, metric: str) -> 
     value = ev.get(metric)
     return {"name": point.name, "k_t": conf.get("k_t") if point.method == "vitsplit" else None,
             "prior_layers": conf.get("prior_layers") if point.method == "vitsplit" else None, "method": point.method,
+            "head": conf.get("head") or "linear",
             "seed": point.seed, "run": str(run.relative_to(sweep_dir)),
             "metric": float(value) if isinstance(value, (int, float)) else None,
             "trainable_params": conf.get("trainable_params"), "step_time_s": ev.get("step_time_s"),
@@ -242,7 +252,8 @@ def summarize(points: list[dict[str, Any]], higher_is_better: bool = True) -> di
     base: dict[str, list[float]] = {}
     for p in points:
         if p["method"] != "vitsplit" and p["metric"] is not None:
-            base.setdefault(p["method"], []).append(p["metric"])
+            head = p.get("head") or "linear"
+            base.setdefault(p["method"] + (f" + {head}" if head != "linear" else ""), []).append(p["metric"])
     best = None
     if summary:
         sign = 1 if higher_is_better else -1

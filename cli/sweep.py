@@ -22,7 +22,7 @@ def sweep(
     k_t: Optional[str] = typer.Option(None, "--k-t", help="K_t values: a range (1-11), a list (1,2,3,4,6,8,11), both (1-4,6,8) or all (1..L-1)."),
     seeds: int = typer.Option(1, help="Seeds per point: --seed, --seed + 1, ... (data order, augmentation, head init)."),
     prior_layers: Optional[List[str]] = typer.Option(None, "--prior-layers", help="Prior-layer choice, e.g. 2,5,8,11 (repeatable: each K_t is trained with each choice; default: the published rule, or the analysis's with --auto-split)."),
-    method: List[str] = typer.Option(["vitsplit"], "--method", help="vitsplit and/or the baselines linear, full, lora at the same budget (repeatable or comma-separated)."),
+    method: List[str] = typer.Option(["vitsplit"], "--method", help="vitsplit and/or the baselines linear, full, lora, vit-adapter at the same budget (repeatable or comma-separated; --head upernet applies to full, lora and vit-adapter)."),
     auto_split: Optional[str] = typer.Option(None, "--auto-split", help="Take model, weights and prior layers from RUN/recommendation.json (a run dir, or 'latest') and link the sweep to RUN. Explicit options override."),
     analysis: Optional[str] = typer.Option(None, "--analysis", help="Link the sweep to this analysis run only (its report shows the sweep; sweep.json records its CKA and RGN picks)."),
     out: Path = typer.Option(Path("runs/sweep"), help="Sweep directory: one training run per point and sweep.json. Run the same command again to resume."),

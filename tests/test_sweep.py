@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from cka_split.cli.app import main as cli_main
-from cka_split.sweep import SweepConfig, parse_k_t, pooled_sd, run_sweep, stats, summarize
+from cka_split.sweep import SweepConfig, SweepPoint, parse_k_t, pooled_sd, resolve_sweep, run_sweep, stats, summarize
 from vitsplit.backbones import Backbone
 from vitsplit.engine import TrainConfig, train
 from vitsplit.errors import UserError
@@ -88,6 +88,24 @@ def test_summary_stats_and_best():
     assert s["baselines"]["linear"] == {"mean": 5.0, "sd": None, "n": 1}
     assert summarize(pts, higher_is_better=False)["best_k_t"] == 1
     assert pooled_sd([stats([1.0, 3.0]), stats([0.0, 0.0, 6.0]), stats([7.0])]) == pytest.approx(math.sqrt((2 + 24) / 3))
+
+
+def test_head_applies_to_the_baselines_that_take_it():
+    """--head upernet: full/lora/vit-adapter points get UperNet, ViT-Split and the linear probe keep
+    their linear heads, and the baselines are named by method and head."""
+    b = base(head="upernet")
+    heads = {m: SweepPoint(m, 0, k_t=1 if m == "vitsplit" else None).config(b, Path("sw")).head
+             for m in ("vitsplit", "linear", "full", "lora", "vit-adapter")}
+    assert heads == {"vitsplit": "linear", "linear": "linear", "full": "upernet", "lora": "upernet", "vit-adapter": "upernet"}
+    cfg, _, _ = resolve_sweep(SweepConfig(base=b, k_t=[1], methods=["vitsplit", "vit-adapter"], out="sw"), tiny_backbone())
+    assert cfg.base.head == "upernet" and cfg.base.method == "vitsplit"
+    pts = [{"method": "full", "head": "upernet", "metric": 3.0}, {"method": "full", "head": "upernet", "metric": 5.0},
+           {"method": "linear", "head": "linear", "metric": 1.0}]
+    assert summarize(pts)["baselines"] == {"full + upernet": {"mean": 4.0, "sd": pytest.approx(math.sqrt(2)), "n": 2},
+                                           "linear": {"mean": 1.0, "sd": None, "n": 1}}
+    with pytest.raises(UserError, match="segmentation"):  # a head or method the task cannot take fails before training
+        resolve_sweep(SweepConfig(base=base(task="depth", head="upernet"), k_t=[1], methods=["vitsplit", "full"], out="sw"),
+                      tiny_backbone())
 
 
 @pytest.mark.slow

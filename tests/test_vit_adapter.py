@@ -183,3 +183,24 @@ def test_method_models_train_exactly_the_counted_modules():
         head = UperNetSegHead([32] * 4, 150)
         body = ViTAdapter(tiny_backbone(depth=4)) if method == "vit-adapter" else tiny_backbone(depth=4)
         assert count_trainable(model) == trainable(body) + trainable(head)
+
+
+def test_rope_backbones_are_refused_and_the_spatial_prior_sees_the_models_normalisation():
+    from timm.models.eva import Eva
+
+    from vitsplit.errors import UserError
+
+    eva = Eva(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0, use_rot_pos_emb=True,
+              dynamic_img_size=True)
+    with pytest.raises(UserError, match="VisionTransformer"):
+        ViTAdapter(Backbone(eva, name="eva-tiny", weights_source="random"))
+    bb = tiny_backbone()
+    bb.vit.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # AugReg's normalisation
+    bb = Backbone(bb.vit, name="augreg-like", weights_source="random")
+    ad = ViTAdapter(bb).eval()
+    seen = []
+    ad.spm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ad(x)
+    assert torch.allclose(seen[0], bb.to_model_input(x)) and not torch.allclose(seen[0], x)

@@ -24,7 +24,7 @@ from ..backbones import Backbone, backbone_config, state_hash
 from ..errors import UserError
 from .baselines import LinearSegHead, check_head
 from .upernet import UperNetSegHead
-from .vit_adapter import UNUSED_BACKBONE_PARAMS, AdapterConfig, ViTAdapter
+from .vit_adapter import AdapterConfig, ViTAdapter
 
 LAYER_DECAY = 0.95  # the released ViT-Adapter ADE20K configs' layer_decay_rate
 
@@ -67,10 +67,11 @@ class ViTAdapterBaseline(nn.Module):
         return {"loss": ce, "loss_ce": ce.detach()}
 
     def _frozen_keys(self) -> set[str]:
-        return {f"adapter.backbone.vit.{n}" for n in UNUSED_BACKBONE_PARAMS}
+        """The backbone parameters the adapter never runs (frozen by :class:`ViTAdapter`)."""
+        return {f"adapter.backbone.vit.{n}" for n, p in self.backbone.vit.named_parameters() if not p.requires_grad}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything training changes: adapter, ViT (all but its unused cls token and final norm), head, BN buffers."""
+        """Everything training changes: adapter, ViT (all but its unused cls token, final norm, ...), head, BN buffers."""
         frozen = self._frozen_keys()
         return {k: v for k, v in self.state_dict().items() if k not in frozen}
 

@@ -25,8 +25,10 @@ resized to each level's actual size. For patch 16 and inputs divisible by 32 thi
 computation exactly; for DINOv2 (patch 14) the ViT grid (e.g. 37 at 518 px) simply differs from the
 1/16 level (33), which deformable attention's normalised coordinates handle.
 
-Backbone parameters that the forward never uses (cls/register tokens, the final norm) are frozen
-(``requires_grad=False``) so that they count neither as trainable nor as unused under DDP.
+Backbone parameters that the forward never uses (cls/register tokens, the final norm, any pooling
+head) are frozen (``requires_grad=False``) so that they count neither as trainable nor as unused
+under DDP. Backbones: timm ``VisionTransformer`` models (DeiT, AugReg, DINOv2, CLIP, ...), whose
+blocks take the tokens alone; RoPE (Eva: DINOv3, EVA-02) and SAM backbones are refused.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone
+from ..backbones.families import ViTFamily
 from ..errors import UserError
 from ..ops.ms_deform_attn import reference_points
 from .adapter_blocks import DropPath, InteractionBlock, SpatialPriorModule, init_adapter_weights, resize_to
@@ -113,7 +116,7 @@ def adapter_config(num_layers: int, embed_dim: int, num_heads: int) -> AdapterCo
                          source=f"rule (4 groups of {num_layers // 4} blocks, {num_heads} heads, ratio {ratio})")
 
 
-UNUSED_BACKBONE_PARAMS = ("cls_token", "reg_token", "norm.weight", "norm.bias")
+USED_VIT_PARAMS = ("blocks.", "patch_embed.", "pos_embed", "norm_pre.")  # what the adapter's forward runs
 
 
 class ViTAdapter(nn.Module):
@@ -125,6 +128,9 @@ class ViTAdapter(nn.Module):
 
     def __init__(self, backbone: Backbone, config: AdapterConfig | None = None):
         super().__init__()
+        if not isinstance(backbone.family, ViTFamily):
+            raise UserError(f"ViT-Adapter is built for timm VisionTransformer backbones (DeiT, AugReg, DINOv2, ...); "
+                            f"{backbone.name} is a {backbone.family.name} model, whose blocks need more than the tokens")
         vit = backbone.vit
         cfg = config or adapter_config(backbone.num_layers, backbone.embed_dim, vit.blocks[0].attn.num_heads)
         groups = [tuple(int(i) for i in g) for g in cfg.interaction_indexes]
@@ -150,7 +156,7 @@ class ViTAdapter(nn.Module):
             if rate > 0:
                 blk.drop_path1, blk.drop_path2 = DropPath(rate), DropPath(rate)
         for name, p in backbone.vit.named_parameters():
-            p.requires_grad_(name not in UNUSED_BACKBONE_PARAMS)
+            p.requires_grad_(name.startswith(USED_VIT_PARAMS))
 
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Padded images (B, 3, H, W) -> patch tokens + position embedding (B, h*w, C), grid (h, w)."""
@@ -170,8 +176,10 @@ class ViTAdapter(nn.Module):
         return vit.norm_pre(vit.pos_drop(t + pos)), (h, w)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """images (B, 3, H, W) normalised -> [f1, f2, f3, f4], each (B, C, h_i, w_i) at strides 4, 8, 16, 32."""
-        x = self.backbone.pad(images)
+        """images (B, 3, H, W) ImageNet-normalised -> [f1, f2, f3, f4], each (B, C, h_i, w_i) at strides
+        4, 8, 16, 32. The spatial prior module sees what the ViT sees: the backbone's own normalisation,
+        centre-padded to a multiple of the patch size."""
+        x = self.backbone.to_model_input(images)
         c1, c2, c3, c4 = self.spm(x)
         shapes = [tuple(t.shape[-2:]) for t in (c2, c3, c4)]
         c = torch.cat([t.flatten(2).transpose(1, 2) + self.level_embed[i] for i, t in enumerate((c2, c3, c4))], dim=1)

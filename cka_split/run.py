@@ -272,9 +272,8 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
     with RunLock(run) as lock:  # one job per run directory (--out that cannot be written fails here)
         if any(p.name != LOCK_NAME for p in run.iterdir()):
             raise UserError(f"{run} already holds files; give a new --out directory")
-        if lock.stale is not None:
-            progress.log(f"note: {lock.path} was left by {lock.stale.describe()}, which is no longer running; "
-                         "this run took it over")
+        if lock.took_over():
+            progress.log(lock.took_over())
         return _analyze_locked(cfg, run, progress)
 
 

@@ -58,6 +58,8 @@ PRECISIONS = ("fp32", "bf16")
 ANALYZE_RANGES: dict[str, Range] = {
     "finetune_steps": NON_NEGATIVE, "finetune_lr": POSITIVE, "finetune_batch_size": COUNT, "probe_images": COUNT,
     "batch_size": COUNT, "image_size": COUNT, "seed": NON_NEGATIVE, "pca_images": NON_NEGATIVE,
+    "finetune_max_steps": COUNT, "finetune_check_every": COUNT, "finetune_patience": COUNT,
+    "finetune_check_images": COUNT, "rgn_batches": COUNT,
 }
 
 
@@ -153,8 +155,6 @@ def validate(cfg: AnalyzeConfig) -> None:
     check_rgn_options(cfg.selector, cfg.rgn_batches)
     check_budget_tasks(cfg.max_trainable_params, cfg.tasks)
     if cfg.finetune_steps == "auto":
-        if cfg.finetune_max_steps < 1 or cfg.finetune_check_every < 1 or cfg.finetune_patience < 1:
-            raise UserError("--finetune-max-steps, --finetune-check-every and --finetune-patience must be at least 1")
         if cfg.finetune_check_images < AUTO_CHECK_BATCH:
             raise UserError(f"--finetune-check-images {cfg.finetune_check_images}: give at least {AUTO_CHECK_BATCH}")
     elif not isinstance(cfg.finetune_steps, int):

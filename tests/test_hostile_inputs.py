@@ -216,6 +216,12 @@ NUMERIC_CASES = [
     pytest.param(["analyze", "--max-trainable-params", "inf"], "--max-trainable-params", id="analyze budget inf"),
     pytest.param(["analyze", "--probe-images", "0"], "--probe-images", id="analyze probe 0"),
     pytest.param(["analyze", "--image-size", "-28"], "--image-size", id="analyze image size -28"),
+    pytest.param(["analyze", "--rgn-batches", "0"], "--rgn-batches", id="analyze rgn batches 0"),
+    pytest.param(["analyze", "--finetune-patience", "0"], "--finetune-patience", id="analyze patience 0"),
+    pytest.param(["sweep", "--seeds", "0"], "--seeds", id="sweep seeds 0"),
+    pytest.param(["sweep", "--lr", "nan"], "--lr", id="sweep lr nan"),
+    pytest.param(["compare", "--models", "a", "b", "--batch-size", "0"], "--batch-size", id="compare batch 0"),
+    pytest.param(["compare", "--models", "a", "b", "--seed", "-1"], "--seed", id="compare seed -1"),
     pytest.param(["evaluate", "RUN", "--mode", "slide", "--stride", "-5"], "--stride", id="evaluate stride -5"),
     pytest.param(["evaluate", "RUN", "--mode", "slide", "--stride", "0"], "--stride", id="evaluate stride 0"),
 ]
@@ -224,7 +230,7 @@ NUMERIC_CASES = [
 @pytest.mark.parametrize("args,option", NUMERIC_CASES)
 def test_numeric_options_are_checked_at_parse_time(args, option, tmp_path, capsys, tripwire):
     args = [str(tmp_path / "run") if a == "RUN" else a for a in args]
-    line = refused(capsys, option, *args, *(["--out", str(tmp_path / "o")] if args[0] in ("train", "analyze") else []))
+    line = refused(capsys, option, *args, *(["--out", str(tmp_path / "o")] if args[0] not in ("evaluate", "recommend") else []))
     assert "Invalid value" in line or "must be" in line
     assert not (tmp_path / "o").exists()  # no config.json left behind
 

@@ -18,6 +18,7 @@ from vitsplit.device import resolve_device
 from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write_json, versions
 from vitsplit.progress import NULL_PROGRESS, Progress
+from vitsplit.ranges import COUNT, NON_NEGATIVE, Range
 
 from .cka import MIN_SE_BATCHES
 from .compare import Comparison, compare_models
@@ -66,6 +67,10 @@ def parse_weights(items: list[str] | None, models: list[str]) -> tuple[dict[str,
     return out, default
 
 
+# The numeric options' allowed values; the CLI checks the same table while parsing.
+COMPARE_RANGES: dict[str, Range] = {"probe_images": COUNT, "batch_size": COUNT, "image_size": COUNT, "seed": NON_NEGATIVE}
+
+
 def validate(cfg: CompareConfig) -> None:
     """Every check that needs no model or data."""
     if len(cfg.models) < 2:
@@ -78,13 +83,13 @@ def validate(cfg: CompareConfig) -> None:
             raise UserError(f"--weights for {m}: {w}: no such file or folder (use auto, random, or a weights file)")
     if cfg.features not in FEATURE_MODES:
         raise UserError(f"--features {cfg.features}: use {', '.join(FEATURE_MODES)}")
+    for name, allowed in COMPARE_RANGES.items():
+        allowed.check(f"--{name.replace('_', '-')}", getattr(cfg, name))
     if cfg.batch_size < 4:
         raise UserError(f"--batch-size {cfg.batch_size}: the unbiased CKA estimator needs at least 4 images per minibatch")
     if cfg.probe_images < 2 * cfg.batch_size:
         raise UserError(f"--probe-images {cfg.probe_images} gives fewer than 2 minibatches of {cfg.batch_size}: "
                         "the uncertainty needs at least 2 (and 8 to be usable)")
-    if cfg.image_size < 1:
-        raise UserError(f"--image-size {cfg.image_size}: must be positive")
 
 
 def run_compare(cfg: CompareConfig, progress: Progress = NULL_PROGRESS) -> tuple[Path, Comparison]:

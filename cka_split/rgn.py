@@ -58,6 +58,7 @@ from vitsplit.model import Baseline
 from vitsplit.model.configs import default_k_t, default_split
 from vitsplit.model.heads import det_preset_for
 from vitsplit.progress import NULL_PROGRESS, Progress
+from vitsplit.ranges import COUNT
 
 from .recommend import ParamCount, SplitRecommendation, TaskSplit
 
@@ -73,8 +74,7 @@ def check_rgn_options(selector: str, batches: int) -> None:
     """``analyze``'s --selector and --rgn-batches, checked before any work."""
     if selector not in SELECTORS:
         raise UserError(f"--selector {selector}: use cka, rgn or both")
-    if batches < 1:
-        raise UserError(f"--rgn-batches {batches}: give at least 1 minibatch")
+    COUNT.check("--rgn-batches", batches)
 
 
 @dataclass

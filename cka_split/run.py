@@ -56,6 +56,7 @@ ANALYZE_RANGES: dict[str, Range] = {
     "finetune_steps": NON_NEGATIVE, "finetune_lr": POSITIVE, "finetune_batch_size": COUNT, "probe_images": COUNT,
     "batch_size": COUNT, "image_size": COUNT, "seed": NON_NEGATIVE, "pca_images": NON_NEGATIVE,
     "finetune_max_steps": COUNT, "finetune_check_every": COUNT, "finetune_patience": COUNT,
+    "finetune_check_images": COUNT, "rgn_batches": COUNT,
 }
 
 
@@ -268,9 +269,8 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
     with RunLock(run) as lock:  # one job per run directory (--out that cannot be written fails here)
         if any(p.name != LOCK_NAME for p in run.iterdir()):
             raise UserError(f"{run} already holds files; give a new --out directory")
-        if lock.stale is not None:
-            progress.log(f"note: {lock.path} was left by {lock.stale.describe()}, which is no longer running; "
-                         "this run took it over")
+        if lock.took_over():
+            progress.log(lock.took_over())
         return _analyze_locked(cfg, run, progress)
 
 

@@ -34,6 +34,7 @@ same options and its step time and memory are those of such a run; only rank 0 w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -46,11 +47,13 @@ import torch
 from vitsplit.backbones import Backbone, create_vit, resolve_name
 from vitsplit.engine import TrainConfig, resolve_config, split_from_recommendation, train
 from vitsplit.engine.config import RESUME_FREE
-from vitsplit.engine.distributed import init_distributed
+from vitsplit.engine.distributed import Dist, init_distributed
 from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write_json, read_json
 from vitsplit.model.configs import BASELINES, METHODS, UPERNET_METHODS
 from vitsplit.progress import NULL_PROGRESS, Progress
+from vitsplit.ranges import COUNT
+from vitsplit.runlock import RunLock
 
 # The main metric of each task as eval.json names it, and whether larger is better: segmentation
 # mIoU (%), depth delta < 1.25 (%, "delta1"), detection box mAP (%).
@@ -171,8 +174,7 @@ def resolve_sweep(cfg: SweepConfig, backbone: Backbone | None = None) -> tuple[S
     ``link``: {"analysis": resolved analysis run or None, "picks": {"cka": K_t, "rgn": K_t}}."""
     cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base), prior_layers=[list(p) for p in cfg.prior_layers])
     _check_methods(cfg.methods)
-    if cfg.seeds < 1:
-        raise UserError(f"--seeds {cfg.seeds}: give at least 1")
+    COUNT.check("--seeds", cfg.seeds)
     b = cfg.base
     if backbone is not None:
         b.model, b.weights = backbone.name, b.weights or "given"
@@ -279,44 +281,52 @@ def run_sweep(cfg: SweepConfig, progress: Progress = NULL_PROGRESS, *, backbone:
     ``backbone``: train every point on this backbone (API use and tests; as for ``train``).
     Returns sweep.json's content plus ``"ran"`` ({point name: "done" (skipped) | "resume" | "new"})
     and ``"stopped"`` (True when ``base.max_steps_this_run`` stopped a point before its end)."""
+    d = init_distributed(cfg.base.device)
+    try:
+        # rank 0 owns SWEEP for the whole sweep (each point's train() owns its own run directory)
+        with RunLock(cfg.out) if d.main else contextlib.nullcontext() as lock:
+            if lock is not None and lock.took_over():
+                progress.log(lock.took_over())
+            return _sweep_locked(cfg, d, progress, backbone)
+    finally:
+        if d.created:
+            torch.distributed.destroy_process_group()
+
+
+def _sweep_locked(cfg: SweepConfig, d: Dist, progress: Progress, backbone: Backbone | None) -> dict[str, Any]:
     cfg, _, link = resolve_sweep(cfg, backbone)
     out = Path(cfg.out)
     metric = METRICS[cfg.base.task][0]
     plan = cfg.plan()
-    d = init_distributed(cfg.base.device)
     records: dict[str, dict[str, Any]] = {}
     ran: dict[str, str] = {}
     stopped = False
+    status = {p.name: point_status(p.config(cfg.base, out)) for p in plan}
+    done0 = sum(s == "done" for s in status.values())
+    progress.log(f"sweep of {len(plan)} points in {out}: {done0} finished, "
+                 f"{sum(s == 'resume' for s in status.values())} to resume, {sum(s == 'new' for s in status.values())} to start")
+    bar = progress.task(f"sweep {cfg.base.task}", len(plan), completed=done0)
+    times: list[float] = []
     try:
-        status = {p.name: point_status(p.config(cfg.base, out)) for p in plan}
-        done0 = sum(s == "done" for s in status.values())
-        progress.log(f"sweep of {len(plan)} points in {out}: {done0} finished, "
-                     f"{sum(s == 'resume' for s in status.values())} to resume, {sum(s == 'new' for s in status.values())} to start")
-        bar = progress.task(f"sweep {cfg.base.task}", len(plan), completed=done0)
-        times: list[float] = []
-        try:
-            for i, p in enumerate(plan):
-                run = out / p.name
-                ran[p.name] = status[p.name]
-                if status[p.name] != "done":
-                    t0 = time.perf_counter()
-                    pc = dataclasses.replace(p.config(cfg.base, out), resume=status[p.name] == "resume")
-                    result = train(pc, progress, backbone=backbone)
-                    if "stopped_at" in result:
-                        stopped = True
-                        break
-                    times.append(time.perf_counter() - t0)
-                    left = sum(status[q.name] != "done" for q in plan[i + 1:]) * sum(times) / len(times)
-                    bar.advance(1, point=p.name, left=f"{left / 60:.1f} min")
-                if d.main:
-                    records[p.name] = point_record(p, run, out, metric)
-                    pending = [q.name for q in plan if q.name not in records]
-                    atomic_write_json(out / "sweep.json", sweep_json(cfg, link, list(records.values()), pending))
-                d.barrier()
-        finally:
-            bar.close()
+        for i, p in enumerate(plan):
+            run = out / p.name
+            ran[p.name] = status[p.name]
+            if status[p.name] != "done":
+                t0 = time.perf_counter()
+                pc = dataclasses.replace(p.config(cfg.base, out), resume=status[p.name] == "resume")
+                result = train(pc, progress, backbone=backbone)
+                if "stopped_at" in result:
+                    stopped = True
+                    break
+                times.append(time.perf_counter() - t0)
+                left = sum(status[q.name] != "done" for q in plan[i + 1:]) * sum(times) / len(times)
+                bar.advance(1, point=p.name, left=f"{left / 60:.1f} min")
+            if d.main:
+                records[p.name] = point_record(p, run, out, metric)
+                pending = [q.name for q in plan if q.name not in records]
+                atomic_write_json(out / "sweep.json", sweep_json(cfg, link, list(records.values()), pending))
+            d.barrier()
     finally:
-        if d.created:
-            torch.distributed.destroy_process_group()
+        bar.close()
     pending = [q.name for q in plan if q.name not in records]
     return {**sweep_json(cfg, link, list(records.values()), pending), "ran": ran, "stopped": stopped}

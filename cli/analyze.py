@@ -33,10 +33,10 @@ def analyze(
     finetuned: Optional[List[str]] = typer.Option(None, help="TASK=PATH: a backbone fine-tuned elsewhere for TASK (repeatable)."),
     data: Optional[List[str]] = typer.Option(None, help="SPEC or TASK=SPEC: synthetic, ade20k:DIR, cityscapes:DIR, folder:DIR, coco:ANN.json:IMG_DIR."),
     finetune_steps: str = typer.Option("300", help="Steps of full fine-tuning for each task copy the tool makes, or auto: stop once the recommendation is stable."),
-    finetune_max_steps: int = typer.Option(300, help="With --finetune-steps auto: at most this many steps."),
-    finetune_check_every: int = typer.Option(25, help="With --finetune-steps auto: steps between checks of the recommendation."),
-    finetune_patience: int = typer.Option(3, help="With --finetune-steps auto: stop when K_t has not changed for this many checks."),
-    finetune_check_images: int = typer.Option(64, help="With --finetune-steps auto: probe images of each check."),
+    finetune_max_steps: int = typer.Option(300, help="With --finetune-steps auto: at most this many steps.", callback=checked(ANALYZE_RANGES["finetune_max_steps"])),
+    finetune_check_every: int = typer.Option(25, help="With --finetune-steps auto: steps between checks of the recommendation.", callback=checked(ANALYZE_RANGES["finetune_check_every"])),
+    finetune_patience: int = typer.Option(3, help="With --finetune-steps auto: stop when K_t has not changed for this many checks.", callback=checked(ANALYZE_RANGES["finetune_patience"])),
+    finetune_check_images: int = typer.Option(64, help="With --finetune-steps auto: probe images of each check.", callback=checked(ANALYZE_RANGES["finetune_check_images"])),
     probe_images: int = typer.Option(256, help="Images on which CKA is computed.", callback=checked(ANALYZE_RANGES["probe_images"])),
     batch_size: int = typer.Option(32, help="Minibatch size of the CKA estimator (>= 4 for the unbiased one).", callback=checked(ANALYZE_RANGES["batch_size"])),
     features: str = typer.Option("tokens", help="tokens (patch tokens per image), mean, or cls."),
@@ -48,7 +48,7 @@ def analyze(
     pca_images: int = typer.Option(4, help="Probe images drawn as PCA feature maps (0: none).", callback=checked(ANALYZE_RANGES["pca_images"])),
     max_trainable_params: Optional[str] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions): one number, or per task seg=12,det=40."),
     selector: str = typer.Option("both", help="K_t selectors: cka (task copies + CKA), rgn (relative gradient norms of a few batches, Lee et al. 2023; no copies) or both."),
-    rgn_batches: int = typer.Option(5, help="Minibatches (8 images each, the task copies' fine-tuning batch) over which RGN is averaged."),
+    rgn_batches: int = typer.Option(5, help="Minibatches (8 images each, the task copies' fine-tuning batch) over which RGN is averaged.", callback=checked(ANALYZE_RANGES["rgn_batches"])),
 ) -> None:
     from cka_split.cost import parse_budget
     from cka_split.run import AnalyzeConfig, parse_data_options, run_analyze

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rv = app(args=argv, prog_name="cka-split", standalone_mode=False)
     except Interrupted as e:
-        _interrupted(argv, e.run)
+        _interrupted(argv, e)
     except UserError as e:
         print(f"cka-split: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def _interrupted(argv: list[str], run) -> None:
+def _interrupted(argv: list[str], error: Interrupted | None) -> None:
     """One line on what was interrupted (from rank 0 only under torchrun), exit code 130."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(interrupted_line(argv, run), file=sys.stderr)
+        print(interrupted_line(argv, error), file=sys.stderr)
     sys.exit(EXIT_INTERRUPTED)

@@ -8,8 +8,10 @@ from typing import List, Optional
 
 import typer
 
+from cka_split.compare_run import COMPARE_RANGES
 from vitsplit.errors import UserError
 
+from .options import checked
 from .progress import RichProgress
 
 
@@ -20,12 +22,12 @@ def compare(
     weights: Optional[List[str]] = typer.Option(None, help="NAME=auto|random|PATH for one model, or auto|random|PATH "
                                                 "for every model not named (repeatable; default auto)."),
     data: str = typer.Option("synthetic", help="Probe image spec: synthetic, ade20k:DIR, cityscapes:DIR, folder:DIR, coco:ANN.json:IMG_DIR."),
-    probe_images: int = typer.Option(128, help="Images on which CKA is computed (the same for every model)."),
-    batch_size: int = typer.Option(16, help="Minibatch size (>= 4); the uncertainty needs >= 8 minibatches."),
+    probe_images: int = typer.Option(128, help="Images on which CKA is computed (the same for every model).", callback=checked(COMPARE_RANGES["probe_images"])),
+    batch_size: int = typer.Option(16, help="Minibatch size (>= 4); the uncertainty needs >= 8 minibatches.", callback=checked(COMPARE_RANGES["batch_size"])),
     features: str = typer.Option("tokens", help="tokens (resampled to a common grid), mean, or cls."),
-    image_size: int = typer.Option(224, help="Probe image size in pixels (224 is a multiple of 14 and 16)."),
+    image_size: int = typer.Option(224, help="Probe image size in pixels (224 is a multiple of 14 and 16).", callback=checked(COMPARE_RANGES["image_size"])),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    seed: int = typer.Option(0, help="Seed for the probe images."),
+    seed: int = typer.Option(0, help="Seed for the probe images.", callback=checked(COMPARE_RANGES["seed"])),
     out: Optional[Path] = typer.Option(None, help="Output directory (default runs/compare/<timestamp>)."),
 ) -> None:
     from cka_split.compare_run import CompareConfig, parse_weights, run_compare

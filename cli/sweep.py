@@ -9,8 +9,11 @@ from typing import Any, List, Optional
 
 import typer
 
+from vitsplit.ranges import COUNT
+
 from . import train as train_command
-from .options import parse_layer_list, reuse_options
+from .interrupt import Interrupted
+from .options import checked, parse_layer_list, reuse_options
 
 
 def _methods(items: list[str]) -> list[str]:
@@ -20,7 +23,8 @@ def _methods(items: list[str]) -> list[str]:
 @reuse_options(train_command.train, drop=("resume",))
 def sweep(
     k_t: Optional[str] = typer.Option(None, "--k-t", help="K_t values: a range (1-11), a list (1,2,3,4,6,8,11), both (1-4,6,8) or all (1..L-1)."),
-    seeds: int = typer.Option(1, help="Seeds per point: --seed, --seed + 1, ... (data order, augmentation, head init)."),
+    seeds: int = typer.Option(1, help="Seeds per point: --seed, --seed + 1, ... (data order, augmentation, head init).",
+                              callback=checked(COUNT)),
     prior_layers: Optional[List[str]] = typer.Option(None, "--prior-layers", help="Prior-layer choice, e.g. 2,5,8,11 (repeatable: each K_t is trained with each choice; default: the published rule, or the analysis's with --auto-split)."),
     method: List[str] = typer.Option(["vitsplit"], "--method", help="vitsplit and/or the baselines linear, full, lora, vit-adapter at the same budget (repeatable or comma-separated; --head upernet applies to full, lora and vit-adapter)."),
     auto_split: Optional[str] = typer.Option(None, "--auto-split", help="Take model, weights and prior layers from RUN/recommendation.json (a run dir, or 'latest') and link the sweep to RUN. Explicit options override."),
@@ -29,6 +33,7 @@ def sweep(
     **options: Any,
 ) -> None:
     from cka_split.sweep import SweepConfig, run_sweep
+    from vitsplit.errors import RunInterrupted
 
     from .progress import RichProgress
 
@@ -36,8 +41,11 @@ def sweep(
     cfg = SweepConfig(base=base, k_t=k_t or [], seeds=seeds, methods=_methods(method), out=str(out), analysis=analysis,
                       prior_layers=[parse_layer_list(p, "--prior-layers") for p in prior_layers or []])
     main = int(os.environ.get("RANK", "0")) == 0
-    with RichProgress(enabled=main, keep_finished=False) as progress:
-        result = run_sweep(cfg, progress)
+    try:
+        with RichProgress(enabled=main, keep_finished=False) as progress:
+            result = run_sweep(cfg, progress)
+    except RunInterrupted as e:  # the same command resumes a sweep (finished points are skipped)
+        raise Interrupted(e, resume_flag=None) from None
     if main:
         print_sweep(result, out)
 

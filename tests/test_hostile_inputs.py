@@ -216,6 +216,12 @@ NUMERIC_CASES = [
     pytest.param(["analyze", "--max-trainable-params", "inf"], "--max-trainable-params", id="analyze budget inf"),
     pytest.param(["analyze", "--probe-images", "0"], "--probe-images", id="analyze probe 0"),
     pytest.param(["analyze", "--image-size", "-28"], "--image-size", id="analyze image size -28"),
+    pytest.param(["analyze", "--rgn-batches", "0"], "--rgn-batches", id="analyze rgn batches 0"),
+    pytest.param(["analyze", "--finetune-patience", "0"], "--finetune-patience", id="analyze patience 0"),
+    pytest.param(["sweep", "--seeds", "0"], "--seeds", id="sweep seeds 0"),
+    pytest.param(["sweep", "--lr", "nan"], "--lr", id="sweep lr nan"),
+    pytest.param(["compare", "--models", "a", "b", "--batch-size", "0"], "--batch-size", id="compare batch 0"),
+    pytest.param(["compare", "--models", "a", "b", "--seed", "-1"], "--seed", id="compare seed -1"),
     pytest.param(["evaluate", "RUN", "--mode", "slide", "--stride", "-5"], "--stride", id="evaluate stride -5"),
     pytest.param(["evaluate", "RUN", "--mode", "slide", "--stride", "0"], "--stride", id="evaluate stride 0"),
 ]
@@ -224,7 +230,7 @@ NUMERIC_CASES = [
 @pytest.mark.parametrize("args,option", NUMERIC_CASES)
 def test_numeric_options_are_checked_at_parse_time(args, option, tmp_path, capsys, tripwire):
     args = [str(tmp_path / "run") if a == "RUN" else a for a in args]
-    line = refused(capsys, option, *args, *(["--out", str(tmp_path / "o")] if args[0] in ("train", "analyze") else []))
+    line = refused(capsys, option, *args, *(["--out", str(tmp_path / "o")] if args[0] not in ("evaluate", "recommend") else []))
     assert "Invalid value" in line or "must be" in line
     assert not (tmp_path / "o").exists()  # no config.json left behind
 
@@ -482,13 +488,14 @@ def _lock_of_live_process(folder: Path, command: str) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("command", ["train", "analyze", "evaluate"])
+@pytest.mark.parametrize("command", ["train", "analyze", "evaluate", "sweep", "recommend"])
 def test_second_job_on_a_run_directory_is_refused_naming_the_owner(command, tmp_path, capsys, hf_dir, trained, tripwire):
     folder = trained if command == "evaluate" else tmp_path / "o"
     other = _lock_of_live_process(folder, "cka-split train --out X")
     try:
         args = {"train": train_args(hf_dir, folder), "analyze": analyze_args(hf_dir, folder),
-                "evaluate": ["evaluate", folder, "--device", "cpu"]}[command]
+                "evaluate": ["evaluate", folder, "--device", "cpu"], "sweep": ["sweep", *train_args(hf_dir, folder)[1:]],
+                "recommend": ["recommend", folder]}[command]
         refused(capsys, rf"in use by pid {other.pid} .*cka-split train --out X", *args)
     finally:
         other.kill()
@@ -592,6 +599,22 @@ def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(tmp_pat
     resume = shlex.split(line[0].split("resume with: ", 1)[1])
     assert resume == ["cka-split", *args, "--resume"]  # the exact command; resuming itself: tests/test_resume.py
     assert not (out / ".cka-split.lock").exists()
+
+
+def test_interrupted_line_gives_the_command_that_resumes():
+    """train resumes with --resume added; a sweep resumes by running the same command again."""
+    from cka_split.cli.interrupt import Interrupted, interrupted_line
+    from vitsplit.errors import RunInterrupted
+
+    run = RunInterrupted("train vitsplit seg", 7, 40, "runs/s/k3-s0/last.pt", 6)
+    line = interrupted_line(["sweep", "--k-t", "1-3", "--out", "runs/s"], Interrupted(run, resume_flag=None))
+    assert line == ("cka-split: interrupted: train vitsplit seg stopped at step 7 of 40; the last checkpoint is "
+                    "runs/s/k3-s0/last.pt (step 6); resume with: cka-split sweep --k-t 1-3 --out runs/s")
+    assert interrupted_line(["train", "--out", "o x"], Interrupted(run)).endswith("cka-split train --out 'o x' --resume")
+    fresh = RunInterrupted("train linear seg", 0, 40, None, None)
+    assert interrupted_line(["train"], Interrupted(fresh)) == ("cka-split: interrupted: train linear seg stopped at "
+                                                               "step 0 of 40, before its first checkpoint: nothing to resume")
+    assert interrupted_line(["analyze", "--tasks", "seg"], None) == "cka-split: interrupted: analyze"
 
 
 @pytest.mark.slow

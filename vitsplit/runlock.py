@@ -169,6 +169,12 @@ class RunLock:
         os.unlink(moved)
         return True
 
+    def took_over(self) -> str | None:
+        """A note for the user when acquire() took over a dead job's lock (else None)."""
+        if self.stale is None:
+            return None
+        return f"note: {self.path} was left by {self.stale.describe()}, which is no longer running; this job took it over"
+
     def release(self) -> None:
         """Delete the lock file if it is still ours, and the folders acquire() made if they stayed empty."""
         if not self.held:

@@ -94,9 +94,8 @@ def train(cfg: TrainConfig, progress: Progress = NULL_PROGRESS, *, backbone: Bac
             torch.cuda.set_device(device)
         # rank 0 owns OUT for the whole run (another job on it is refused, naming it)
         with RunLock(cfg.out) if d.main else contextlib.nullcontext() as lock:
-            if lock is not None and lock.stale is not None:
-                progress.log(f"note: {lock.path} was left by {lock.stale.describe()}, which is no longer running; "
-                             "this run took it over")
+            if lock is not None and lock.took_over():
+                progress.log(lock.took_over())
             return _train_locked(cfg, d, device, progress, backbone)
     finally:
         if d.created:

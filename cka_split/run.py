@@ -2,8 +2,8 @@
 
 1. Load the pretrained backbone (``model``, ``weights``).
 1b. Unless ``selector`` is "cka": the gradient-norm rival (:mod:`cka_split.rgn`) per task, ``RUN/rgn.json``.
-2. Per task (not with ``selector`` "rgn"): load ``finetuned[task]`` (a backbone fine-tuned elsewhere) or fine-tune a copy with the
-   trainer (:func:`vitsplit.engine.finetune_backbone`, ``finetune_steps`` on that task's data) and
+2. Per task (not with ``selector`` "rgn"): load ``finetuned[task]`` (a backbone fine-tuned elsewhere) or
+   fine-tune a copy with the trainer (:func:`vitsplit.engine.finetune_backbone`, ``finetune_steps`` on that task's data) and
    save it to ``RUN/finetuned/TASK.safetensors`` (timm state-dict layout).
 3. CKA of every block of every model, one pass over ``probe_images`` validation images
    (:func:`cka_split.analysis.analyze`), saved as ``RUN/cka.npz``.
@@ -225,8 +225,8 @@ def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple
     sources: dict[str, dict[str, Any]] = {"pretrained": {"origin": "pretrained", "weights": cfg.weights}}
     run.mkdir(parents=True, exist_ok=True)
     rgn = {} if cfg.selector == "cka" else rgn_for_tasks(
-        pretrained, {t: cfg.data_for(t) for t in cfg.tasks}, batches=cfg.rgn_batches, batch_size=cfg.finetune_batch_size, crop=cfg.image_size,
-        seed=cfg.seed, device=device, progress=progress)
+        pretrained, {t: cfg.data_for(t) for t in cfg.tasks}, batches=cfg.rgn_batches, batch_size=cfg.finetune_batch_size,
+        crop=cfg.image_size, seed=cfg.seed, device=device, progress=progress)
     if rgn:
         save_rgn(run / "rgn.json", rgn)
     for t in cfg.tasks if cfg.selector != "rgn" else []:  # --selector rgn: no task copies, no task CKA

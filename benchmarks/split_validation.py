@@ -180,9 +180,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/split_validation"))
     args = p.parse_args(argv)
     if args.quick:
-        args.setting = args.setting or ["seg=synthetic:size=56,classes=3", "depth=synthetic:size=56,classes=3"]
-        for k, v in dict(seeds=2, n_k_t=3, iters=2, batch_size=2, crop=56, train_length=8, val_length=2, finetune_steps=2,
-                         finetune_batch_size=2, probe_images=16, cka_batch_size=8, image_size=56, rgn_batches=2).items():
+        args.setting = args.setting or ["seg=synthetic:size=28,classes=3", "depth=synthetic:size=28,classes=3"]
+        for k, v in dict(seeds=2, n_k_t=2, iters=2, batch_size=2, crop=28, train_length=8, val_length=2, finetune_steps=2,
+                         finetune_batch_size=2, probe_images=16, cka_batch_size=8, image_size=28, rgn_batches=2).items():
             setattr(args, k, v)
     args.setting = args.setting or list(DEFAULT_SETTINGS)
     return args

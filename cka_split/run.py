@@ -286,8 +286,8 @@ def _analyze_locked(cfg: AnalyzeConfig, run: Path, progress: Progress) -> tuple[
     sources: dict[str, dict[str, Any]] = {"pretrained": {"origin": "pretrained", "weights": cfg.weights}}
     run.mkdir(parents=True, exist_ok=True)
     rgn = {} if cfg.selector == "cka" else rgn_for_tasks(
-        pretrained, {t: cfg.data_for(t) for t in cfg.tasks}, batches=cfg.rgn_batches, batch_size=cfg.finetune_batch_size, crop=cfg.image_size,
-        seed=cfg.seed, device=device, progress=progress)
+        pretrained, {t: cfg.data_for(t) for t in cfg.tasks}, batches=cfg.rgn_batches, batch_size=cfg.finetune_batch_size,
+        crop=cfg.image_size, seed=cfg.seed, device=device, progress=progress)
     if rgn:
         save_rgn(run / "rgn.json", rgn)
     for t in cfg.tasks if cfg.selector != "rgn" else []:  # --selector rgn: no task copies, no task CKA

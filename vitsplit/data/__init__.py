@@ -57,7 +57,8 @@ def build_dataset(spec: str, split: str, *, task: str, crop: int, augment: bool 
         size = opts.get("size", crop)
         n = length if length is not None else opts.get("length", SYNTHETIC_LENGTH[split])
         scenes = SyntheticScenes(size=(size, size), num_classes=opts.get("classes", 8),
-                                 max_objects=opts.get("objects", 6), length=n, seed=seed, split=split)
+                                 max_objects=opts.get("objects", 6), length=n, seed=seed, split=split,
+                                 zoom=opts.get("zoom", 1))
         if task == "det":
             return SeedDataset(scenes, **common, num_classes=scenes.num_classes, class_names=scenes.class_names,
                                has_masks=True, has_depth=True, recompute_boxes=True)

@@ -9,7 +9,7 @@ import typer
 
 from vitsplit.errors import UserError
 
-from . import analyze, demo, evaluate, recommend, report, train
+from . import analyze, demo, evaluate, pretrain_demo, recommend, report, train
 
 app = typer.Typer(
     name="cka-split",
@@ -22,7 +22,7 @@ app = typer.Typer(
 
 # Each command lives in its own module, which never imports this one; `--help` lists them in this order
 # (the README's: analysis, then training, then the rest).
-for _command in (analyze, recommend, train, evaluate, report, demo):
+for _command in (analyze, recommend, train, evaluate, report, demo, pretrain_demo):
     _command.register(app)
 
 

@@ -155,7 +155,7 @@ def run_demo(out: Path, plan: DemoPlan = FULL_PLAN, progress: Progress = NULL_PR
         timings[f"train seg ({method})"] = time.time() - t
 
     timings["total"] = time.time() - t0
-    summary = {"plan": asdict(plan), "weights_source": backbone.weights_source,
+    summary = {"plan": asdict(plan), "recipe_id": DEMO_RECIPE.recipe_id, "weights_source": backbone.weights_source,
                "recommendation": rec.to_json(), "results": results, "timings_s": {k: round(v, 1) for k, v in timings.items()},
                "verdict": verdict(results)}
     atomic_write_json(run / "demo.json", summary)

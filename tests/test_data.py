@@ -73,6 +73,24 @@ def test_synthetic_zoom_scales_objects_and_keeps_the_rest_of_the_scene():
         build_dataset("synthetic:zoom=9", "train", task="seg", crop=32)
 
 
+def test_synthetic_rescale_0_trains_at_the_scale_the_scenes_are_drawn_at():
+    """rescale=0 keeps crop, flip and photometric distortion but no random 0.5-2x rescale: every
+    training label is the scene's own label map or its mirror; with the default some are not."""
+    scenes = SyntheticScenes(size=(56, 56), num_classes=8, seed=0, split="train")
+
+    def whole_scene(ds, i):
+        seg = ds[i]["seg"].numpy()
+        raw = scenes.load(i)["seg"]
+        return np.array_equal(seg, raw) or np.array_equal(seg, raw[:, ::-1])
+
+    fixed = build_dataset("synthetic:rescale=0", "train", task="seg", crop=56, length=12)
+    default = build_dataset("synthetic", "train", task="seg", crop=56, length=12)
+    assert all(whole_scene(fixed, i) for i in range(12))
+    assert sum(whole_scene(default, i) for i in range(12)) <= 2
+    with pytest.raises(UserError, match="rescale must be 0 or 1"):
+        build_dataset("synthetic:rescale=2", "train", task="seg", crop=56)
+
+
 def test_synthetic_scene_content():
     scenes = SyntheticScenes(size=(112, 112), num_classes=8, seed=0)
     n_classes, occluded, colours = [], 0, {}

@@ -124,7 +124,7 @@ DEMO_RECIPE = DemoRecipe(pretext="simclr", steps=500, grad_clip=3.0, data="synth
 # The pretrained weights ship inside the package, next to this module, with their sha256: the demo
 # never pretrains, and a damaged or replaced file is refused rather than silently used.
 SHIPPED_WEIGHTS = Path(__file__).with_name("demo-vit.safetensors")
-SHIPPED_SHA256 = "SHA_PLACEHOLDER"
+SHIPPED_SHA256 = "7eaaca8a53ee718b62e643a7ccd96cc9d64dcd992b32ce8d672e343d2f94cbde"
 PRETRAIN_COMMAND = "cka-split pretrain-demo"
 
 

@@ -50,7 +50,7 @@ from vitsplit.engine.config import RESUME_FREE
 from vitsplit.engine.distributed import Dist, init_distributed
 from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write_json, read_json
-from vitsplit.model.configs import BASELINES, METHODS, UPERNET_METHODS
+from vitsplit.model.configs import METHODS, UPERNET_METHODS
 from vitsplit.progress import NULL_PROGRESS, Progress
 from vitsplit.ranges import COUNT
 from vitsplit.runlock import RunLock

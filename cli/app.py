@@ -11,7 +11,7 @@ import typer
 
 from vitsplit.errors import UserError
 
-from . import analyze, compare, demo, evaluate, recommend, report, sweep, train
+from . import analyze, compare, demo, evaluate, pretrain_demo, recommend, report, sweep, train
 from .interrupt import Interrupted, interrupted_line
 
 app = typer.Typer(
@@ -25,7 +25,7 @@ app = typer.Typer(
 
 # Each command lives in its own module, which never imports this one; `--help` lists them in this order
 # (the README's: analysis, then training, then the rest).
-for _command in (analyze, recommend, train, sweep, evaluate, report, compare, demo):
+for _command in (analyze, recommend, train, sweep, evaluate, report, compare, demo, pretrain_demo):
     _command.register(app)
 
 

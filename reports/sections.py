@@ -84,7 +84,7 @@ def heatmap_figures(data: RunData) -> list[dict[str, str]]:
         png = F.png_bytes(F.cka_heatmap_figure(cka.matrix(a, b), cka.layers[a], cka.layers[b], title=f"{a} copy vs {b} copy",
                                                row_label=f"{a} copy block", col_label=f"{b} copy block", marks=mk))
         figs.append(_figure(png, f"The {a} copy vs the {b} copy",
-                            f"CKA between the two task copies. Early blocks they share stay similar; where the two "
+                            "CKA between the two task copies. Early blocks they share stay similar; where the two "
                             "tasks pulled the model apart the diagonal fades.", f"hm-{slug(a)}-{slug(b)}"))
     return figs
 

@@ -145,7 +145,7 @@ def metric_figure(sw: Sweep, L: int, picks: dict[str, int], div: tuple[np.ndarra
         gs = sorted((g for k, g in groups.items() if k.endswith(f"@{prior}") or not prior), key=lambda g: g["k_t"])
         x = np.array([L - g["k_t"] for g in gs], float)
         ax.errorbar(x, [g["mean"] for g in gs], yerr=[g["sd"] or 0.0 for g in gs], fmt="o-", color=F.task_color(i),
-                    capsize=3, lw=1.5, label=f"ViT-Split, mean +- SD over seeds" + (f" (prior {prior})" if prior else ""))
+                    capsize=3, lw=1.5, label="ViT-Split, mean +- SD over seeds" + (f" (prior {prior})" if prior else ""))
         for g, xi in zip(gs, x):
             ax.plot([xi] * len(g["seeds"]), g["seeds"], ".", color="grey", ms=4, alpha=0.7)
     for j, (m, s) in enumerate((sw.data.get("baselines") or {}).items()):

@@ -381,16 +381,17 @@ def test_hf_hub_id_from_the_hf_cache(empty_caches):
         resolve_name("hf:test-org/not-cached")
 
 
-def test_demo_vit_auto_uses_the_demo_cache(empty_caches):
-    with pytest.raises(UserError, match="cka-split demo"):
+def test_demo_vit_auto_uses_the_demo_cache_when_nothing_ships(empty_caches, monkeypatch):
+    monkeypatch.setattr(demo_vit, "SHIPPED_WEIGHTS", empty_caches / "not-shipped.safetensors")
+    with pytest.raises(UserError, match="cka-split pretrain-demo"):
         build_backbone("demo-vit", "auto")
-    where = demo_vit.demo_vit_cache_path()
+    where = demo_vit.cache_path(demo_vit.DEMO_RECIPE)
     assert where.parent == empty_caches / "cka" and where.name.startswith("demo-vit-")
-    assert where.name.endswith(".safetensors") and demo_vit.FULL_RECIPE.recipe_id in where.name
+    assert where.name.endswith(".safetensors") and demo_vit.DEMO_RECIPE.recipe_id in where.name
     vit = randomize(create_vit(resolve_name("demo-vit")))
-    demo_vit.save_demo_vit(vit, demo_vit.FULL_RECIPE, where, [1.0], [1.0])
+    demo_vit.save_demo_vit(vit, demo_vit.DEMO_RECIPE, where, [1.0], [1.0])
     bb = build_backbone("demo-vit", "auto")
-    assert str(where) in bb.weights_source and demo_vit.demo_vit_cache_path() == where
+    assert str(where) in bb.weights_source and demo_vit.find_demo_vit() == where
     assert torch.equal(bb.vit.blocks[3].attn.qkv.weight, vit.blocks[3].attn.qkv.weight)
 
 

@@ -48,6 +48,49 @@ def test_synthetic_deterministic_and_split_disjoint():
     assert not np.array_equal(a["image"], val["image"])
 
 
+def test_synthetic_zoom_scales_objects_and_keeps_the_rest_of_the_scene():
+    """zoom 2 draws the same scene (classes, depths, positions, colours, background) with every object
+    twice the radius and twice the texture period: about four times the painted area."""
+    assert parse_spec("synthetic:zoom=2,classes=4").options == {"zoom": 2, "classes": 4}
+    one, two = SyntheticScenes(size=(112, 112), seed=0), SyntheticScenes(size=(112, 112), seed=0, zoom=2)
+    painted1, painted2 = [], []
+    for i in range(12):
+        a, b = one.load(i), two.load(i)
+        assert np.array_equal(a["classes"], b["classes"])
+        both_bg = (a["inst"] == -1) & (b["inst"] == -1)
+        assert both_bg.mean() > 0.2
+        assert np.array_equal(a["image"][both_bg], b["image"][both_bg])  # the background does not zoom
+        assert np.array_equal(a["depth"][both_bg], b["depth"][both_bg])
+        painted1.append(a["painted"].sum())
+        painted2.append(b["painted"].sum())
+    ratio = np.sum(painted2) / np.sum(painted1)
+    assert 3.0 < ratio < 4.2  # area x4, less what the scene's border clips
+    ds = build_dataset("synthetic:zoom=2,length=2", "val", task="seg", crop=56)
+    assert ds.source.zoom == 2
+    with pytest.raises(UserError, match="zoom"):
+        SyntheticScenes(zoom=0)
+    with pytest.raises(UserError, match="zoom"):
+        build_dataset("synthetic:zoom=9", "train", task="seg", crop=32)
+
+
+def test_synthetic_rescale_0_trains_at_the_scale_the_scenes_are_drawn_at():
+    """rescale=0 keeps crop, flip and photometric distortion but no random 0.5-2x rescale: every
+    training label is the scene's own label map or its mirror; with the default some are not."""
+    scenes = SyntheticScenes(size=(56, 56), num_classes=8, seed=0, split="train")
+
+    def whole_scene(ds, i):
+        seg = ds[i]["seg"].numpy()
+        raw = scenes.load(i)["seg"]
+        return np.array_equal(seg, raw) or np.array_equal(seg, raw[:, ::-1])
+
+    fixed = build_dataset("synthetic:rescale=0", "train", task="seg", crop=56, length=12)
+    default = build_dataset("synthetic", "train", task="seg", crop=56, length=12)
+    assert all(whole_scene(fixed, i) for i in range(12))
+    assert sum(whole_scene(default, i) for i in range(12)) <= 2
+    with pytest.raises(UserError, match="rescale must be 0 or 1"):
+        build_dataset("synthetic:rescale=2", "train", task="seg", crop=56)
+
+
 def test_synthetic_scene_content():
     scenes = SyntheticScenes(size=(112, 112), num_classes=8, seed=0)
     n_classes, occluded, colours = [], 0, {}

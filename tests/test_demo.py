@@ -41,5 +41,8 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     assert "report:" in r.stdout and summary["verdict"].split(" (")[0] in " ".join(r.stdout.split())
     best = max(summary["results"], key=lambda m: summary["results"][m]["mIoU"])
     assert summary["verdict"].startswith("ViT-Split reached") == (best == "vitsplit")
-    # the cached demo-vit is reused by a second run (no pretraining again)
-    assert len(list((tmp_path / "cache").glob("demo-vit-*.safetensors"))) == 1
+    # the shipped demo-vit was used, hash-checked, and nothing was pretrained or cached
+    from vitsplit.backbones.demo_vit import SHIPPED_SHA256, SHIPPED_WEIGHTS
+
+    assert f"file {SHIPPED_WEIGHTS} sha256:{SHIPPED_SHA256}" in summary["weights_source"]
+    assert "load demo-vit" in summary["timings_s"] and not list((tmp_path / "cache").glob("demo-vit-*"))

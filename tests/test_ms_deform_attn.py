@@ -19,7 +19,7 @@ SHAPES = [(6, 7), (3, 4), (2, 1)]
 def reference(value, shapes, loc, attw):
     """value (B, S, M, D), loc (B, Q, M, L, P, 2) as (x, y) in [0, 1], attw (B, Q, M, L, P) -> (B, Q, M*D)."""
     b, s, m, d = value.shape
-    q, n_l, p = loc.shape[1], loc.shape[3], loc.shape[4]
+    q, p = loc.shape[1], loc.shape[4]
     out = torch.zeros(b, q, m, d, dtype=value.dtype)
     start = 0
     for lvl, (h, w) in enumerate(shapes):

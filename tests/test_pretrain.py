@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 
 from vitsplit import pretrain as pt
 from vitsplit.backbones import demo_vit as dv
-from vitsplit.backbones import sha256_file
+from vitsplit.backbones import Backbone, sha256_file
+from vitsplit.fileio import atomic_write_safetensors as write_safetensors
+from vitsplit.fileio import read_safetensors
 from vitsplit.pretrain import loop as pretrain_loop
 from vitsplit.progress import NULL_PROGRESS
 from vitsplit.errors import UserError
@@ -42,18 +45,18 @@ def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_recipe_id_is_stable_and_changes_with_every_field():
     again = dv.DemoRecipe.from_json(json.loads(json.dumps(TINY.to_json())))
     assert again == TINY and again.recipe_id == TINY.recipe_id
-    assert TINY.recipe_id == "7b939a60928b"  # the same in every process and on every machine
+    assert TINY.recipe_id == "5c2d17d79957"  # the same in every process and on every machine
     changed = {
         "steps": 41, "batch_size": 4, "image_size": 42, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 5,
-        "grad_clip": 0.0, "layer_scale_init": 1e-5, "seed": 1, "mask_ratio": 0.5, "decoder_dim": 64, "decoder_depth": 2,
-        "decoder_heads": 4, "data": "folder:x", "dataset_length": 64, "arch": (("depth", 3),), "version": 2,
+        "grad_clip": 0.0, "layer_scale_init": 1e-5, "seed": 1, "pretext": "simclr", "mask_ratio": 0.5, "decoder_dim": 64,
+        "decoder_depth": 2, "decoder_heads": 4, "view_size": 28, "crop_min": 0.5, "temperature": 0.1, "proj_hidden": 64,
+        "proj_dim": 16, "data": "folder:x", "dataset_length": 64, "arch": (("depth", 3),), "threads": 2, "version": 3,
     }
-    # every field but the pretext name (one choice today) is covered
-    assert set(changed) == {f.name for f in dataclasses.fields(dv.DemoRecipe)} - {"pretext"}
+    assert set(changed) == {f.name for f in dataclasses.fields(dv.DemoRecipe)}  # every field is covered
     ids = {dataclasses.replace(TINY, **{k: v}).recipe_id for k, v in changed.items()}
     assert len(ids) == len(changed) and TINY.recipe_id not in ids
-    assert dv.FULL_RECIPE.recipe_id != dv.QUICK_RECIPE.recipe_id
-    assert dv.FULL_RECIPE.vit_kwargs()["embed_dim"] == 192 and dv.FULL_RECIPE.vit_kwargs()["depth"] == 12
+    assert dv.DEMO_RECIPE.pretext == "simclr" and dv.DEMO_RECIPE.threads == 1
+    assert dv.DEMO_RECIPE.vit_kwargs()["embed_dim"] == 192 and dv.DEMO_RECIPE.vit_kwargs()["depth"] == 12
 
 
 def test_recipe_rejects_unknown_pretext_and_arch_keys():
@@ -158,7 +161,7 @@ def test_a_foreign_file_in_the_cache_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not a demo-vit file"):
         pt.load_or_pretrain_demo_vit(TINY, cache_dir=tmp_path)
     path.write_bytes(b"garbage")
-    with pytest.raises(UserError, match="cka-split demo"):
+    with pytest.raises(UserError, match="cka-split pretrain-demo"):
         dv.load_demo_vit(path)
 
 
@@ -166,18 +169,19 @@ def test_cached_demo_weights_load_into_a_fresh_demo_vit(monkeypatch, tmp_path):
     from vitsplit.backbones import DEMO_VIT_KWARGS, create_vit, resolve_name
 
     monkeypatch.setenv("CKA_SPLIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(dv, "SHIPPED_WEIGHTS", tmp_path / "none.safetensors")  # a checkout without shipped weights
     fresh = create_vit(resolve_name("demo-vit"))
-    with pytest.raises(UserError, match="run `cka-split demo`.*--weights random"):
-        dv.load_cached_demo_vit_into(fresh)
-    # a stand-in for the quick recipe's output (the full recipe's file is looked up first)
+    with pytest.raises(UserError, match="run `cka-split pretrain-demo`.*--weights random"):
+        dv.load_demo_vit_into(fresh)
+    # a stand-in for the demo recipe's output
     torch.manual_seed(3)
     trained = create_vit(resolve_name("demo-vit"))
-    dv.save_demo_vit(trained, dv.QUICK_RECIPE, dv.cache_path(dv.QUICK_RECIPE), [1.0], [1.0])
-    source = dv.load_cached_demo_vit_into(fresh)
+    dv.save_demo_vit(trained, dv.DEMO_RECIPE, dv.cache_path(dv.DEMO_RECIPE), [1.0], [1.0])
+    source = dv.load_demo_vit_into(fresh)
     assert _state_equal(fresh, trained)
-    assert f"recipe {dv.QUICK_RECIPE.recipe_id}" in source and "pretrained by cka-split" in source
-    assert dv.find_cached_demo_vit() == dv.cache_path(dv.QUICK_RECIPE)
-    assert dv.QUICK_RECIPE.vit_kwargs() == DEMO_VIT_KWARGS and dv.FULL_RECIPE.vit_kwargs() == DEMO_VIT_KWARGS
+    assert f"recipe {dv.DEMO_RECIPE.recipe_id}" in source and "pretrained by cka-split" in source
+    assert dv.find_demo_vit() == dv.cache_path(dv.DEMO_RECIPE)
+    assert dv.DEMO_RECIPE.vit_kwargs() == DEMO_VIT_KWARGS
 
 
 def test_rendered_images_round_trip_the_dataset_exactly():
@@ -197,12 +201,12 @@ def test_rendered_images_round_trip_the_dataset_exactly():
 def test_a_demo_vit_file_loaded_by_path_says_it_was_pretrained_by_cka_split(tmp_path):
     """build_backbone('demo-vit', PATH) on a cache file keeps the recipe in weights_source."""
     from vitsplit.backbones import build_backbone
-    from vitsplit.backbones.demo_vit import FULL_RECIPE, create_demo_vit, save_demo_vit
+    from vitsplit.backbones.demo_vit import DEMO_RECIPE, create_demo_vit, save_demo_vit
 
-    vit = create_demo_vit(FULL_RECIPE)
-    path = save_demo_vit(vit, FULL_RECIPE, tmp_path / "demo.safetensors", [1.0], [1.0])
+    vit = create_demo_vit(DEMO_RECIPE)
+    path = save_demo_vit(vit, DEMO_RECIPE, tmp_path / "demo.safetensors", [1.0], [1.0])
     bb = build_backbone("demo-vit", str(path))
-    assert bb.weights_source.startswith("demo-vit pretrained by cka-split (recipe " + FULL_RECIPE.recipe_id)
+    assert bb.weights_source.startswith("demo-vit pretrained by cka-split (recipe " + DEMO_RECIPE.recipe_id)
     assert "sha256:" in bb.weights_source
 
 
@@ -216,3 +220,81 @@ def test_pretraining_puts_back_the_callers_flush_denormal_setting(before):
         assert pretrain_loop.flush_denormal_enabled() == before
     finally:
         torch.set_flush_denormal(False)
+
+
+# ------------------------------------------------------------------------------ SimCLR (the demo's)
+TINY_SIMCLR = dataclasses.replace(TINY, pretext="simclr", steps=60, batch_size=8, dataset_length=32, view_size=28,
+                                  warmup_steps=2, temperature=0.1, grad_clip=3.0)
+
+
+def test_full_area_crops_are_the_image_or_its_mirror_and_views_repeat_with_the_generator():
+    from vitsplit.pretrain.views import colour_change, resized_crops
+
+    x = torch.randn(16, 3, 28, 28)
+    crops = resized_crops(x, 28, (1.0, 1.0), torch.Generator().manual_seed(0))
+    same = [torch.allclose(c, i, atol=1e-5) for c, i in zip(crops, x)]
+    mirrored = [torch.allclose(c, i.flip(-1), atol=1e-5) for c, i in zip(crops, x)]
+    assert all(a != b for a, b in zip(same, mirrored))  # each crop is exactly one of the two
+    assert 2 <= sum(mirrored) <= 14
+    small = resized_crops(x, 14, (0.25, 0.25), torch.Generator().manual_seed(1))  # half the side, at scale 1
+    assert small.shape == (16, 3, 14, 14)
+    assert torch.equal(small, resized_crops(x, 14, (0.25, 0.25), torch.Generator().manual_seed(1)))
+    assert not torch.equal(small, resized_crops(x, 14, (0.25, 0.25), torch.Generator().manual_seed(2)))
+
+    y = colour_change(x, torch.Generator().manual_seed(3))
+    for img, out in zip(x, y):
+        if torch.allclose(out[0], out[1]) and torch.allclose(out[1], out[2]):
+            continue  # turned grey
+        for c in range(3):  # every output channel is gain * (one input channel) + offset
+            corr = max(abs(torch.corrcoef(torch.stack([out[c].flatten(), img[k].flatten()]))[0, 1].item()) for k in range(3))
+            assert corr > 0.9999
+
+
+def test_tiny_simclr_pretraining_learns_beyond_chance():
+    res = pt.pretrain(TINY_SIMCLR)
+    assert len(res.losses) == TINY_SIMCLR.steps
+    chance = math.log(2 * TINY_SIMCLR.batch_size - 1)
+    assert res.baselines[0] == pytest.approx(chance)
+    # A fresh model finds each view's partner at chance (the first steps' loss is within a few %
+    # of log(2B - 1)); after 60 steps the last ten average 0.84 x chance (measured), about five
+    # times the step-to-step scatter below it.
+    assert sum(res.losses[:3]) / 3 > 0.95 * chance
+    assert sum(res.losses[-10:]) / 10 < 0.92 * chance
+    assert isinstance(pt.pretext_model(Backbone(dv.create_demo_vit(TINY_SIMCLR), name="demo-vit", weights_source="x"),
+                                       TINY_SIMCLR), pt.SimCLR)
+
+
+def test_pretraining_writes_the_same_bytes_twice_and_pins_its_thread_count(tmp_path):
+    """The shipped file's sha256 is only reproducible if a recipe gives the same bytes every time:
+    the same weights (fixed seeds and thread count) and a canonical file header."""
+    recipe = dataclasses.replace(TINY_SIMCLR, steps=3, threads=1)
+    seen = []
+    real = pt.SimCLR.forward
+
+    def spy(self, images, generator=None):
+        seen.append(torch.get_num_threads())
+        return real(self, images, generator)
+
+    torch.set_num_threads(2)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pt.SimCLR, "forward", spy)
+            a = pt.pretrain_to_file(recipe, tmp_path / "a.safetensors")
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2  # pinned inside, restored after
+        b = pt.pretrain_to_file(recipe, tmp_path / "b.safetensors")
+    finally:
+        torch.set_num_threads(1)
+    assert a.read_bytes() == b.read_bytes()
+    state, saved, meta = dv.read_demo_vit_file(a)
+    assert saved == recipe and meta["command"] == "cka-split pretrain-demo"
+    assert meta["weights_sha256"] == dv.weights_sha256(state)
+
+
+def test_a_file_whose_weights_do_not_match_their_recorded_hash_is_refused(tmp_path):
+    vit = dv.create_demo_vit(TINY)
+    path = dv.save_demo_vit(vit, TINY, tmp_path / "x.safetensors", [1.0], [1.0])
+    meta, state = read_safetensors(path)
+    state["cls_token"] = state["cls_token"] + 1.0
+    write_safetensors(tmp_path / "y.safetensors", state, meta)
+    with pytest.raises(UserError, match="weights_sha256"):
+        dv.read_demo_vit_file(tmp_path / "y.safetensors")

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from cka_split.divergence import NUMERIC_FLOOR, STEP_RATIO, divergence_start, step_ratios
 from cka_split.recommend import SplitRecommendation, default_k_p, default_k_t, layer_groups, recommend_split

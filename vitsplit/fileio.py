@@ -121,6 +121,63 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+# safetensors dtype names (the format's specification) of the torch dtypes a checkpoint holds.
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
+
+
+def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes, the same bytes for the same tensors and metadata in every process.
+
+    The library's writer keeps ``metadata`` in a Rust ``HashMap`` whose iteration order is seeded per
+    process, so the same state dict written twice gives files with different sha256. Here the header
+    is canonical JSON (keys sorted, no spaces), the tensors are laid out in name order, and the header
+    is space-padded to a multiple of 8 bytes, as the format allows. Layout: 8-byte little-endian
+    header length, the header ``{"__metadata__": {...}, name: {"dtype", "shape", "data_offsets"}}``,
+    then the tensors' little-endian bytes. ``tensors``: {name: CPU-able torch tensor}.
+    """
+    import sys
+
+    import torch
+
+    if sys.byteorder != "little":
+        raise UserError("writing safetensors needs a little-endian machine")
+    header: dict[str, Any] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must map str to str")
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        dtype = _SAFETENSORS_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(f"tensor {name}: dtype {t.dtype} has no safetensors name")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, sort_keys=False, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
+def atomic_write_safetensors(path: str | os.PathLike, tensors: dict[str, Any],
+                             metadata: dict[str, str] | None = None) -> Path:
+    """Write :func:`safetensors_bytes` atomically: the same input gives a byte-identical file."""
+    data = safetensors_bytes(tensors, metadata)
+
+    def _write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, _write)
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Any]]:
     """(metadata, tensors) of a safetensors file; a missing or corrupt file is a UserError."""
     path = Path(path)

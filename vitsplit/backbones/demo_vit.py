@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import UserError
-from ..fileio import atomic_write, sha256_file
+from ..fileio import atomic_write_safetensors, safetensors_bytes, sha256_file
 from .backbone import Backbone
 from .names import DEMO_VIT_KWARGS, create_vit, resolve_name
 
-PRETEXTS = {"mae": "MAE-style masked patch reconstruction"}
+PRETEXTS = {"simclr": "SimCLR contrastive learning between cropped, recoloured views",
+            "mae": "MAE-style masked patch reconstruction"}
 FILE_FORMAT = "cka-split demo-vit"
 
 
@@ -41,6 +41,11 @@ class DemoRecipe:
     ``arch`` overrides entries of ``DEMO_VIT_KWARGS`` (a tuple of (key, value) pairs; tests use a
     smaller ViT, the demo uses none). ``version`` changes when this module's training changes in a
     way that changes the weights, so that an old cache is not reused.
+
+    Pretext fields: ``mask_ratio`` and ``decoder_*`` for ``mae``; ``view_size`` (px of each view),
+    ``crop_min`` (smallest crop, as a fraction of the image's area), ``temperature``, ``proj_hidden``
+    and ``proj_dim`` (projection MLP) for ``simclr``. ``threads``: the intra-op thread count the
+    loop runs with, part of the recipe because the rounding of a matrix product depends on it.
     """
 
     steps: int = 600
@@ -57,16 +62,26 @@ class DemoRecipe:
     decoder_dim: int = 128
     decoder_depth: int = 2
     decoder_heads: int = 4
+    view_size: int = 56
+    crop_min: float = 0.25
+    temperature: float = 0.2
+    proj_hidden: int = 512
+    proj_dim: int = 128
     data: str = "synthetic"
     dataset_length: int = 2048
     arch: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
-    version: int = 1
+    threads: int = 1
+    version: int = 2
 
     def __post_init__(self) -> None:
         if self.pretext not in PRETEXTS:
             raise UserError(f"unknown pretext '{self.pretext}': use one of {', '.join(PRETEXTS)}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise UserError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0.0 < self.crop_min <= 1.0 or self.temperature <= 0.0 or self.view_size < 14:
+            raise UserError("a simclr recipe needs 0 < crop_min <= 1, temperature > 0 and view_size >= 14 px")
+        if self.threads < 1:
+            raise UserError(f"threads must be >= 1, got {self.threads}")
         if self.steps < 1 or self.batch_size < 1 or self.dataset_length < self.batch_size:
             raise UserError("a demo recipe needs steps >= 1 and dataset_length >= batch_size >= 1")
         unknown = [k for k, _ in self.arch if k not in DEMO_VIT_KWARGS]
@@ -102,14 +117,15 @@ class DemoRecipe:
         return f"recipe {self.recipe_id}: {PRETEXTS[self.pretext]}, {self.steps} steps on {data}"
 
 
-# The demo's recipes: the full one (`cka-split demo`) and the quick one (`cka-split demo --quick`,
-# the tests); their cost and results on this project's machine are in the README.
-FULL_RECIPE = DemoRecipe()
-QUICK_RECIPE = DemoRecipe(steps=150, warmup_steps=10, dataset_length=512)
+# The demo's recipe: the weights shipped in the package (``SHIPPED_WEIGHTS``) were made with it by
+# `cka-split pretrain-demo`; what it measures (CKA hierarchy, cost) is in the README.
+DEMO_RECIPE = DemoRecipe(pretext="simclr", steps=500, grad_clip=3.0, data="synthetic", dataset_length=2048, threads=1)
 
-
-def demo_recipe(quick: bool = False) -> DemoRecipe:
-    return QUICK_RECIPE if quick else FULL_RECIPE
+# The pretrained weights ship inside the package, next to this module, with their sha256: the demo
+# never pretrains, and a damaged or replaced file is refused rather than silently used.
+SHIPPED_WEIGHTS = Path(__file__).with_name("demo-vit.safetensors")
+SHIPPED_SHA256 = "7eaaca8a53ee718b62e643a7ccd96cc9d64dcd992b32ce8d672e343d2f94cbde"
+PRETRAIN_COMMAND = "cka-split pretrain-demo"
 
 
 CACHE_FOLDER = "demo-vit cache folder ($CKA_SPLIT_CACHE)"  # how errors name cache_dir()
@@ -128,29 +144,41 @@ def cache_path(recipe: DemoRecipe, directory: str | os.PathLike | None = None) -
     return Path(directory if directory is not None else cache_dir()) / f"demo-vit-{recipe.recipe_id}.safetensors"
 
 
-def find_cached_demo_vit(directory: str | os.PathLike | None = None) -> Path | None:
-    """The cached weights of the demo's own recipes (full first, then quick), or None."""
-    for recipe in (FULL_RECIPE, QUICK_RECIPE):
-        path = cache_path(recipe, directory)
-        if path.is_file():
-            return path
-    return None
+def shipped_demo_vit() -> Path | None:
+    """The weights shipped in the package, after checking their sha256; None if the package has none
+    (a checkout before they were made). Raises ``UserError`` if the file is not the one recorded."""
+    if not SHIPPED_WEIGHTS.is_file():
+        return None
+    digest = sha256_file(SHIPPED_WEIGHTS)
+    if digest != SHIPPED_SHA256:
+        raise UserError(f"{SHIPPED_WEIGHTS} has sha256 {digest}, not the recorded {SHIPPED_SHA256}: "
+                        f"reinstall cka-split, or make the file again with `{PRETRAIN_COMMAND} --out {SHIPPED_WEIGHTS}`")
+    return SHIPPED_WEIGHTS
 
 
-def load_cached_demo_vit_into(vit: nn.Module, directory: str | os.PathLike | None = None) -> str:
-    """``build_backbone("demo-vit", "auto")``: load the cached demo weights into ``vit`` (a fresh
-    ``DEMO_VIT_KWARGS`` ViT, strict) and return the weights_source string. Raises ``UserError``
-    saying how to make them when there are none."""
-    path = find_cached_demo_vit(directory)
+def find_demo_vit(directory: str | os.PathLike | None = None) -> Path | None:
+    """The demo's weights: the shipped file, else the demo recipe's file in the cache, else None."""
+    shipped = shipped_demo_vit()
+    if shipped is not None:
+        return shipped
+    path = cache_path(DEMO_RECIPE, directory)
+    return path if path.is_file() else None
+
+
+def load_demo_vit_into(vit: nn.Module, directory: str | os.PathLike | None = None) -> str:
+    """``build_backbone("demo-vit", "auto")``: load the demo's weights (:func:`find_demo_vit`) into
+    ``vit`` (a fresh ``DEMO_VIT_KWARGS`` ViT, strict) and return the weights_source string. Raises
+    ``UserError`` saying how to make them when there are none."""
+    path = find_demo_vit(directory)
     if path is None:
         where = Path(directory) if directory is not None else cache_dir()
-        raise UserError(f"no pretrained demo-vit in {where}: run `cka-split demo` to pretrain it "
-                        "(cached for later runs), or pass --weights random")
+        raise UserError(f"no pretrained demo-vit shipped or in {where}: run `{PRETRAIN_COMMAND}` (or `cka-split demo`) "
+                        "to make it, or pass --weights random")
     state, recipe, _ = read_demo_vit_file(path)
     try:
         vit.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{path} does not fit the demo-vit architecture ({e}): delete it and run `cka-split demo`") from e
+        raise UserError(f"{path} does not fit the demo-vit architecture ({e}): delete it and run `{PRETRAIN_COMMAND}`") from e
     return weights_source(recipe, path, sha256_file(path))
 
 
@@ -159,20 +187,30 @@ def weights_source(recipe: DemoRecipe, path: Path | None = None, sha256: str | N
     return f"demo-vit pretrained by cka-split ({recipe.describe()}), {where}"
 
 
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors alone (their canonical safetensors encoding without metadata): the same
+    for the same weights whatever else the file records."""
+    return hashlib.sha256(safetensors_bytes(state)).hexdigest()
+
+
 def save_demo_vit(vit: nn.Module, recipe: DemoRecipe, path: str | os.PathLike, losses: list[float],
                   baselines: list[float]) -> Path:
-    """Write the ViT's state dict (timm keys) atomically as safetensors; the recipe, its id and the
-    loss curve go into the metadata."""
+    """Write the ViT's state dict (timm keys) atomically as safetensors, byte for byte the same for
+    the same weights and recipe; the metadata holds the recipe, its id, the command that makes it,
+    the weights' own sha256 (:func:`weights_sha256`), the PyTorch version and the loss curve."""
     state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
     meta = {
         "format": FILE_FORMAT,
         "recipe_id": recipe.recipe_id,
         "recipe": json.dumps(recipe.to_json(), sort_keys=True),
         "description": recipe.describe(),
+        "command": PRETRAIN_COMMAND,
+        "weights_sha256": weights_sha256(state),
+        "torch": torch.__version__,
         "losses": json.dumps([round(x, 6) for x in losses]),
         "baselines": json.dumps([round(x, 6) for x in baselines]),
     }
-    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    return atomic_write_safetensors(path, state, meta)
 
 
 def read_demo_vit_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], DemoRecipe, dict[str, str]]:
@@ -183,13 +221,20 @@ def read_demo_vit_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
             meta = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise UserError(f"cannot read demo-vit weights {path} ({e}): delete it and run `cka-split demo` again") from e
+        raise UserError(f"cannot read demo-vit weights {path} ({e}): delete it and run `{PRETRAIN_COMMAND}`") from e
     if meta.get("format") != FILE_FORMAT or "recipe" not in meta:
-        raise UserError(f"{path} is not a demo-vit file written by cka-split: delete it and run `cka-split demo` again")
-    recipe = DemoRecipe.from_json(json.loads(meta["recipe"]))
+        raise UserError(f"{path} is not a demo-vit file written by cka-split: delete it and run `{PRETRAIN_COMMAND}`")
+    try:
+        recipe = DemoRecipe.from_json(json.loads(meta["recipe"]))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its recipe was written by another version of cka-split ({e}): "
+                        f"delete it and run `{PRETRAIN_COMMAND}`") from e
     if recipe.recipe_id != meta.get("recipe_id"):
         raise UserError(f"{path}: its recipe does not hash to its recorded id (written by another version?): "
-                        "delete it and run `cka-split demo` again")
+                        f"delete it and run `{PRETRAIN_COMMAND}`")
+    if "weights_sha256" in meta and weights_sha256(state) != meta["weights_sha256"]:
+        raise UserError(f"{path}: its weights do not hash to the recorded weights_sha256 (a damaged file): "
+                        f"delete it and run `{PRETRAIN_COMMAND}`")
     return state, recipe, meta
 
 
@@ -209,13 +254,6 @@ def create_demo_vit(recipe: DemoRecipe) -> nn.Module:
     spec = resolve_name("demo-vit")
     spec = type(spec)(name=spec.name, timm_name=spec.timm_name, timm_kwargs=recipe.vit_kwargs())
     return create_vit(spec)
-
-
-def demo_vit_cache_path() -> Path:
-    """Where ``cka-split demo`` keeps the pretrained demo-vit: the cached file if there is one,
-    else where the full recipe's weights will be written (``demo-vit-<recipe id>.safetensors``
-    under ``$CKA_SPLIT_CACHE``, ``$XDG_CACHE_HOME/cka-split`` or ``~/.cache/cka-split``)."""
-    return find_cached_demo_vit() or cache_path(FULL_RECIPE)
 
 
 def source_of_file(path: Path) -> str | None:

@@ -6,7 +6,8 @@
   layout :mod:`~vitsplit.backbones.layouts` converts; loading is strict.
 - ``"auto"``: the usual caches first, a download only when online, else a fast ``UserError``
   naming ``--weights PATH`` and ``--weights random`` (:mod:`~vitsplit.backbones.hub`); for
-  ``demo-vit``, the weights ``cka-split demo`` pretrained and cached (:mod:`~vitsplit.backbones.demo_vit`).
+  ``demo-vit``, the weights shipped in the package, else those ``cka-split pretrain-demo`` cached
+  (:mod:`~vitsplit.backbones.demo_vit`).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _load_files(vit: nn.Module, spec: BackboneSpec, files: list[Path], label: st
 
 def _load_auto(vit: nn.Module, spec: BackboneSpec) -> str:
     if spec.name == "demo-vit":
-        return demo_vit.load_cached_demo_vit_into(vit)
+        return demo_vit.load_demo_vit_into(vit)
     if spec.hf_dir:
         folder = Path(spec.hf_dir)
         files = hf_weight_files(folder)

@@ -57,12 +57,19 @@ def build_dataset(spec: str, split: str, *, task: str, crop: int, augment: bool 
         size = opts.get("size", crop)
         n = length if length is not None else opts.get("length", SYNTHETIC_LENGTH[split])
         scenes = SyntheticScenes(size=(size, size), num_classes=opts.get("classes", 8),
-                                 max_objects=opts.get("objects", 6), length=n, seed=seed, split=split)
+                                 max_objects=opts.get("objects", 6), length=n, seed=seed, split=split,
+                                 zoom=opts.get("zoom", 1))
+        if opts.get("rescale", 1) not in (0, 1):
+            raise UserError(f"synthetic option rescale must be 0 or 1, got {opts['rescale']} in {spec!r}")
+        # rescale=0: scenes are drawn at the training size, so the random 0.5-2x rescale only shrinks or
+        # enlarges them away from the validation scale; without it they train at the scale they are evaluated at
+        ratio = (0.5, 2.0) if opts.get("rescale", 1) else (1.0, 1.0)
         if task == "det":
             return SeedDataset(scenes, **common, num_classes=scenes.num_classes, class_names=scenes.class_names,
-                               has_masks=True, has_depth=True, recompute_boxes=True)
+                               has_masks=True, has_depth=True, recompute_boxes=True, ratio_range=ratio)
         return SeedDataset(scenes, **common, num_classes=scenes.num_classes + 1,
-                           class_names=["background", *scenes.class_names], has_masks=True, has_depth=True)
+                           class_names=["background", *scenes.class_names], has_masks=True, has_depth=True,
+                           ratio_range=ratio)
 
     if task == "depth":
         raise UserError(f"data spec {spec!r} has no depth maps; depth training needs 'synthetic'")

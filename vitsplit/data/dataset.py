@@ -38,12 +38,14 @@ class SeedDataset(Dataset):
 
     ``length``: ``len()``; item i reads source sample ``i % len(source)`` (so a length above the
     source's size repeats it, below truncates it). With ``augment`` the mmseg train pipeline runs
-    (output crop x crop), else the test pipeline ``eval_pipeline`` (keep-ratio resize to scale (4 * crop, crop)).
+    (output crop x crop; ``ratio_range`` is its random rescale, mmseg's (0.5, 2.0) by default), else the
+    test pipeline ``eval_pipeline`` (keep-ratio resize to scale (4 * crop, crop)).
     """
 
     def __init__(self, source: SampleSource, *, task: str, split: str, crop: int, augment: bool, seed: int,
                  num_classes: int, class_names: list[str], has_masks: bool, has_depth: bool,
-                 length: int | None = None, recompute_boxes: bool = False):
+                 length: int | None = None, recompute_boxes: bool = False,
+                 ratio_range: tuple[float, float] = (0.5, 2.0)):
         self.source, self.task, self.split, self.crop = source, task, split, crop
         self.augment, self.seed = augment, seed
         self.num_classes, self.class_names = num_classes, class_names
@@ -51,6 +53,7 @@ class SeedDataset(Dataset):
         self.ignore_index = IGNORE_INDEX
         self.length = len(source) if length is None else length
         self.recompute_boxes = recompute_boxes
+        self.ratio_range = ratio_range
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -76,7 +79,8 @@ class SeedDataset(Dataset):
                   if k in ("image", "seg", "depth") or (self.task == "det" and k in DET_KEYS)}
         if self.augment:
             rng = self.rng(index, self.epoch if epoch is None else epoch)
-            sample = train_pipeline(sample, self.crop, rng, recompute_boxes=self.recompute_boxes)
+            sample = train_pipeline(sample, self.crop, rng, recompute_boxes=self.recompute_boxes,
+                                    ratio_range=self.ratio_range)
         else:
             sample = eval_pipeline(sample, self.crop)
         item = {"image": torch.from_numpy(sample["image"])}

@@ -2,7 +2,8 @@
 
 Grammar (the ``--data`` option of every command)::
 
-    synthetic[:key=value,...]        embedded procedural scenes; keys: size, classes, objects, length
+    synthetic[:key=value,...]        embedded procedural scenes; keys: size, classes, objects, length, zoom,
+                                     rescale (0: no random rescale in training)
     ade20k:DIR                       mmseg layout (images/{training,validation}, annotations/...)
     cityscapes:DIR                   leftImg8bit/{train,val}/CITY/*_leftImg8bit.png + gtFine labelTrainIds
     folder:DIR                       images/ and masks/ with matching stems (optional train/ and val/)
@@ -20,7 +21,7 @@ from pathlib import Path
 from ..errors import UserError
 
 KINDS = ("synthetic", "ade20k", "cityscapes", "folder", "coco")
-SYNTHETIC_KEYS = ("size", "classes", "objects", "length")
+SYNTHETIC_KEYS = ("size", "classes", "objects", "length", "zoom", "rescale")
 
 
 @dataclass(frozen=True)

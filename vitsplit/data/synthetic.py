@@ -22,7 +22,10 @@ id    shape      texture (grey level t, mapped to 2 colours)   source
 Geometry: objects get a depth in [2.5, 9] (sorted far to near = painting order); their radius and
 texture period scale with ``(5 / depth) ** 0.6`` (radius 0.09-0.17 of the short side at depth 5) (a perspective cue), position is uniform, rotation
 uniform. Later objects occlude earlier ones. Periods are given for 112 px scenes and scale with the
-scene size, so a 224 px scene looks like a 112 px one at twice the resolution.
+scene size, so a 224 px scene looks like a 112 px one at twice the resolution. ``zoom`` multiplies
+every object's radius and texture period (the background is unchanged): at zoom 1 an object at
+depth 5 of a 112 px scene is 1.5-3 patches of 14 px across and its texture repeats every 4-9 px; at
+zoom 2 it is 3-5 patches across and a patch holds one or two texture periods.
 
 Labels (the convention of every dataset here, :mod:`vitsplit.data`):
 - ``seg``: 0 = background, 1..K = object classes (segmentation has K + 1 classes);
@@ -50,6 +53,7 @@ from . import textures
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "star", "ellipse", "hexagon", "crescent", "ell")
 TEXTURES = ("stripes", "checker", "dots", "brick", "grass", "gravel", "white", "circles", "blotch", "waves")
 MAX_CLASSES = len(SHAPES)
+MAX_ZOOM = 4  # at zoom 4 the largest object (radius 0.68 x 1.52 of the short side) already overfills the scene
 _SPLIT_IDS = {"train": 0, "val": 1}
 _SQRT3 = float(np.sqrt(3.0))
 
@@ -119,7 +123,8 @@ class SyntheticScenes:
 
     size: (H, W) in pixels; num_classes: K object classes (1..10); max_objects: objects per scene
     are drawn from [min(3, max_objects), max_objects]; length: ``len()``; min_area: smallest visible
-    instance area (pixels) kept in the det targets (default max(12, H*W/1000)).
+    instance area (pixels) kept in the det targets (default max(12, H*W/1000)); zoom: multiplier of
+    object radius and texture period (1..4).
     """
 
     size: tuple[int, int] = (112, 112)
@@ -129,6 +134,7 @@ class SyntheticScenes:
     seed: int = 0
     split: str = "train"
     min_area: int | None = None
+    zoom: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_classes <= MAX_CLASSES:
@@ -143,6 +149,8 @@ class SyntheticScenes:
             raise UserError(f"seed must be >= 0, got {self.seed}")
         if self.split not in _SPLIT_IDS:
             raise UserError(f"split must be 'train' or 'val', got {self.split!r}")
+        if not 1 <= self.zoom <= MAX_ZOOM:
+            raise UserError(f"synthetic zoom must be in 1..{MAX_ZOOM}, got {self.zoom}")
         if self.min_area is None:
             self.min_area = max(12, self.size[0] * self.size[1] // 1000)
 
@@ -238,7 +246,7 @@ class SyntheticScenes:
         returns the number of pixels painted."""
         h, w = seg.shape
         persp = (5.0 / d) ** 0.6
-        radius = float(rng.uniform(0.09, 0.17)) * min(h, w) * persp
+        radius = float(rng.uniform(0.09, 0.17)) * self.zoom * min(h, w) * persp
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)
         angle = rng.uniform(0, 2 * np.pi)
         x0, x1 = max(int(cx - radius) - 1, 0), min(int(cx + radius) + 2, w)
@@ -254,7 +262,7 @@ class SyntheticScenes:
         if not inside.any():
             return 0
         base_period = {"stripes": 5.5, "checker": 7.0, "dots": 5.0, "circles": 5.0, "waves": 5.0}.get(TEXTURES[k], 5.0)
-        period = base_period * unit * persp * float(rng.uniform(0.8, 1.25))
+        period = base_period * self.zoom * unit * persp * float(rng.uniform(0.8, 1.25))
         t = texture_values(TEXTURES[k], u, v, period, rng)
         a, b = _colour_pair(rng)
         patch = a + (b - a) * t[..., None]

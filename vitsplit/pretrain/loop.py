@@ -1,20 +1,27 @@
 """The pretext pretraining of ``demo-vit``: the small DINOv2-architecture ViT that ``cka-split demo``
-pretrains itself, so that the demo asks "which layers do segmentation and detection reshape?" of a
-model that was pretrained on something else.
+uses, pretrained by cka-split itself with a pretext that is neither segmentation nor detection, so
+that the demo asks "which layers do segmentation and detection reshape?" of a model that was
+pretrained on something else.
 
-Pretext: MAE-style masked patch reconstruction (:mod:`vitsplit.pretrain.mae`). Why this pretext:
+Pretexts (``recipe.pretext``):
 
-- it is neither segmentation nor detection: no labels are used, only pixels;
-- it is dense, so every layer and every token position gets gradient, and MAE encoders are known to
-  form a layer hierarchy (local texture early, context late) whose last blocks are specialised to
-  the pretext, which is what task fine-tuning then reshapes;
-- the encoder runs on 17 of 65 tokens, so a step at batch 32 / 112 px costs a fraction of a full
-  forward pass, and the loss falls clearly within a few hundred steps on a 2-core CPU (a
-  self-distillation objective such as DINOv2/iBOT needs far longer to leave its trivial solution).
+- ``simclr`` (the demo's): contrastive learning between two cropped, recoloured views of each image
+  (:mod:`vitsplit.pretrain.simclr`). It gives demo-vit a layer hierarchy: on the demo's probe scenes
+  CKA(block 0, block 11) falls far below 1 and the blocks form several CKA groups (README).
+- ``mae``: MAE-style masked patch reconstruction (:mod:`vitsplit.pretrain.mae`). In the few hundred
+  steps a CPU affords it leaves no hierarchy: block 0 makes one large, nearly linear change of the
+  patch embedding and every later block writes 4-10 % of the residual stream, so CKA(block 0, block
+  11) was 0.99 after 600 steps and rose with more steps (README).
 
-The loss is also reported against ``baseline``: the loss of predicting zero for every masked patch,
-the best guess that knows nothing about the patch (the normalised targets have zero mean and unit
-variance per patch), so ``loss / baseline < 1`` is learning beyond the trivial answer.
+Both report their loss against a ``baseline``, the loss of a model that knows nothing about the
+image (MAE: predicting zero for every normalised masked patch; SimCLR: log(2B - 1), every view
+equally similar to every other), so ``loss / baseline < 1`` is learning beyond chance.
+
+Reproducibility: the weights are a pure function of the recipe on one kind of CPU and PyTorch build.
+Every random number comes from generators seeded by the recipe, and the loop runs with exactly
+``recipe.threads`` intra-op threads (the blocking of a matrix product, and with it the rounding,
+depends on the thread count: one and two threads gave different weights; the same count gave
+identical ones).
 
 The recipe, its cache and the weights file are :mod:`vitsplit.backbones.demo_vit`.
 """
@@ -25,13 +32,14 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..backbones import Backbone
-from ..backbones.demo_vit import (CACHE_FOLDER, FULL_RECIPE, PRETEXTS, DemoRecipe, cache_path, create_demo_vit,
+from ..backbones.demo_vit import (CACHE_FOLDER, DEMO_RECIPE, PRETEXTS, DemoRecipe, cache_path, create_demo_vit,
                                   load_demo_vit, save_demo_vit, weights_source)
 from ..data import build_dataset
 from ..errors import UserError
@@ -39,6 +47,7 @@ from ..fileio import ensure_writable_dir
 from ..ops.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from ..progress import NULL_PROGRESS, Progress
 from .mae import MaskedAutoencoder
+from .simclr import SimCLR
 
 
 @dataclass
@@ -66,7 +75,7 @@ def render_images(recipe: DemoRecipe, progress: Progress = NULL_PROGRESS) -> tor
     Scenes come from ``build_dataset(recipe.data, "train", augment=False)`` (already ImageNet-
     normalised; undone here, exactly for 8-bit sources). They are kept in memory as 8-bit because
     rendering a synthetic scene costs about as much as a pretraining step on its whole batch; the
-    per-step variety comes from the random masks and a random horizontal flip.
+    per-step variety comes from a random horizontal flip and the pretext's random masks or views.
     """
     s = recipe.image_size
     ds = build_dataset(recipe.data, "train", task="seg", crop=s, augment=False,
@@ -101,9 +110,20 @@ def _batch(images: torch.Tensor, idx: torch.Tensor, flip: torch.Tensor) -> torch
 
 def pretrain(recipe: DemoRecipe, progress: Progress = NULL_PROGRESS) -> PretrainResult:
     """Pretrain a fresh demo-vit with the recipe's pretext on CPU; deterministic for a recipe
-    (global RNG state is restored afterwards)."""
-    with flush_denormal():
+    (global RNG state and the caller's thread count are restored afterwards)."""
+    with flush_denormal(), intra_op_threads(recipe.threads):
         return _pretrain(recipe, progress)
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)``, then put back the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def flush_denormal_enabled() -> bool:
@@ -138,20 +158,18 @@ def _pretrain(recipe: DemoRecipe, progress: Progress) -> PretrainResult:
                 if name.endswith(("ls1.gamma", "ls2.gamma")):
                     param.fill_(recipe.layer_scale_init)
         bb = Backbone(vit, name="demo-vit", weights_source="being pretrained")
-        grid = bb.grid_size(recipe.image_size, recipe.image_size)
-        mae = MaskedAutoencoder(bb, grid, mask_ratio=recipe.mask_ratio, decoder_dim=recipe.decoder_dim,
-                                decoder_depth=recipe.decoder_depth, decoder_heads=recipe.decoder_heads)
-        decay = [p for n, p in mae.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "token" not in n]
-        no_decay = [p for n, p in mae.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "token" not in n)]
+        model = pretext_model(bb, recipe)
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "token" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "token" not in n)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
         images = render_images(recipe, progress)
-        gen = torch.Generator().manual_seed(recipe.seed + 1)  # masks, batch order and flips
+        gen = torch.Generator().manual_seed(recipe.seed + 1)  # batch order, flips, masks or views
         order = torch.randperm(len(images), generator=gen)
         pos = 0
         losses: list[float] = []
         baselines: list[float] = []
-        mae.train()
+        model.train()
         task = progress.task(f"pretraining demo-vit ({PRETEXTS[recipe.pretext]})", recipe.steps)
         try:
             for step in range(recipe.steps):
@@ -162,13 +180,13 @@ def _pretrain(recipe: DemoRecipe, progress: Progress) -> PretrainResult:
                 idx = order[pos:pos + recipe.batch_size]
                 pos += recipe.batch_size
                 flip = torch.rand(len(idx), generator=gen) < 0.5
-                loss, baseline = mae(_batch(images, idx, flip), gen)
+                loss, baseline = model(_batch(images, idx, flip), gen)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"demo-vit pretraining diverged at step {step} (loss {loss.item()})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if recipe.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(mae.parameters(), recipe.grad_clip)
+                    nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
                 opt.step()
                 losses.append(loss.item())
                 baselines.append(baseline.item())
@@ -179,7 +197,18 @@ def _pretrain(recipe: DemoRecipe, progress: Progress) -> PretrainResult:
     return PretrainResult(vit=vit, recipe=recipe, losses=losses, baselines=baselines)
 
 
-def pretrain_demo_vit(recipe: DemoRecipe = FULL_RECIPE, progress: Progress = NULL_PROGRESS) -> Backbone:
+def pretext_model(backbone: Backbone, recipe: DemoRecipe) -> nn.Module:
+    """The recipe's pretext around ``backbone``: a module whose ``forward(images, generator)`` gives
+    ``(loss, baseline)``."""
+    if recipe.pretext == "simclr":
+        return SimCLR(backbone, view_size=recipe.view_size, crop_scale=(recipe.crop_min, 1.0),
+                      temperature=recipe.temperature, proj_hidden=recipe.proj_hidden, proj_dim=recipe.proj_dim)
+    grid = backbone.grid_size(recipe.image_size, recipe.image_size)
+    return MaskedAutoencoder(backbone, grid, mask_ratio=recipe.mask_ratio, decoder_dim=recipe.decoder_dim,
+                             decoder_depth=recipe.decoder_depth, decoder_heads=recipe.decoder_heads)
+
+
+def pretrain_demo_vit(recipe: DemoRecipe = DEMO_RECIPE, progress: Progress = NULL_PROGRESS) -> Backbone:
     """Pretrain a demo-vit with ``recipe`` and return it as a Backbone (not saved; see
     :func:`load_or_pretrain_demo_vit` for the cached version)."""
     result = pretrain(recipe, progress)
@@ -188,7 +217,7 @@ def pretrain_demo_vit(recipe: DemoRecipe = FULL_RECIPE, progress: Progress = NUL
     return bb
 
 
-def load_or_pretrain_demo_vit(recipe: DemoRecipe = FULL_RECIPE, cache_dir: str | os.PathLike | None = None,
+def load_or_pretrain_demo_vit(recipe: DemoRecipe = DEMO_RECIPE, cache_dir: str | os.PathLike | None = None,
                               progress: Progress = NULL_PROGRESS) -> Backbone:
     """The demo-vit of ``recipe``: loaded from the cache if present, else pretrained and cached."""
     path = cache_path(recipe, cache_dir)
@@ -196,7 +225,13 @@ def load_or_pretrain_demo_vit(recipe: DemoRecipe = FULL_RECIPE, cache_dir: str |
         progress.log(f"using cached demo-vit {path}")
         return load_demo_vit(path)
     ensure_writable_dir(path.parent, CACHE_FOLDER)  # before minutes of pretraining, not after
-    result = pretrain(recipe, progress)
-    save_demo_vit(result.vit, recipe, path, result.losses, result.baselines)
+    pretrain_to_file(recipe, path, progress)
     progress.log(f"saved demo-vit to {path}")
     return load_demo_vit(path)
+
+
+def pretrain_to_file(recipe: DemoRecipe, path: str | os.PathLike, progress: Progress = NULL_PROGRESS) -> Path:
+    """Pretrain with ``recipe`` and write the weights file (:func:`save_demo_vit`: the same bytes for
+    the same recipe, thread count, PyTorch build and CPU instruction set). Returns ``Path(path)``."""
+    result = pretrain(recipe, progress)
+    return save_demo_vit(result.vit, recipe, path, result.losses, result.baselines)

@@ -1,0 +1,168 @@
+"""Does K_t matter in the demo's world? ViT-Split trained at every K_t, several seeds, same budget.
+
+For each K_t (default 1 .. L-1) and seed (default 0, 1, 2) this trains ViT-Split for seg on the
+demo's data with the demo's full training budget (``cka_split.demo.FULL_PLAN``: iterations, batch,
+crop, learning rate, data sizes) and the default prior layers (2, 5, 8, 11 for 12 blocks), then prints:
+
+- mIoU mean and SD (over seeds) and trainable parameters per K_t;
+- the pooled seed SD, sqrt(sum_k (n_k - 1) s_k^2 / sum_k (n_k - 1));
+- the spread of the K_t means (best - worst) in pooled SDs;
+- a one-way ANOVA across K_t (scipy.stats.f_oneway: F and p);
+- the best K_t (highest mean) and the saturation point: the smallest K_t whose mean is within two
+  pooled SDs of the best mean;
+- the best constant predictor's mIoU on the same validation scenes (every pixel one class; the most
+  frequent class, background, is best; averaged over the seeds, whose runs each draw their own
+  validation scenes), so that the headroom above it is visible.
+
+Every run is an ordinary training run directory under ``--out`` (``k{K_t}_s{seed}``); a run whose
+``eval.json`` exists is read, not retrained, so a stopped benchmark continues where it stopped.
+The summary is also written to ``OUT/kt_effect.json``.
+
+    python benchmarks/kt_effect.py                      # the full protocol (3 seeds x 11 K_t: hours on 2 cores)
+    python benchmarks/kt_effect.py --quick              # a smoke test: K_t 1, 6, 11, two seeds, a few steps
+    python benchmarks/kt_effect.py --k-t 1,3,6,11 --seeds 0,1,2 --out runs/kt
+
+Measure on a quiet machine (nothing else running): the runs share the CPU with nothing, and the
+per-run seconds printed are then meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from cka_split.demo import FULL_PLAN, DemoPlan
+from vitsplit.backbones import build_backbone
+from vitsplit.data import build_dataset
+from vitsplit.engine import TrainConfig, train
+from vitsplit.evaluation import IoUMetric
+from vitsplit.model import default_split
+
+QUICK = dict(train_iters=4, train_length=32, val_length=8, train_batch_size=4)
+
+
+def parse_list(text: str, last: int) -> list[int]:
+    """"all" -> 1..last; "a-b" -> a..b; "a,b,c" -> those (each may be a range)."""
+    if text == "all":
+        return list(range(1, last + 1))
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return out
+
+
+def constant_miou(data: str, plan: DemoPlan, seed: int) -> float:
+    """mIoU (%) of the best constant prediction on the validation scenes of ``seed`` (a training run
+    draws its validation scenes with its own seed): each class c predicted everywhere scores
+    area_c / total on class c and 0 on the others; the best c is kept."""
+    ds = build_dataset(data, "val", task="seg", crop=plan.image_size, length=plan.val_length, seed=seed)
+    best = 0.0
+    labels = [ds[i]["seg"] for i in range(len(ds))]
+    for c in range(ds.num_classes):
+        metric = IoUMetric(ds.num_classes)
+        for label in labels:
+            metric.update(label.new_full(label.shape, c), label)
+        best = max(best, float(metric.compute()["mIoU"]))
+    return best
+
+
+def statistics(scores: dict[int, list[float]]) -> dict[str, object]:
+    """Per-K_t mean/SD, pooled SD, spread in pooled SDs, one-way ANOVA, best and saturation K_t."""
+    from scipy.stats import f_oneway
+
+    ks = sorted(scores)
+    means = {k: float(np.mean(scores[k])) for k in ks}
+    sds = {k: float(np.std(scores[k], ddof=1)) if len(scores[k]) > 1 else float("nan") for k in ks}
+    dof = sum(len(scores[k]) - 1 for k in ks)
+    pooled = math.sqrt(sum((len(scores[k]) - 1) * sds[k] ** 2 for k in ks if len(scores[k]) > 1) / dof) if dof else float("nan")
+    best = max(ks, key=lambda k: means[k])
+    saturation = min(k for k in ks if means[k] >= means[best] - 2 * pooled) if dof else best
+    anova = f_oneway(*[scores[k] for k in ks]) if dof and len(ks) > 1 else None
+    spread = max(means.values()) - min(means.values())
+    return {"k_t": ks, "mean": means, "sd": sds, "n": {k: len(scores[k]) for k in ks}, "pooled_sd": pooled,
+            "spread": spread, "spread_over_pooled_sd": spread / pooled if pooled else float("nan"),
+            "anova_F": float(anova.statistic) if anova is not None else None,
+            "anova_p": float(anova.pvalue) if anova is not None else None, "best_k_t": best, "saturation_k_t": saturation}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo-vit")
+    ap.add_argument("--weights", default="auto")
+    ap.add_argument("--data", default=None, help="default: the demo's data (cka_split.demo.DEMO_DATA)")
+    ap.add_argument("--k-t", default="all", help="'all' (1..L-1), a range '1-11' or a list '1,3,6,11'")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--iters", type=int, default=None, help="default: the full demo's training iterations")
+    ap.add_argument("--out", default="runs/kt_effect")
+    ap.add_argument("--quick", action="store_true", help="smoke test: K_t 1, 6, 11 (or 1, L/2, L-1), seeds 0 and 1, "
+                                                         f"{QUICK['train_iters']} steps")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    plan = replace(FULL_PLAN, **QUICK) if args.quick else FULL_PLAN
+    if args.iters:
+        plan = replace(plan, train_iters=args.iters)
+    data = args.data or plan.data
+    backbone = build_backbone(args.model, args.weights)
+    L = backbone.num_layers
+    _, prior_layers, _ = default_split(L)
+    k_ts = [1, L // 2, L - 1] if args.quick and args.k_t == "all" else parse_list(args.k_t, L - 1)
+    seeds = [0, 1] if args.quick and args.seeds == "0,1,2" else parse_list(args.seeds, 0)
+    out = Path(args.out)
+    print(f"backbone {backbone.weights_source}")
+    print(f"data {data}; {plan.train_iters} iterations of batch {plan.train_batch_size} at {plan.image_size} px, "
+          f"lr {plan.train_lr}; prior layers {prior_layers}; K_t {k_ts}; seeds {seeds}")
+
+    scores: dict[int, list[float]] = {k: [] for k in k_ts}
+    params: dict[int, int] = {}
+    for k in k_ts:
+        for seed in seeds:
+            run = out / f"k{k}_s{seed}"
+            t = time.time()
+            if (run / "eval.json").is_file():
+                metrics = json.loads((run / "eval.json").read_text())
+                how = "read"
+            else:
+                cfg = TrainConfig(task="seg", method="vitsplit", model=args.model, weights=args.weights, data=data, k_t=k,
+                                  prior_layers=list(prior_layers), iters=plan.train_iters,
+                                  batch_size=plan.train_batch_size, crop=plan.image_size, lr=plan.train_lr, seed=seed,
+                                  checkpoint_every=plan.train_iters, log_every=max(1, plan.train_iters // 10),
+                                  out=str(run), device="cpu", train_length=plan.train_length, val_length=plan.val_length)
+                metrics = train(cfg, backbone=backbone)
+                how = "trained"
+            params[k] = json.loads((run / "config.json").read_text())["trainable_params"]
+            scores[k].append(float(metrics["mIoU"]))
+            print(f"K_t {k:2d} seed {seed}: mIoU {metrics['mIoU']:.2f} ({how}, {time.time() - t:.0f} s)", flush=True)
+
+    stats = statistics(scores)
+    const = float(np.mean([constant_miou(data, plan, seed) for seed in seeds]))
+    print()
+    print(f"{'K_t':>4} {'mean':>7} {'SD':>6} {'n':>2} {'params':>9}")
+    for k in k_ts:
+        print(f"{k:>4} {stats['mean'][k]:7.2f} {stats['sd'][k]:6.2f} {stats['n'][k]:>2} {params[k] / 1e6:8.2f}M")
+    print(f"pooled seed SD {stats['pooled_sd']:.2f}; spread of means {stats['spread']:.2f} "
+          f"= {stats['spread_over_pooled_sd']:.1f} pooled SD")
+    if stats["anova_p"] is not None:
+        print(f"one-way ANOVA across K_t: F {stats['anova_F']:.2f}, p {stats['anova_p']:.2g}")
+    print(f"best K_t {stats['best_k_t']} (mean {stats['mean'][stats['best_k_t']]:.2f}); saturation (smallest K_t within "
+          f"2 pooled SD of the best) {stats['saturation_k_t']}")
+    print(f"best constant predictor mIoU {const:.2f}; best mean - constant {stats['mean'][stats['best_k_t']] - const:.2f}")
+    summary = {"data": data, "plan": plan.__dict__, "weights_source": backbone.weights_source, "scores": scores,
+               "trainable_params": params, "constant_mIoU": const, **stats}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kt_effect.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,8 @@ crop, learning rate, data sizes) and the default prior layers (2, 5, 8, 11 for 1
 - mIoU mean and SD (over seeds) and trainable parameters per K_t;
 - the pooled seed SD, sqrt(sum_k (n_k - 1) s_k^2 / sum_k (n_k - 1));
 - the spread of the K_t means (best - worst) in pooled SDs;
-- a one-way ANOVA across K_t (scipy.stats.f_oneway: F and p);
+- a one-way ANOVA across K_t (scipy.stats.f_oneway: F and p), and the two-way ANOVA with the seed as
+  block (:func:`block_anova`: every K_t of one seed sees the same scenes in the same order);
 - the best K_t (highest mean) and the saturation point: the smallest K_t whose mean is within two
   pooled SDs of the best mean;
 - the best constant predictor's mIoU on the same validation scenes (every pixel one class; the most
@@ -73,8 +74,10 @@ def constant_miou(data: str, plan: DemoPlan, seed: int) -> float:
     return best
 
 
-def statistics(scores: dict[int, list[float]]) -> dict[str, object]:
-    """Per-K_t mean/SD, pooled SD, spread in pooled SDs, one-way ANOVA, best and saturation K_t."""
+def statistics(scores: dict[int, list[float]], higher_is_better: bool = True) -> dict[str, object]:
+    """Per-K_t mean/SD, pooled SD, spread in pooled SDs, one-way ANOVA, best and saturation K_t (the
+    smallest K_t whose mean is within two pooled SDs of the best; "best" and "within" follow the metric's
+    direction)."""
     from scipy.stats import f_oneway
 
     ks = sorted(scores)
@@ -82,14 +85,39 @@ def statistics(scores: dict[int, list[float]]) -> dict[str, object]:
     sds = {k: float(np.std(scores[k], ddof=1)) if len(scores[k]) > 1 else float("nan") for k in ks}
     dof = sum(len(scores[k]) - 1 for k in ks)
     pooled = math.sqrt(sum((len(scores[k]) - 1) * sds[k] ** 2 for k in ks if len(scores[k]) > 1) / dof) if dof else float("nan")
-    best = max(ks, key=lambda k: means[k])
-    saturation = min(k for k in ks if means[k] >= means[best] - 2 * pooled) if dof else best
+    sign = 1.0 if higher_is_better else -1.0
+    best = max(ks, key=lambda k: (sign * means[k], -k))
+    saturation = min(k for k in ks if sign * (means[best] - means[k]) <= 2 * pooled) if dof else best
     anova = f_oneway(*[scores[k] for k in ks]) if dof and len(ks) > 1 else None
     spread = max(means.values()) - min(means.values())
     return {"k_t": ks, "mean": means, "sd": sds, "n": {k: len(scores[k]) for k in ks}, "pooled_sd": pooled,
             "spread": spread, "spread_over_pooled_sd": spread / pooled if pooled else float("nan"),
             "anova_F": float(anova.statistic) if anova is not None else None,
             "anova_p": float(anova.pvalue) if anova is not None else None, "best_k_t": best, "saturation_k_t": saturation}
+
+
+def block_anova(table: dict[int, dict[int, float]]) -> dict[str, float | int | None]:
+    """Two-way ANOVA without replication, K_t x seed, seed as the block (randomised complete blocks):
+    a seed fixes the training scenes, their order and the validation scenes for every K_t, so a seed's
+    runs share an offset that the one-way ANOVA counts as noise. Only seeds present at every K_t are
+    used. Returns F and p for K_t, the residual SD (the run-to-run noise once the seed offset is
+    removed) and the seeds used; None values with fewer than 2 K_t or 2 complete seeds."""
+    from scipy.stats import f as f_dist
+
+    ks = sorted(table)
+    seeds = sorted(set.intersection(*(set(table[k]) for k in ks))) if ks else []
+    if len(ks) < 2 or len(seeds) < 2:
+        return {"F": None, "p": None, "residual_sd": None, "seeds": len(seeds)}
+    y = np.array([[table[k][s] for s in seeds] for k in ks])            # (K, S)
+    grand = y.mean()
+    ss_k = len(seeds) * ((y.mean(axis=1) - grand) ** 2).sum()
+    ss_s = len(ks) * ((y.mean(axis=0) - grand) ** 2).sum()
+    ss_res = ((y - grand) ** 2).sum() - ss_k - ss_s
+    df_k, df_res = len(ks) - 1, (len(ks) - 1) * (len(seeds) - 1)
+    ms_res = ss_res / df_res
+    F = (ss_k / df_k) / ms_res if ms_res > 0 else float("inf")
+    return {"F": float(F), "p": float(f_dist.sf(F, df_k, df_res)), "residual_sd": float(math.sqrt(max(ms_res, 0.0))),
+            "seeds": len(seeds)}
 
 
 def main() -> None:
@@ -104,7 +132,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke test: K_t 1, 6, 11 (or 1, L/2, L-1), seeds 0 and 1, "
                                                          f"{QUICK['train_iters']} steps")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--sweep", default=None, help="train nothing: read a finished sweep's sweep.json (a folder), e.g. "
+                                                  "split_validation's first setting, and print its table")
     args = ap.parse_args()
+    if args.sweep:
+        return from_sweep(Path(args.sweep))
     if args.threads:
         import torch
 
@@ -125,6 +157,7 @@ def main() -> None:
           f"lr {plan.train_lr}; prior layers {prior_layers}; K_t {k_ts}; seeds {seeds}")
 
     scores: dict[int, list[float]] = {k: [] for k in k_ts}
+    table: dict[int, dict[int, float]] = {}
     params: dict[int, int] = {}
     for k in k_ts:
         for seed in seeds:
@@ -143,10 +176,50 @@ def main() -> None:
                 how = "trained"
             params[k] = json.loads((run / "config.json").read_text())["trainable_params"]
             scores[k].append(float(metrics["mIoU"]))
+            table.setdefault(k, {})[seed] = float(metrics["mIoU"])
             print(f"K_t {k:2d} seed {seed}: mIoU {metrics['mIoU']:.2f} ({how}, {time.time() - t:.0f} s)", flush=True)
 
-    stats = statistics(scores)
     const = float(np.mean([constant_miou(data, plan, seed) for seed in seeds]))
+    summary = print_summary(scores, params, const, {}, table)
+    summary.update({"data": data, "plan": plan.__dict__, "weights_source": backbone.weights_source})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kt_effect.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def from_sweep(folder: Path) -> None:
+    """The same table from a sweep's points (seg sweeps: the constant predictor on each seed's scenes)."""
+    sweep = json.loads((folder / "sweep.json").read_text())
+    train_cfg = sweep["config"]["train"]
+    scores: dict[int, list[float]] = {}
+    table: dict[int, dict[int, float]] = {}
+    params: dict[int, int] = {}
+    baselines: dict[str, list[float]] = {}
+    for p in sweep["points"]:
+        if p["metric"] is None:
+            continue
+        if p["method"] == "vitsplit":
+            scores.setdefault(int(p["k_t"]), []).append(float(p["metric"]))
+            table.setdefault(int(p["k_t"]), {})[int(p["seed"])] = float(p["metric"])
+            params[int(p["k_t"])] = p["trainable_params"]
+        else:
+            baselines.setdefault(f"{p['method']} ({p['trainable_params'] / 1e6:.2f}M)", []).append(float(p["metric"]))
+    print(f"sweep {folder}: {sweep['task']} {sweep['metric']} on {train_cfg['data']}; {train_cfg['iters']} iterations of "
+          f"batch {train_cfg['batch_size']} at {train_cfg['crop']} px, lr {train_cfg['lr']}")
+    const = None
+    if sweep["task"] == "seg":
+        plan = replace(FULL_PLAN, image_size=train_cfg["crop"], val_length=train_cfg["val_length"])
+        seeds = sorted({p["seed"] for p in sweep["points"]})
+        const = float(np.mean([constant_miou(train_cfg["data"], plan, seed) for seed in seeds]))
+    summary = print_summary(scores, params, const, baselines, table, sweep.get("higher_is_better", True))
+    (folder / "kt_effect.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def print_summary(scores: dict[int, list[float]], params: dict[int, int], const: float | None,
+                  baselines: dict[str, list[float]], table: dict[int, dict[int, float]],
+                  higher_is_better: bool = True) -> dict[str, object]:
+    stats = statistics(scores, higher_is_better)
+    blocked = block_anova(table)
+    k_ts = sorted(scores)
     print()
     print(f"{'K_t':>4} {'mean':>7} {'SD':>6} {'n':>2} {'params':>9}")
     for k in k_ts:
@@ -157,11 +230,15 @@ def main() -> None:
         print(f"one-way ANOVA across K_t: F {stats['anova_F']:.2f}, p {stats['anova_p']:.2g}")
     print(f"best K_t {stats['best_k_t']} (mean {stats['mean'][stats['best_k_t']]:.2f}); saturation (smallest K_t within "
           f"2 pooled SD of the best) {stats['saturation_k_t']}")
-    print(f"best constant predictor mIoU {const:.2f}; best mean - constant {stats['mean'][stats['best_k_t']] - const:.2f}")
-    summary = {"data": data, "plan": plan.__dict__, "weights_source": backbone.weights_source, "scores": scores,
-               "trainable_params": params, "constant_mIoU": const, **stats}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kt_effect.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if blocked["p"] is not None:
+        print(f"two-way ANOVA, seed as block ({blocked['seeds']} seeds): F {blocked['F']:.2f}, p {blocked['p']:.2g}; "
+              f"residual SD {blocked['residual_sd']:.2f} (the seed-to-seed noise once each seed's offset is removed)")
+    for name, v in baselines.items():
+        print(f"{name}: mean {np.mean(v):.2f}, SD {np.std(v, ddof=1) if len(v) > 1 else float('nan'):.2f}, n {len(v)}")
+    if const is not None:
+        print(f"best constant predictor mIoU {const:.2f}; best mean - constant {stats['mean'][stats['best_k_t']] - const:.2f}")
+    return {"scores": scores, "trainable_params": params, "constant_mIoU": const, "baselines": baselines, **stats,
+            "block_anova": blocked}
 
 
 if __name__ == "__main__":

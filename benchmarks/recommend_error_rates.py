@@ -13,7 +13,8 @@ Measured on tiny ViTs (random weights, embed 32, 32 px images, patch 8) through 
    recommended K_t differs between the two draws.
 3. Copies moved alike at every block (no step planted): the rate at which the rule reports a step at
    block 2 or later (K_t < L - 1), the step rule's false positive.
-4. The planted grid on constructed curves (tests/planted.py): wrong K_t per kind, tuning and held out.
+4. The planted grid on constructed curves (tests/planted.py): wrong K_t per kind, tuning, held out and
+   fresh held out (other depths).
 5. What the SE does not cover: two copies of a 6-block tiny ViT fine-tuned for seg on synthetic data
    with two seeds (``--finetune-steps`` steps each): the divergence curves of both, the largest
    |d_seed0 - d_seed1| against the SE, and both recommendations.
@@ -32,7 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from planted import (GRID_L, HELD_OUT_AMPLITUDES, HELD_OUT_PLATEAU_FRACTION, HELD_OUT_RELATIVE_SE,  # noqa: E402
+from planted import (FRESH_AMPLITUDES, FRESH_L, FRESH_PLATEAU_FRACTION, FRESH_RELATIVE_SE, FRESH_SEED,  # noqa: E402
+                     GRID_L, HELD_OUT_AMPLITUDES, HELD_OUT_PLATEAU_FRACTION, HELD_OUT_RELATIVE_SE,
                      KINDS, TUNING_AMPLITUDES, constructed_curve, fake_result, planted_copy, probe_batches, tiny_vit)
 
 from cka_split import analyze  # noqa: E402
@@ -112,13 +114,16 @@ def uniform_copies(args) -> None:
 
 def constructed(args) -> None:
     print("4. planted grid on constructed curves (every s in 1..L-1), wrong K_t / cases:")
-    for label, amps, kw in (("tuning", TUNING_AMPLITUDES, {}),
-                            ("held out", HELD_OUT_AMPLITUDES, dict(plateau=HELD_OUT_PLATEAU_FRACTION, rel_se=HELD_OUT_RELATIVE_SE))):
+    sets = (("tuning", GRID_L, TUNING_AMPLITUDES, {}, 0),
+            ("held out", GRID_L, HELD_OUT_AMPLITUDES, dict(plateau=HELD_OUT_PLATEAU_FRACTION, rel_se=HELD_OUT_RELATIVE_SE), 555),
+            ("fresh held out", FRESH_L, FRESH_AMPLITUDES, dict(plateau=FRESH_PLATEAU_FRACTION, rel_se=FRESH_RELATIVE_SE),
+             FRESH_SEED))
+    for label, depths, amps, kw, offset in sets:
         for kind in KINDS:
             wrong, larger, total = 0, 0, 0
-            for L in GRID_L:
+            for L in depths:
                 for seed in range(args.seeds):
-                    rng = np.random.default_rng(seed * 7919 + L + (0 if label == "tuning" else 555))
+                    rng = np.random.default_rng(seed * 7919 + L + offset)
                     cs, truth = {}, {}
                     for s in range(1, L):
                         for a in amps:
@@ -129,7 +134,7 @@ def constructed(args) -> None:
                         wrong += k != L - s
                         larger += k > L - s
                         total += 1
-            print(f"   {label:8s} {kind:9s}: {wrong}/{total} wrong ({wrong / total:.1%}); of those, K_t too large: {larger}")
+            print(f"   {label:14s} {kind:9s} (L {', '.join(map(str, depths))}): {wrong}/{total} wrong ({wrong / total:.1%}); of those, K_t too large: {larger}")
 
 
 def seed_effect(args) -> None:
@@ -162,14 +167,14 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--finetune-steps", type=int, default=40)
+    ap.add_argument("--parts", default="1,2,3,4,5", help="which of the five measurements to run (4 alone: seconds)")
     args = ap.parse_args()
     t0 = time.time()
     print(f"{args.batches} minibatches x {args.batch_size} images per probe draw, {args.draws} draws")
-    equal_copies(args)
-    two_draws(args)
-    uniform_copies(args)
-    constructed(args)
-    seed_effect(args)
+    parts = {int(p) for p in args.parts.split(",")}
+    for i, part in enumerate((equal_copies, two_draws, uniform_copies, constructed, seed_effect), start=1):
+        if i in parts:
+            part(args)
     print(f"{time.time() - t0:.0f} s")
 
 

@@ -8,14 +8,18 @@ Per setting (one task on one dataset, one backbone):
 2. ``sweep`` (timed, linked to the analysis): ViT-Split at K_t values that span 1..L-1 (at least
    ``MIN_K_T`` of them, both picks always included), ``--seeds`` seeds each (>= 3 for the real protocol).
 3. One row: the best K_t (the highest mean over seeds; ties to the smaller), each pick's mean minus the
-   best's with the pooled seed SD, whether that is within the issue's target max(``TARGET_POINTS``
-   point, ``TARGET_SDS`` pooled SD), the analysis cost (copies' fine-tuning + CKA) and the RGN cost as a
+   best's with the pooled seed SD, whether that is within the issue's target max(``TIE_POINTS``
+   point, ``TIE_SDS`` pooled SD) (``cka_split.sweep.tie_tolerance``), the analysis cost (copies' fine-tuning + CKA) and the RGN cost as a
    fraction of one full one-seed sweep of K_t 1..L-1 (estimated from the measured points' training
    seconds, step time x iterations, interpolated linearly in K_t; evaluation time is left out, which
    makes the fractions conservative).
 
 Settings (``--setting TASK=SPEC``, repeatable): by default the embedded world, the demo backbone on the
-synthetic scenes, seg and depth x two class sets. The first half of the settings (in the order given)
+demo's scenes (zoom 2, trained at the drawn scale), seg and depth x two class sets (the demo's 4 classes; 3
+classes). The first ``--full-grid`` settings (default 1: the demo's own seg task) sweep every K_t in 1..L-1
+and train the linear and full fine-tuning baselines at the same budget: that sweep is also the embedded
+world's K_t-effect benchmark (``benchmarks/kt_effect.py --sweep DIR`` prints its ANOVA table); every row
+carries the same K_t-effect statistics (one-way ANOVA across K_t, saturation point). The first half of the settings (in the order given)
 is where a rule's constants may be chosen and tuned ("tuning"); the rest are reported as held out.
 Detection is left out on CPU: one Mask R-CNN training run costs minutes per hundred steps on 2 cores
 (the demo's 60 copy steps take about three minutes), so a sweep of 18+ runs per setting does not fit;
@@ -28,7 +32,10 @@ Usage::
     python benchmarks/split_validation.py --model dinov2_vits14 --weights auto --setting seg=ade20k:/data/ade \\
         --image-size 224 --crop 512 --iters 8000 --batch-size 16 --device cuda --out runs/sv-dinov2
 
-Rerunning the same command resumes: finished analyses are reused, sweeps skip finished points.
+Rerunning the same command resumes: finished analyses are reused, sweeps skip finished points. ``--only I``
+runs setting I alone (names and roles stay those of the whole list), so two processes of one thread each
+can share two cores (``--threads 1 --only 0`` and ``--threads 1 --only 2``, ...); the command without
+``--only`` then reads every finished setting and prints the table.
 Writes OUT/split_validation.json (rows, machine, command) and prints the table.
 """
 
@@ -46,16 +53,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from cka_split.demo import FULL_PLAN
+from cka_split.demo import DEMO_DATA, FULL_PLAN
 from cka_split.run import AnalyzeConfig, run_analyze, save_backbone
-from cka_split.sweep import SweepConfig, num_layers_of, run_sweep
+from cka_split.sweep import TIE_POINTS, TIE_SDS, SweepConfig, num_layers_of, run_sweep, tie_tolerance
 from vitsplit.backbones import build_backbone
 from vitsplit.engine import TrainConfig
 
 MIN_K_T = 6  # K_t values per sweep (the issue's protocol), both picks added
-TARGET_POINTS, TARGET_SDS = 1.0, 2.0  # the issue's target: pick within max(1 point, 2 pooled seed SD) of the best
 TARGET_COST = 0.2  # the issue's target: analysis cost <= 0.2 of one full one-seed sweep
-DEFAULT_SETTINGS = ["seg=synthetic", "depth=synthetic:classes=4", "seg=synthetic:classes=4", "depth=synthetic"]
+THREE_CLASSES = DEMO_DATA.replace("classes=4", "classes=3")
+DEFAULT_SETTINGS = [f"seg={DEMO_DATA}", f"depth={DEMO_DATA}", f"seg={THREE_CLASSES}", f"depth={THREE_CLASSES}"]
+FULL_GRID_BASELINES = ["linear", "full"]  # trained beside ViT-Split in the --full-grid settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kt_effect import block_anova, statistics  # noqa: E402  (the K_t-effect statistics: one definition, in kt_effect.py)
 
 
 def k_t_grid(num_layers: int, picks: list[int], n: int = MIN_K_T) -> list[int]:
@@ -85,7 +96,7 @@ def pick_row(sweep: dict[str, Any], k: int | None) -> dict[str, Any]:
     diff = summary[str(k)]["mean"] - summary[str(best)]["mean"]
     if not sweep.get("higher_is_better", True):
         diff = -diff
-    tol = max(TARGET_POINTS, TARGET_SDS * pooled) if pooled else TARGET_POINTS
+    tol = tie_tolerance(pooled)
     return {"k_t": k, "mean": summary[str(k)]["mean"], "minus_best": diff, "in_sd": diff / pooled if pooled else None,
             "within_target": bool(-diff <= tol)}
 
@@ -105,7 +116,25 @@ def validation_row(name: str, role: str, sweep: dict[str, Any], rec_task: dict[s
             "analysis_seconds": analyze_seconds - rgn_s, "rgn_seconds": rgn_s, "sweep_seconds": sweep_seconds,
             "full_one_seed_sweep_seconds": full,
             "analysis_over_full": (analyze_seconds - rgn_s) / full if full else None,
-            "rgn_over_full": rgn_s / full if full else None}
+            "rgn_over_full": rgn_s / full if full else None, "k_t_effect": k_t_effect(sweep),
+            "baselines": sweep.get("baselines") or {}}
+
+
+def k_t_effect(sweep: dict[str, Any]) -> dict[str, Any] | None:
+    """kt_effect.statistics of the sweep's ViT-Split points (ANOVA across K_t, saturation), or None with
+    fewer than two K_t or one seed."""
+    scores: dict[int, list[float]] = {}
+    table: dict[int, dict[int, float]] = {}
+    for p in sweep["points"]:
+        if p["method"] == "vitsplit" and p["metric"] is not None:
+            scores.setdefault(int(p["k_t"]), []).append(float(p["metric"]))
+            table.setdefault(int(p["k_t"]), {})[int(p["seed"])] = float(p["metric"])
+    if len(scores) < 2 or all(len(v) < 2 for v in scores.values()):
+        return None
+    st = statistics(scores, higher_is_better=sweep.get("higher_is_better", True))
+    blocked = block_anova(table)
+    return {**{k: st[k] for k in ("anova_F", "anova_p", "spread_over_pooled_sd", "saturation_k_t")},
+            "block_anova_F": blocked["F"], "block_anova_p": blocked["p"], "residual_sd": blocked["residual_sd"]}
 
 
 def run_setting(i: int, spec: str, args: argparse.Namespace, out: Path, role: str) -> dict[str, Any]:
@@ -129,8 +158,11 @@ def run_setting(i: int, spec: str, args: argparse.Namespace, out: Path, role: st
                        checkpoint_every=max(1, args.iters // 2), log_every=max(1, args.iters // 20),
                        train_length=args.train_length, val_length=args.val_length)
     t0 = time.perf_counter()
-    sweep = run_sweep(SweepConfig(base=base, k_t=k_t_grid(L, picks, args.n_k_t), seeds=args.seeds, out=str(out / name / "sweep"),
-                                  analysis=str(analysis)))
+    full_grid = i < args.full_grid
+    grid = list(range(1, L)) if full_grid else k_t_grid(L, picks, args.n_k_t)
+    methods = ["vitsplit", *FULL_GRID_BASELINES] if full_grid else ["vitsplit"]
+    sweep = run_sweep(SweepConfig(base=base, k_t=grid, seeds=args.seeds, out=str(out / name / "sweep"),
+                                  analysis=str(analysis), methods=methods))
     return validation_row(name, role, sweep, rec_task, analyze_seconds, L, time.perf_counter() - t0)
 
 
@@ -150,7 +182,19 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         frac = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
         print(f"{r['setting'][:34]:34} {r['role']:9} {best:18} {sd:9}  {pick(r['cka']):26} {pick(r['rgn']):26} "
               f"{frac(r['analysis_over_full']):13} {frac(r['rgn_over_full']):9}")
-    print(f"targets: a pick within max({TARGET_POINTS:g} point, {TARGET_SDS:g} pooled seed SD) of the best ('ok'); "
+    print()
+    print(f"{'setting':34} {'K_t effect: ANOVA F, p':24} {'seed-blocked F, p':20} {'spread/SD':9} {'saturation K_t':14} "
+          "baselines (mean +- SD)")
+    for r in rows:
+        e = r.get("k_t_effect")
+        anova = f"F {e['anova_F']:.1f}, p {e['anova_p']:.2g}" if e and e["anova_p"] is not None else "-"
+        blocked = f"F {e['block_anova_F']:.1f}, p {e['block_anova_p']:.2g}" if e and e.get("block_anova_p") is not None else "-"
+        spread = f"{e['spread_over_pooled_sd']:.1f}" if e else "-"
+        sat = str(e["saturation_k_t"]) if e else "-"
+        base = "; ".join(f"{m} {v['mean']:.2f} +- {v['sd'] if v['sd'] is not None else float('nan'):.2f}"
+                         for m, v in (r.get("baselines") or {}).items()) or "-"
+        print(f"{r['setting'][:34]:34} {anova:24} {blocked:20} {spread:9} {sat:14} {base}")
+    print(f"targets: a pick within max({TIE_POINTS:g} point, {TIE_SDS:g} pooled seed SD) of the best ('ok'); "
           f"analysis/full <= {TARGET_COST}. Full sweep = K_t 1..L-1 at one seed, training seconds.")
 
 
@@ -163,6 +207,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--setting", action="append", help="TASK=SPEC (repeatable); default: " + " ".join(DEFAULT_SETTINGS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--n-k-t", type=int, default=MIN_K_T, help="K_t values spread over 1..L-1 (the picks are added)")
+    p.add_argument("--full-grid", type=int, default=1, help="the first N settings sweep every K_t and the baselines "
+                                                            + ", ".join(FULL_GRID_BASELINES))
+    p.add_argument("--only", type=int, action="append", help="run only setting I (repeatable); the table shows the "
+                                                              "settings finished so far")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
     p.add_argument("--iters", type=int, default=plan.train_iters)
     p.add_argument("--batch-size", type=int, default=plan.train_batch_size)
     p.add_argument("--crop", type=int, default=plan.image_size)
@@ -181,7 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.setting = args.setting or ["seg=synthetic:size=28,classes=3", "depth=synthetic:size=28,classes=3"]
-        for k, v in dict(seeds=2, n_k_t=2, iters=2, batch_size=2, crop=28, train_length=8, val_length=2, finetune_steps=2,
+        for k, v in dict(seeds=2, n_k_t=2, full_grid=0, iters=2, batch_size=2, crop=28, train_length=8, val_length=2, finetune_steps=2,
                          finetune_batch_size=2, probe_images=16, cka_batch_size=8, image_size=28, rgn_batches=2).items():
             setattr(args, k, v)
     args.setting = args.setting or list(DEFAULT_SETTINGS)
@@ -197,20 +246,25 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if not path.is_file():
             save_backbone(build_backbone(args.model, "random", seed=0), path)
         args.weights = str(path.resolve())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load0, t0 = os.getloadavg(), time.perf_counter()
     n_tune = (len(args.setting) + 1) // 2
     rows = []
     for i, spec in enumerate(args.setting):
+        if args.only and i not in args.only:
+            continue
         rows.append(run_setting(i, spec, args, out, "tuning" if i < n_tune else "held-out"))
         result = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                               "load_average_start": load0, "load_average_now": os.getloadavg(), "device": args.device},
                   "model": args.model, "weights": args.weights, "num_layers": num_layers_of(args.model),
                   "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
-        (out / "split_validation.json").write_text(json.dumps(result, indent=2) + "\n")
+        name = f"split_validation-{'-'.join(map(str, args.only))}.json" if args.only else "split_validation.json"
+        (out / name).write_text(json.dumps(result, indent=2) + "\n")
     print_table(rows)
     print(f"{time.perf_counter() - t0:.0f} s; load average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
-          f"wrote {out / 'split_validation.json'}")
+          f"wrote its json in {out}")
     return rows
 
 

@@ -50,19 +50,19 @@ METHODS = ("vitsplit", "linear", "full")
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of one demo run. ``quick`` is the same steps, smaller everything."""
+    """Sizes of one demo run (``quick``: fewer steps, probes and scenes)."""
 
     quick: bool = False
     data: str = DEMO_DATA
     image_size: int = 112
-    finetune_steps_seg: int = 300
-    finetune_steps_det: int = 60
+    finetune_steps_seg: int = 150
+    finetune_steps_det: int = 15      # a Mask R-CNN step costs ~7.8 s here (2 cores): 15 steps ~2 minutes
     finetune_batch_size: int = 8
     finetune_lr: float = 3e-3
     probe_images: int = 128
     cka_batch_size: int = 16          # 8 minibatches: the fewest the CKA's jackknife SE needs (MIN_SE_BATCHES)
     pca_images: int = 3
-    train_iters: int = 300
+    train_iters: int = 150            # ~60 s per ViT-Split run on 2 cores: the split-validation benchmark's budget too
     train_batch_size: int = 8
     train_lr: float = 1e-3
     train_length: int = 2000
@@ -71,7 +71,7 @@ class DemoPlan:
 
 
 FULL_PLAN = DemoPlan()
-QUICK_PLAN = DemoPlan(quick=True, finetune_steps_seg=60, finetune_steps_det=12, probe_images=64, cka_batch_size=8,
+QUICK_PLAN = DemoPlan(quick=True, finetune_steps_seg=60, finetune_steps_det=4, probe_images=64, cka_batch_size=8,
                       pca_images=2, train_iters=60, train_length=480, val_length=32)
 
 

@@ -108,6 +108,17 @@ def pooled_sd(groups: Sequence[dict[str, Any]]) -> float | None:
     return math.sqrt(sum((g["n"] - 1) * g["sd"] ** 2 for g in groups if g["sd"] is not None) / df) if df else None
 
 
+# When is a picked K_t "as good as the sweep's best"? Within max(TIE_POINTS metric points, TIE_SDS pooled
+# seed SDs) of the best mean: two SDs is what seed noise alone reaches about 5 % of the time for a single
+# comparison; the point floor keeps a sweep with a tiny seed SD from calling a 0.3-point gap a loss.
+TIE_POINTS, TIE_SDS = 1.0, 2.0
+
+
+def tie_tolerance(pooled: float | None) -> float:
+    """The largest shortfall from the best mean still counted as a tie (see TIE_POINTS, TIE_SDS)."""
+    return max(TIE_POINTS, TIE_SDS * pooled) if pooled else TIE_POINTS
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     """One training run of the sweep."""

@@ -15,7 +15,7 @@ from .progress import RichProgress
 
 def demo(
     out: Optional[Path] = typer.Option(None, help="Output directory (default runs/demo-<timestamp>)."),
-    quick: bool = typer.Option(False, help="Smaller everything, same steps (about 3 minutes)."),
+    quick: bool = typer.Option(False, help="Fewer steps, probes and scenes (about 3 minutes)."),
 ) -> None:
     from cka_split.demo import demo_plan, run_demo
     from cka_split.reports import build_report

@@ -22,6 +22,8 @@ from typing import Any, Iterable
 import numpy as np
 from matplotlib.figure import Figure
 
+from cka_split.sweep import TIE_POINTS, TIE_SDS, tie_tolerance
+
 from . import figures as F
 from .rundir import RunData, slug
 from .sections import _diag, _figure, pretrained_name
@@ -218,7 +220,39 @@ def cost_figure(sw: Sweep, full_params: int | None) -> Figure:
     return fig
 
 
-def _sentences(sw: Sweep, picks: dict[str, int]) -> list[str]:
+def _pick_verdict(data: RunData, sw: Sweep, picks: dict[str, int], groups: dict[int, dict[str, Any]], best_mean: float,
+                  pooled: float | None) -> list[str]:
+    """Which pick ties the best (cka_split.sweep.tie_tolerance) and what each cost: when RGN ties for
+    less, the sentence says to start with RGN."""
+    sign = 1.0 if sw.data.get("higher_is_better", True) else -1.0
+    tol = tie_tolerance(pooled)
+    ties = {n: sign * (best_mean - groups[k]["mean"]) <= tol for n, k in picks.items() if k in groups}
+    if not ties:
+        return []
+    rule = f"within max({TIE_POINTS:g} point, {TIE_SDS:g} pooled seed SD) = {tol:.2f} of the best"
+    per = ((data.recommendation or {}).get("per_task") or {}).get(sw.task) or {}
+    rgn_s = (per.get("rgn") or {}).get("seconds")
+    total = (data.config or {}).get("seconds")
+    rgn_all = sum(float((t.get("rgn") or {}).get("seconds") or 0.0)
+                  for t in ((data.recommendation or {}).get("per_task") or {}).values() if isinstance(t, dict))
+    cka_s = float(total) - rgn_all if total is not None and "CKA" in ties else None
+    cost = (f" RGN took {float(rgn_s):.1f} s; the copies' fine-tuning and CKA took {cka_s:.0f} s."
+            if rgn_s is not None and cka_s is not None else "")
+    if ties.get("CKA") and ties.get("RGN"):
+        cheaper = rgn_s is not None and cka_s is not None and float(rgn_s) < cka_s
+        return [f"Both picks are {rule}" + (", and RGN cost less: start with RGN (`analyze --selector rgn`), and "
+                                            "fine-tune copies for CKA only where its pick is in doubt." if cheaper else ".") + cost]
+    if ties.get("RGN") and "CKA" in ties:
+        return [f"Only RGN's pick is {rule}; CKA's is not: on this sweep RGN is the better selector.{cost}"]
+    if ties.get("CKA") and "RGN" in ties:
+        return [f"Only CKA's pick is {rule}; RGN's is not.{cost}"]
+    if len(ties) == 1:
+        (name, ok), = ties.items()
+        return [f"{name}'s pick is {'' if ok else 'not '}{rule}.{cost}"]
+    return [f"Neither pick is {rule}: on this sweep, the sweep itself is the better guide.{cost}"]
+
+
+def _sentences(data: RunData, sw: Sweep, picks: dict[str, int]) -> list[str]:
     groups = {g["k_t"]: g for g in sw.groups().values()}
     best, pooled, metric = sw.data.get("best_k_t"), sw.data.get("pooled_sd"), sw.data.get("metric", "metric")
     if best is None or best not in groups:
@@ -235,6 +269,7 @@ def _sentences(sw: Sweep, picks: dict[str, int]) -> list[str]:
         sd = f"; the pooled seed SD is {pooled:.2f}, so that is {abs(diff) / pooled:.1f} SD" if pooled else \
             " (one seed: no seed SD to compare with)"
         out.append(f"{name} picked K_t {k}: {metric} {groups[k]['mean']:.2f}, {diff:+.2f} against the best{sd}.")
+    out += _pick_verdict(data, sw, picks, groups, b["mean"], pooled)
     for m, s in (sw.data.get("baselines") or {}).items():
         out.append(f"Baseline {m}: {metric} {s['mean']:.2f}" + (f" +- {s['sd']:.2f}" if s.get("sd") else "") + f" ({s['n']} seed(s)).")
     if sw.data.get("pending"):
@@ -275,7 +310,7 @@ def sweep_section(data: RunData, sweeps: list[Sweep]) -> list[dict[str, Any]] | 
                             "Trainable parameters of each K_t (dotted: full fine-tuning, where the sweep trained it) and the "
                             "measured seconds per optimisation step (mean +- SD over seeds; noisy on a shared machine).",
                             f"sweep-{i}-cost"))
-        out.append({"title": f"{sw.task} sweep", "path": str(sw.path.resolve()), "sentences": _sentences(sw, picks),
+        out.append({"title": f"{sw.task} sweep", "path": str(sw.path.resolve()), "sentences": _sentences(data, sw, picks),
                     "rows": rows, "metric": sw.data.get("metric", "metric"), "figures": figs})
     return out
 

@@ -24,12 +24,7 @@ MIN_GROUPS = 2
 GROUP_THRESHOLD = 0.9
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_shipped_weights_are_the_recorded_file_made_by_the_demo_recipe():

@@ -54,12 +54,7 @@ def tripwire(monkeypatch):
     monkeypatch.setattr(SyntheticScenes, "__init__", trip)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(capsys, *args) -> tuple[int, str]:

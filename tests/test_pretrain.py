@@ -27,14 +27,7 @@ TINY = dv.DemoRecipe(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny ViT gains nothing from a second thread, and on a shared CPU two threads can be
-    many times slower (OpenMP waits for the busy core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # float reductions split the same way in every run
 
 
 def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -62,6 +62,9 @@ def test_sweep_section_states_best_and_picks(built):
     assert "CKA picked K_t 3: mIoU 31.00, -3.00 against the best; the pooled seed SD is 1.00, so that is 3.0 SD." in text
     assert "RGN picked K_t 5: mIoU 34.00, +0.00 against the best" in text
     assert "Baseline linear: mIoU 13.00 +- 1.00 (3 seed(s))" in text
+    # the tie rule (cka_split.sweep.tie_tolerance): max(1 point, 2 x pooled SD 1.00) = 2.00; CKA is 3 below
+    assert ("Only RGN's pick is within max(1 point, 2 pooled seed SD) = 2.00 of the best; CKA's is not: on this sweep "
+            "RGN is the better selector.") in text
     rows = re.findall(r"<tr><td>(\d+)</td>(.*?)</tr>", section, flags=re.S)
     assert [r[0] for r in rows] == ["1", "3", "5", "8"]
     marks = {k: re.findall(r"<td[^>]*>(.*?)</td>", cells, flags=re.S)[-1] for k, cells in rows}
@@ -76,3 +79,23 @@ def test_sweep_figures_decode_and_rgn_is_in_the_recommendation(built):
     for uri in imgs:
         assert decode_png(uri).size[0] > 300
     assert "RGN picks 5" in html and "RGN rival (5 minibatches, 1.5 s): Relative gradient norms step up at block 7." in html
+
+
+def test_pick_verdict_says_to_start_with_rgn_when_it_ties_for_less():
+    from types import SimpleNamespace
+
+    from cka_split.reports.sweep import _pick_verdict
+
+    groups = {3: {"mean": 33.5}, 5: {"mean": 34.0}, 8: {"mean": 30.0}}
+    data = SimpleNamespace(recommendation={"per_task": {"seg": {"k_t": 3, "rgn": {"k_t": 5, "seconds": 2.0}},
+                                                        "det": {"k_t": 4, "rgn": {"k_t": 6, "seconds": 8.0}}}},
+                           config={"seconds": 110.0})
+    sw = SimpleNamespace(task="seg", data={"higher_is_better": True})
+    text = _pick_verdict(data, sw, {"CKA": 3, "RGN": 5}, groups, 34.0, 0.2)[0]
+    assert text.startswith("Both picks are within max(1 point, 2 pooled seed SD) = 1.00 of the best, and RGN cost less: "
+                           "start with RGN")
+    assert text.endswith("RGN took 2.0 s; the copies' fine-tuning and CKA took 100 s.")  # 110 - (2 + 8) s of RGN
+    assert _pick_verdict(data, sw, {"CKA": 3, "RGN": 8}, groups, 34.0, 0.2)[0].startswith("Only CKA's pick is within")
+    assert _pick_verdict(data, sw, {"CKA": 8, "RGN": 8}, groups, 34.0, 0.2)[0].startswith("Neither pick is within")
+    lower = SimpleNamespace(task="seg", data={"higher_is_better": False})  # an error metric: lower is better
+    assert _pick_verdict(data, lower, {"CKA": 8, "RGN": 8}, groups, 30.0, 0.2)[0].startswith("Both picks are")

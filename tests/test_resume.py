@@ -20,14 +20,7 @@ from vitsplit.engine import TrainConfig, train
 from vitsplit.engine.train import MEASURED
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread (shared CPU); the killed subprocess uses the same count, so that float
-    reductions split the same way in every run."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # float reductions split the same way in every run
 
 
 def tiny_backbone() -> Backbone:

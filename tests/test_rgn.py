@@ -15,12 +15,7 @@ from vitsplit.backbones import Backbone
 from vitsplit.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("L", [12, 24])

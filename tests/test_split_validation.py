@@ -60,3 +60,33 @@ def test_quick_protocol_runs_end_to_end(tmp_path, capsys):
     analysis = tmp_path / rows[0]["setting"] / "analysis"
     html = build_report(analysis).read_text()
     assert 'id="sweeps"' in html and "The sweep&#39;s best K_t is" in html
+
+
+def test_seed_blocked_anova_matches_a_least_squares_fit():
+    """benchmarks/kt_effect.py block_anova (K_t x seed, seed as block) against the F test of nested
+    least-squares fits: additive model (K_t + seed) vs seed only."""
+    import sys
+
+    import numpy as np
+    from scipy.stats import f as f_dist
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from kt_effect import block_anova
+
+    rng = np.random.default_rng(3)
+    ks, seeds = [1, 3, 5, 7, 9, 11], [0, 1, 2]
+    table = {k: {s: 30 + 0.4 * k + 4.0 * s + rng.normal(0, 0.6) for s in seeds} for k in ks}
+    table[5][7] = 99.0  # a seed missing at the other K_t is left out
+    got = block_anova(table)
+
+    y = np.array([table[k][s] for k in ks for s in seeds])
+    K = np.array([[float(k == kk) for kk in ks] for k in ks for _ in seeds])
+    S = np.array([[float(s == ss) for ss in seeds[1:]] for _ in ks for s in seeds])
+    rss = lambda X: float(((y - X @ np.linalg.lstsq(X, y, rcond=None)[0]) ** 2).sum())  # noqa: E731
+    full, reduced = rss(np.hstack([K, S])), rss(np.hstack([np.ones((len(y), 1)), S]))
+    df1, df2 = len(ks) - 1, (len(ks) - 1) * (len(seeds) - 1)
+    F = ((reduced - full) / df1) / (full / df2)
+    assert got["seeds"] == 3 and got["F"] == pytest.approx(F, rel=1e-9)
+    assert got["p"] == pytest.approx(f_dist.sf(F, df1, df2), rel=1e-9) and got["p"] < 0.01
+    assert got["residual_sd"] == pytest.approx(np.sqrt(full / df2), rel=1e-9)
+    assert block_anova({1: {0: 1.0}, 2: {0: 2.0}})["p"] is None  # one seed: no test

@@ -19,12 +19,7 @@ from vitsplit.errors import UserError
 MEASURED_POINT = ("step_time_s", "peak_memory_mb")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # float reductions split the same way in every run
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # float reductions split the same way in every run
 
 
 def tiny_backbone() -> Backbone:

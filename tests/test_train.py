@@ -19,13 +19,7 @@ from vitsplit.evaluation import evaluate_model
 from vitsplit.model import Baseline, default_split, load_trainable
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the CPU is shared, and oversubscribed threads make tiny models crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_backbone(dim: int = 32, depth: int = 4) -> Backbone:

@@ -20,13 +20,7 @@ from vitsplit.model import load_trainable
 from vitsplit.model.adapter_baseline import LAYER_DECAY, ViTAdapterBaseline
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the CPU is shared, and oversubscribed threads make tiny models crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_backbone() -> Backbone:

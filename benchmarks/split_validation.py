@@ -15,8 +15,8 @@ Per setting (one task on one dataset, one backbone):
    makes the fractions conservative).
 
 Settings (``--setting TASK=SPEC``, repeatable): by default the embedded world, the demo backbone on the
-demo's scenes (zoom 2, trained at the drawn scale), seg and depth x two class sets (the demo's 4 classes; 3
-classes). The first ``--full-grid`` settings (default 1: the demo's own seg task) sweep every K_t in 1..L-1
+demo's scenes (zoom 2, trained at the drawn scale): seg and depth on the demo's 4 classes (tuning), seg
+on 3 and on 2 classes (held out). The first ``--full-grid`` settings (default 1: the demo's own seg task) sweep every K_t in 1..L-1
 and train the linear and full fine-tuning baselines at the same budget: that sweep is also the embedded
 world's K_t-effect benchmark (``benchmarks/kt_effect.py --sweep DIR`` prints its ANOVA table); every row
 carries the same K_t-effect statistics (one-way ANOVA across K_t, saturation point). The first half of the settings (in the order given)
@@ -62,7 +62,11 @@ from vitsplit.engine import TrainConfig
 MIN_K_T = 6  # K_t values per sweep (the issue's protocol), both picks added
 TARGET_COST = 0.2  # the issue's target: analysis cost <= 0.2 of one full one-seed sweep
 THREE_CLASSES = DEMO_DATA.replace("classes=4", "classes=3")
-DEFAULT_SETTINGS = [f"seg={DEMO_DATA}", f"depth={DEMO_DATA}", f"seg={THREE_CLASSES}", f"depth={THREE_CLASSES}"]
+TWO_CLASSES = DEMO_DATA.replace("classes=4", "classes=2")
+# depth is a tuning setting only: measured, the depth head does not learn the scenes' depth in the demo's
+# 150 steps (delta < 1.25 about 4 % at every K_t: its log-depth starts at 0 = 1 m against scenes at
+# 2.5-14.5 m, and the scale-invariant loss pulls the global scale slowly), so both held-out settings are seg
+DEFAULT_SETTINGS = [f"seg={DEMO_DATA}", f"depth={DEMO_DATA}", f"seg={THREE_CLASSES}", f"seg={TWO_CLASSES}"]
 FULL_GRID_BASELINES = ["linear", "full"]  # trained beside ViT-Split in the --full-grid settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -27,7 +27,7 @@ on a GPU, add ``--setting det=coco:ANN.json:IMG``. Metrics: seg mIoU, depth delt
 
 Usage::
 
-    python benchmarks/split_validation.py --out runs/split_validation   # the embedded world (~90 min, 2 cores)
+    python benchmarks/split_validation.py --out runs/split_validation   # the embedded world (~100 min, 2 cores)
     python benchmarks/split_validation.py --quick --out /tmp/sv         # smoke test, random weights: the numbers mean nothing
     python benchmarks/split_validation.py --model dinov2_vits14 --weights auto --setting seg=ade20k:/data/ade \\
         --image-size 224 --crop 512 --iters 8000 --batch-size 16 --device cuda --out runs/sv-dinov2

@@ -37,6 +37,7 @@ from vitsplit.pretrain import load_or_pretrain_demo_vit
 from vitsplit.progress import NULL_PROGRESS, Progress
 
 from .pca import pca_maps
+from .rgn import DEFAULT_BATCHES
 from .run import AnalyzeConfig, run_analyze
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
@@ -62,6 +63,7 @@ class DemoPlan:
     probe_images: int = 128
     cka_batch_size: int = 16          # 8 minibatches: the fewest the CKA's jackknife SE needs (MIN_SE_BATCHES)
     pca_images: int = 3
+    rgn_batches: int = DEFAULT_BATCHES  # the gradient-norm rival's minibatches
     train_iters: int = 150            # ~60 s per ViT-Split run on 2 cores: the split-validation benchmark's budget too
     train_batch_size: int = 8
     train_lr: float = 1e-3
@@ -71,8 +73,8 @@ class DemoPlan:
 
 
 FULL_PLAN = DemoPlan()
-QUICK_PLAN = DemoPlan(quick=True, finetune_steps_seg=60, finetune_steps_det=4, probe_images=64, cka_batch_size=8,
-                      pca_images=2, train_iters=60, train_length=480, val_length=32)
+QUICK_PLAN = DemoPlan(quick=True, finetune_steps_seg=60, finetune_steps_det=2, probe_images=64, cka_batch_size=8,
+                      pca_images=2, rgn_batches=2, train_iters=60, train_length=480, val_length=32)
 
 
 def demo_plan(quick: bool) -> DemoPlan:
@@ -140,7 +142,7 @@ def run_demo(out: Path, plan: DemoPlan = FULL_PLAN, progress: Progress = NULL_PR
                         finetune_steps_per_task={"det": plan.finetune_steps_det}, finetune_lr=plan.finetune_lr,
                         finetune_batch_size=plan.finetune_batch_size, probe_images=plan.probe_images,
                         batch_size=plan.cka_batch_size, image_size=plan.image_size, device="cpu", seed=plan.seed,
-                        out=str(out), pca_images=plan.pca_images, data={"*": plan.data})
+                        out=str(out), pca_images=plan.pca_images, data={"*": plan.data}, rgn_batches=plan.rgn_batches)
     run, rec = run_analyze(cfg, progress=progress)
     _photo_pca(run, plan.image_size, "cpu", progress)
     timings["analyze (fine-tune seg and det copies, CKA, PCA)"] = time.time() - t

@@ -124,7 +124,7 @@ def test_planted_divergence_run_recovers_k_t_and_trains_with_it(tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         main(["analyze", "--model", "demo-vit", "--weights", str(pre), "--tasks", "seg", "det",
               "--finetuned", f"seg={ft['seg']}", "--finetuned", f"det={ft['det']}", "--probe-images", "64",
-              "--batch-size", "8", "--image-size", "112", "--pca-images", "2", "--device", "cpu", "--out", str(run)])
+              "--batch-size", "8", "--image-size", "56", "--pca-images", "2", "--device", "cpu", "--out", str(run)])
     assert e.value.code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "ViT-Split recommendation" in printed
@@ -159,7 +159,7 @@ def test_planted_divergence_run_recovers_k_t_and_trains_with_it(tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         # model and weights come from the run too
         main(["train", "--auto-split", str(run), "--task", "seg", "--data", "synthetic", "--iters", "5",
-              "--batch-size", "2", "--crop", "112", "--checkpoint-every", "5", "--train-length", "10",
+              "--batch-size", "2", "--crop", "56", "--checkpoint-every", "5", "--train-length", "10",
               "--val-length", "2", "--out", str(out)])
     assert e.value.code == 0, capsys.readouterr().err
     tcfg = json.loads((out / "config.json").read_text())

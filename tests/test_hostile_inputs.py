@@ -266,6 +266,11 @@ def test_demo_out_that_cannot_be_written_is_refused_first(case, tmp_path, capsys
 
 @pytest.mark.parametrize("case", ["existing file", "unwritable"])
 def test_demo_cache_that_cannot_be_written_is_refused_before_pretraining(case, tmp_path, capsys, tripwire, monkeypatch):
+    """A checkout without the shipped demo-vit pretrains it into the cache: an unusable cache is refused
+    first. (With the shipped weights the demo never writes to the cache.)"""
+    import cka_split.demo
+
+    monkeypatch.setattr(cka_split.demo, "find_demo_vit", lambda: None)
     monkeypatch.setenv("CKA_SPLIT_CACHE", str(bad_outs(tmp_path)[case]))
     refused(capsys, r"cache", "demo", "--quick", "--out", tmp_path / "demo")
     assert not (tmp_path / "demo").exists()
@@ -548,7 +553,8 @@ def test_two_concurrent_trains_on_one_out(tmp_path, hf_dir):
     """Two real processes: the second is refused, the first finishes alone (one seed in metrics.jsonl)."""
     out = tmp_path / "o"
     first = subprocess.Popen([sys.executable, "-m", CLI_MODULE, *train_args(hf_dir, out, "--iters", "200")],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+                             preexec_fn=_default_sigint)
     try:
         _wait_for(lambda: (out / ".cka-split.lock").exists(), first)
         second = subprocess.run([sys.executable, "-m", CLI_MODULE, *train_args(hf_dir, out, "--seed", "1")],
@@ -568,6 +574,13 @@ def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
 
 
+def _default_sigint() -> None:
+    """preexec_fn: Ctrl-C's default disposition in the child. A shell starts background jobs with SIGINT
+    ignored, Python then installs no KeyboardInterrupt handler, and a test that sends SIGINT would only
+    pass when the suite runs in the foreground."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -581,7 +594,7 @@ def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(tmp_pat
     out = tmp_path / "o"
     args = train_args(hf_dir, out, "--iters", "200")
     proc = subprocess.Popen([sys.executable, "-m", CLI_MODULE, *args], cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     _wait_for(lambda: (out / "last.pt").exists(), proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -617,7 +630,7 @@ def test_ctrl_c_during_analyze_says_what_was_interrupted(tmp_path, hf_dir):
     out = tmp_path / "a"
     args = analyze_args(hf_dir, out, "--finetune-steps", "500")
     proc = subprocess.Popen([sys.executable, "-m", CLI_MODULE, *args], cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     _wait_for(lambda: (out / ".cka-split.lock").exists(), proc)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)

@@ -51,8 +51,8 @@ def demo(
 def register(app: typer.Typer) -> None:
     """Add ``cka-split demo`` to ``app``."""
     app.command(help="Run the whole pipeline offline on the synthetic scenes with the demo ViT (its pretrained "
-                     "weights ship in the package): fine-tune seg and det copies, CKA, recommendation, PCA maps, ViT-Split vs linear and full "
-                     "fine-tuning, and the report.")(demo)
+                     "weights ship in the package): fine-tune seg and det copies, CKA, recommendation, PCA "
+                     "maps, ViT-Split vs linear and full fine-tuning, and the report.")(demo)
 
 
 def _params(n: int | None) -> str:

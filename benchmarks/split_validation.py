@@ -186,6 +186,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         frac = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
         print(f"{r['setting'][:34]:34} {r['role']:9} {best:18} {sd:9}  {pick(r['cka']):26} {pick(r['rgn']):26} "
               f"{frac(r['analysis_over_full']):13} {frac(r['rgn_over_full']):9}")
+    print(f"targets: a pick within max({TIE_POINTS:g} point, {TIE_SDS:g} pooled seed SD) of the best ('ok'); "
+          f"analysis/full <= {TARGET_COST}. Full sweep = K_t 1..L-1 at one seed, training seconds.")
     print()
     print(f"{'setting':34} {'K_t effect: ANOVA F, p':24} {'seed-blocked F, p':20} {'spread/SD':9} {'saturation K_t':14} "
           "baselines (mean +- SD)")
@@ -198,8 +200,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         base = "; ".join(f"{m} {v['mean']:.2f} +- {v['sd'] if v['sd'] is not None else float('nan'):.2f}"
                          for m, v in (r.get("baselines") or {}).items()) or "-"
         print(f"{r['setting'][:34]:34} {anova:24} {blocked:20} {spread:9} {sat:14} {base}")
-    print(f"targets: a pick within max({TIE_POINTS:g} point, {TIE_SDS:g} pooled seed SD) of the best ('ok'); "
-          f"analysis/full <= {TARGET_COST}. Full sweep = K_t 1..L-1 at one seed, training seconds.")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

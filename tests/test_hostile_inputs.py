@@ -552,9 +552,7 @@ def _race(folder, start, done, results):
 def test_two_concurrent_trains_on_one_out(tmp_path, hf_dir):
     """Two real processes: the second is refused, the first finishes alone (one seed in metrics.jsonl)."""
     out = tmp_path / "o"
-    first = subprocess.Popen([sys.executable, "-m", CLI_MODULE, *train_args(hf_dir, out, "--iters", "200")],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
-                             preexec_fn=_default_sigint)
+    first = _spawn_cli(train_args(hf_dir, out, "--iters", "200"))
     try:
         _wait_for(lambda: (out / ".cka-split.lock").exists(), first)
         second = subprocess.run([sys.executable, "-m", CLI_MODULE, *train_args(hf_dir, out, "--seed", "1")],
@@ -581,6 +579,12 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _spawn_cli(args: list[str]) -> subprocess.Popen:
+    """The CLI in a child process that answers Ctrl-C (stderr piped, stdout dropped)."""
+    return subprocess.Popen([sys.executable, "-m", CLI_MODULE, *args], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+
+
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -593,8 +597,7 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
 def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(tmp_path, hf_dir):
     out = tmp_path / "o"
     args = train_args(hf_dir, out, "--iters", "200")
-    proc = subprocess.Popen([sys.executable, "-m", CLI_MODULE, *args], cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    proc = _spawn_cli(args)
     _wait_for(lambda: (out / "last.pt").exists(), proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -629,8 +632,7 @@ def test_interrupted_line_gives_the_command_that_resumes():
 def test_ctrl_c_during_analyze_says_what_was_interrupted(tmp_path, hf_dir):
     out = tmp_path / "a"
     args = analyze_args(hf_dir, out, "--finetune-steps", "500")
-    proc = subprocess.Popen([sys.executable, "-m", CLI_MODULE, *args], cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    proc = _spawn_cli(args)
     _wait_for(lambda: (out / ".cka-split.lock").exists(), proc)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)

@@ -12,22 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from timm.models.vision_transformer import VisionTransformer
 
-from vitsplit.backbones import Backbone
 from vitsplit.errors import UserError
 from vitsplit.engine import TrainConfig, train
 from vitsplit.engine.train import MEASURED
+from tiny_vits import plain_tiny_backbone as tiny_backbone
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # float reductions split the same way in every run
-
-
-def tiny_backbone() -> Backbone:
-    torch.manual_seed(0)
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0,
-                            dynamic_img_size=True)
-    return Backbone(vit, name="tiny", weights_source="random (seed 0)").eval()
 
 
 def cfg(out, **kw) -> TrainConfig:

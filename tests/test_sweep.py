@@ -8,25 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from timm.models.vision_transformer import VisionTransformer
 
 from cka_split.cli.app import main as cli_main
 from cka_split.sweep import SweepConfig, SweepPoint, parse_k_t, pooled_sd, resolve_sweep, run_sweep, stats, summarize
-from vitsplit.backbones import Backbone
 from vitsplit.engine import TrainConfig, train
 from vitsplit.errors import UserError
+from tiny_vits import plain_tiny_backbone as tiny_backbone
 
 MEASURED_POINT = ("step_time_s", "peak_memory_mb")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # float reductions split the same way in every run
-
-
-def tiny_backbone() -> Backbone:
-    torch.manual_seed(0)
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0,
-                            dynamic_img_size=True)
-    return Backbone(vit, name="tiny", weights_source="random (seed 0)").eval()
 
 
 def base(**kw) -> TrainConfig:

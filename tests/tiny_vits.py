@@ -50,3 +50,14 @@ def tiny_vit(family: str, seed: int = 0) -> torch.nn.Module:
 
 def tiny_backbone(family: str, seed: int = 0) -> Backbone:
     return Backbone(tiny_vit(family, seed), name=f"tiny-{family}", weights_source="random").eval()
+
+
+def plain_tiny_backbone() -> Backbone:
+    """A plain timm VisionTransformer (patch 8, width 32, 4 blocks, seed 0) named "tiny": the training,
+    sweep and resume tests' model."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0,
+                            dynamic_img_size=True)
+    return Backbone(vit, name="tiny", weights_source="random (seed 0)").eval()

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..backbones import Backbone, backbone_config, state_hash
 from ..errors import UserError
-from .baselines import LinearSegHead, check_head
+from .baselines import LinearSegHead, check_head, load_trainable
 from .upernet import UperNetSegHead
 from .vit_adapter import AdapterConfig, ViTAdapter
 
@@ -76,12 +76,7 @@ class ViTAdapterBaseline(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k not in frozen}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        want = set(self.trainable_state_dict())
-        missing, unexpected = want - set(state), set(state) - want
-        if missing or unexpected:
-            raise UserError(f"checkpoint does not fit this vit-adapter model (missing {sorted(missing)[:3]}, "
-                            f"unexpected {sorted(unexpected)[:3]}); build the model with the checkpoint's config")
-        self.load_state_dict(state, strict=False)
+        load_trainable(self, state, "vit-adapter model")
 
     def param_groups(self, lr: float, weight_decay: float = 1e-2) -> list[dict[str, Any]]:
         """Layer-wise lr decay (see the module docstring); one group per (scale, decay) pair."""

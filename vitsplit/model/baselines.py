@@ -52,6 +52,17 @@ def call_qkv_as_module(vit: nn.Module) -> None:
             m.qkv_bias_separate = True
 
 
+
+def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``model`` when its keys are exactly ``model.trainable_state_dict()``'s;
+    otherwise a UserError naming ``what`` (e.g. "full baseline") and the first keys that differ."""
+    want = set(model.trainable_state_dict())
+    missing, unexpected = want - set(state), set(state) - want
+    if missing or unexpected:
+        raise UserError(f"checkpoint does not fit this {what} (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}); build the model with the checkpoint's config")
+    model.load_state_dict(state, strict=False)
+
 class LinearSegHead(nn.Module):
     """(B, C, h, w) -> BatchNorm -> 1x1 conv -> logits (B, K, H, W), bilinear to the image size."""
 
@@ -182,12 +193,7 @@ class Baseline(nn.Module):
         return {k: v for k, v in self.state_dict().items() if self._is_trainable_key(k)}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        want = set(self.trainable_state_dict())
-        missing, unexpected = want - set(state), set(state) - want
-        if missing or unexpected:
-            raise UserError(f"checkpoint does not fit this {self.method} baseline (missing {sorted(missing)[:3]}, "
-                            f"unexpected {sorted(unexpected)[:3]}); build the model with the checkpoint's config")
-        self.load_state_dict(state, strict=False)
+        load_trainable(self, state, f"{self.method} baseline")
 
     def param_groups(self, lr: float, weight_decay: float = 1e-2) -> list[dict[str, Any]]:
         pretrained = [p for p in self.backbone.parameters() if p.requires_grad] if self.method == "full" else []

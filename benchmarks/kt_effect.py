@@ -156,8 +156,7 @@ def main() -> None:
     print(f"data {data}; {plan.train_iters} iterations of batch {plan.train_batch_size} at {plan.image_size} px, "
           f"lr {plan.train_lr}; prior layers {prior_layers}; K_t {k_ts}; seeds {seeds}")
 
-    scores: dict[int, list[float]] = {k: [] for k in k_ts}
-    table: dict[int, dict[int, float]] = {}
+    table: dict[int, dict[int, float]] = {}  # K_t -> seed -> mIoU
     params: dict[int, int] = {}
     for k in k_ts:
         for seed in seeds:
@@ -175,12 +174,11 @@ def main() -> None:
                 metrics = train(cfg, backbone=backbone)
                 how = "trained"
             params[k] = json.loads((run / "config.json").read_text())["trainable_params"]
-            scores[k].append(float(metrics["mIoU"]))
             table.setdefault(k, {})[seed] = float(metrics["mIoU"])
             print(f"K_t {k:2d} seed {seed}: mIoU {metrics['mIoU']:.2f} ({how}, {time.time() - t:.0f} s)", flush=True)
 
     const = float(np.mean([constant_miou(data, plan, seed) for seed in seeds]))
-    summary = print_summary(scores, params, const, {}, table)
+    summary = print_summary(params, const, {}, table)
     summary.update({"data": data, "plan": plan.__dict__, "weights_source": backbone.weights_source})
     out.mkdir(parents=True, exist_ok=True)
     (out / "kt_effect.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -190,15 +188,13 @@ def from_sweep(folder: Path) -> None:
     """The same table from a sweep's points (seg sweeps: the constant predictor on each seed's scenes)."""
     sweep = json.loads((folder / "sweep.json").read_text())
     train_cfg = sweep["config"]["train"]
-    scores: dict[int, list[float]] = {}
-    table: dict[int, dict[int, float]] = {}
+    table: dict[int, dict[int, float]] = {}  # K_t -> seed -> metric
     params: dict[int, int] = {}
     baselines: dict[str, list[float]] = {}
     for p in sweep["points"]:
         if p["metric"] is None:
             continue
         if p["method"] == "vitsplit":
-            scores.setdefault(int(p["k_t"]), []).append(float(p["metric"]))
             table.setdefault(int(p["k_t"]), {})[int(p["seed"])] = float(p["metric"])
             params[int(p["k_t"])] = p["trainable_params"]
         else:
@@ -210,13 +206,14 @@ def from_sweep(folder: Path) -> None:
         plan = replace(FULL_PLAN, image_size=train_cfg["crop"], val_length=train_cfg["val_length"])
         seeds = sorted({p["seed"] for p in sweep["points"]})
         const = float(np.mean([constant_miou(train_cfg["data"], plan, seed) for seed in seeds]))
-    summary = print_summary(scores, params, const, baselines, table, sweep.get("higher_is_better", True))
+    summary = print_summary(params, const, baselines, table, sweep.get("higher_is_better", True))
     (folder / "kt_effect.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
-def print_summary(scores: dict[int, list[float]], params: dict[int, int], const: float | None,
-                  baselines: dict[str, list[float]], table: dict[int, dict[int, float]],
-                  higher_is_better: bool = True) -> dict[str, object]:
+def print_summary(params: dict[int, int], const: float | None, baselines: dict[str, list[float]],
+                  table: dict[int, dict[int, float]], higher_is_better: bool = True) -> dict[str, object]:
+    """Print and return the K_t-effect table of ``table`` (K_t -> seed -> metric)."""
+    scores = {k: list(v.values()) for k, v in table.items()}
     stats = statistics(scores, higher_is_better)
     blocked = block_anova(table)
     k_ts = sorted(scores)

@@ -127,12 +127,11 @@ def validation_row(name: str, role: str, sweep: dict[str, Any], rec_task: dict[s
 def k_t_effect(sweep: dict[str, Any]) -> dict[str, Any] | None:
     """kt_effect.statistics of the sweep's ViT-Split points (ANOVA across K_t, saturation), or None with
     fewer than two K_t or one seed."""
-    scores: dict[int, list[float]] = {}
-    table: dict[int, dict[int, float]] = {}
+    table: dict[int, dict[int, float]] = {}  # K_t -> seed -> metric
     for p in sweep["points"]:
         if p["method"] == "vitsplit" and p["metric"] is not None:
-            scores.setdefault(int(p["k_t"]), []).append(float(p["metric"]))
             table.setdefault(int(p["k_t"]), {})[int(p["seed"])] = float(p["metric"])
+    scores = {k: list(v.values()) for k, v in table.items()}
     if len(scores) < 2 or all(len(v) < 2 for v in scores.values()):
         return None
     st = statistics(scores, higher_is_better=sweep.get("higher_is_better", True))

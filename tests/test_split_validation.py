@@ -90,3 +90,13 @@ def test_seed_blocked_anova_matches_a_least_squares_fit():
     assert got["p"] == pytest.approx(f_dist.sf(F, df1, df2), rel=1e-9) and got["p"] < 0.01
     assert got["residual_sd"] == pytest.approx(np.sqrt(full / df2), rel=1e-9)
     assert block_anova({1: {0: 1.0}, 2: {0: 2.0}})["p"] is None  # one seed: no test
+
+
+@pytest.mark.slow
+def test_only_runs_one_setting_under_its_name_and_role(tmp_path):
+    """--only I runs setting I alone, keeps the name and role it has in the whole list, and writes its own json."""
+    sv = load()
+    rows = sv.main(["--quick", "--only", "1", "--out", str(tmp_path)])
+    assert [(r["setting"][:2], r["role"], r["task"]) for r in rows] == [("1-", "held-out", "depth")]
+    assert (tmp_path / "split_validation-1.json").is_file() and not (tmp_path / "split_validation.json").exists()
+    assert not any(p.name.startswith("0-") for p in tmp_path.iterdir())  # setting 0 was not run

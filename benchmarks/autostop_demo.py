@@ -4,8 +4,9 @@ recommendation in at most half the fixed run's fine-tuning wall time.
 Runs ``analyze`` twice on the demo's seg task with the demo's options (``cka_split.demo.FULL_PLAN``:
 data, copy learning rate and batch, probes, image size), CKA only (no RGN, no PCA): once with the fixed
 ``finetune_steps_seg`` steps, once with ``auto`` capped at the same steps, checking every ``--every``
-steps and stopping after ``--patience`` unchanged checks. Prints each run's K_t, the copy's fine-tuning
-seconds and steps, the auto run's K_t trajectory, and the time ratio.
+steps and stopping after ``--patience`` checks with the same accepted K_t (``cka_split.autostop``).
+Prints each run's K_t, the copy's fine-tuning seconds and steps, the auto run's K_t and accepted-K_t
+trajectories, and the time ratio.
 
     python benchmarks/autostop_demo.py --out /tmp/autostop [--every 10 --patience 3]
 
@@ -47,7 +48,8 @@ def main() -> None:
     a = auto["auto"]
     print(f"auto:  K_t {k_auto}, {a['steps_used']} of {a['max_steps']} steps (stopped early: {a['stopped_early']}), "
           f"{auto['seconds']:.1f} s with the checks; K_t at the checks: "
-          + ", ".join(f"{s}:{k}" for s, k in a["k_t_trajectory"]))
+          + ", ".join(f"{s}:{k}" for s, k in a["k_t_trajectory"])
+          + "; accepted K_t at the checks: " + ", ".join("/".join(map(str, acc)) for acc in a.get("accepted_k_t", [])))
     print(f"same recommendation: {k_fixed == k_auto}; time ratio auto / fixed = {auto['seconds'] / fixed['seconds']:.2f} "
           "(target <= 0.5)")
 

@@ -44,6 +44,7 @@ from vitsplit.data import build_dataset
 from vitsplit.engine import TrainConfig, train
 from vitsplit.evaluation import IoUMetric
 from vitsplit.model import default_split
+from vitsplit.model.configs import PRETRAINED_LR_SCALE
 
 QUICK = dict(train_iters=4, train_length=32, val_length=8, train_batch_size=4)
 
@@ -128,6 +129,8 @@ def main() -> None:
     ap.add_argument("--k-t", default="all", help="'all' (1..L-1), a range '1-11' or a list '1,3,6,11'")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--iters", type=int, default=None, help="default: the full demo's training iterations")
+    ap.add_argument("--pretrained-lr-scale", type=float, default=None,
+                    help="the task head's lr multiplier (default: the demo's, cka_split.demo.FULL_PLAN)")
     ap.add_argument("--out", default="runs/kt_effect")
     ap.add_argument("--quick", action="store_true", help="smoke test: K_t 1, 6, 11 (or 1, L/2, L-1), seeds 0 and 1, "
                                                          f"{QUICK['train_iters']} steps")
@@ -145,6 +148,8 @@ def main() -> None:
     plan = replace(FULL_PLAN, **QUICK) if args.quick else FULL_PLAN
     if args.iters:
         plan = replace(plan, train_iters=args.iters)
+    if args.pretrained_lr_scale:
+        plan = replace(plan, train_pretrained_lr_scale=args.pretrained_lr_scale)
     data = args.data or plan.data
     backbone = build_backbone(args.model, args.weights)
     L = backbone.num_layers
@@ -154,7 +159,7 @@ def main() -> None:
     out = Path(args.out)
     print(f"backbone {backbone.weights_source}")
     print(f"data {data}; {plan.train_iters} iterations of batch {plan.train_batch_size} at {plan.image_size} px, "
-          f"lr {plan.train_lr}; prior layers {prior_layers}; K_t {k_ts}; seeds {seeds}")
+          f"lr {plan.train_lr} (task head x {plan.train_pretrained_lr_scale}); prior layers {prior_layers}; K_t {k_ts}; seeds {seeds}")
 
     table: dict[int, dict[int, float]] = {}  # K_t -> seed -> mIoU
     params: dict[int, int] = {}
@@ -169,7 +174,7 @@ def main() -> None:
                 cfg = TrainConfig(task="seg", method="vitsplit", model=args.model, weights=args.weights, data=data, k_t=k,
                                   prior_layers=list(prior_layers), iters=plan.train_iters,
                                   batch_size=plan.train_batch_size, crop=plan.image_size, lr=plan.train_lr, seed=seed,
-                                  checkpoint_every=plan.train_iters, log_every=max(1, plan.train_iters // 10),
+                                  pretrained_lr_scale=plan.train_pretrained_lr_scale, checkpoint_every=plan.train_iters, log_every=max(1, plan.train_iters // 10),
                                   out=str(run), device="cpu", train_length=plan.train_length, val_length=plan.val_length)
                 metrics = train(cfg, backbone=backbone)
                 how = "trained"
@@ -200,7 +205,8 @@ def from_sweep(folder: Path) -> None:
         else:
             baselines.setdefault(f"{p['method']} ({p['trainable_params'] / 1e6:.2f}M)", []).append(float(p["metric"]))
     print(f"sweep {folder}: {sweep['task']} {sweep['metric']} on {train_cfg['data']}; {train_cfg['iters']} iterations of "
-          f"batch {train_cfg['batch_size']} at {train_cfg['crop']} px, lr {train_cfg['lr']}")
+          f"batch {train_cfg['batch_size']} at {train_cfg['crop']} px, lr {train_cfg['lr']} (task head and full FT's "
+          f"backbone x {train_cfg.get('pretrained_lr_scale') or PRETRAINED_LR_SCALE})")
     const = None
     if sweep["task"] == "seg":
         plan = replace(FULL_PLAN, image_size=train_cfg["crop"], val_length=train_cfg["val_length"])

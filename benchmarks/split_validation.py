@@ -157,7 +157,7 @@ def run_setting(i: int, spec: str, args: argparse.Namespace, out: Path, role: st
     L = int(rec["num_layers"])
     picks = [k for k in (rec_task["k_t"], (rec_task.get("rgn") or {}).get("k_t")) if k is not None]
     base = TrainConfig(task=task, model=args.model, weights=args.weights, data=data, iters=args.iters,
-                       batch_size=args.batch_size, crop=args.crop, lr=args.lr, seed=0, device=args.device,
+                       batch_size=args.batch_size, crop=args.crop, lr=args.lr, pretrained_lr_scale=args.pretrained_lr_scale, seed=0, device=args.device,
                        checkpoint_every=max(1, args.iters // 2), log_every=max(1, args.iters // 20),
                        train_length=args.train_length, val_length=args.val_length)
     t0 = time.perf_counter()
@@ -219,6 +219,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=plan.train_batch_size)
     p.add_argument("--crop", type=int, default=plan.image_size)
     p.add_argument("--lr", type=float, default=plan.train_lr)
+    p.add_argument("--pretrained-lr-scale", type=float, default=plan.train_pretrained_lr_scale,
+                   help="lr multiplier of the task head (and full FT's backbone); default: the demo's")
     p.add_argument("--train-length", type=int, default=plan.train_length)
     p.add_argument("--val-length", type=int, default=plan.val_length)
     p.add_argument("--finetune-steps", type=int, default=plan.finetune_steps_seg)

@@ -1,12 +1,22 @@
 """``--finetune-steps auto``: fine-tune a task copy only until its recommendation has settled.
 
 Every ``every`` steps the copy's CKA against the pretrained model is measured on a small fixed probe
-set (:func:`cka_split.analysis.analyze`), the divergence rule gives a K_t
-(:func:`cka_split.recommend.recommend_split`, K_t from CKA, no budget), and the fine-tuning stops
-once K_t has been the same at ``patience`` consecutive checks after the one where it first took that
-value (so ``patience + 1`` equal checks in a row), or at ``max_steps``. The learning-rate schedule
-spans ``max_steps`` either way, so an early stop happens before the learning rate has decayed: the copy
-is a copy partway through fine-tuning, which is all the CKA needs (where the task changes the model).
+set (:func:`cka_split.analysis.analyze`), and the divergence rule gives a K_t
+(:func:`cka_split.recommend.recommend_split`, K_t from CKA, no budget) together with every K_t whose start
+the rule's step test accepts (``accepted_k_t``, :func:`cka_split.divergence.accepted_starts`): where two starts both pass
+(every later block diverges at least ``STEP_RATIO`` times more than every earlier one, beyond noise),
+the rule's choice between them follows whichever ratio is larger, and that flips from check to check
+with the probe noise and the copy's progress. Measured on the demo's seg copy: the starts at blocks 1
+and 2 both pass at 11 of its 15 checks (ratios 2.0-3.6), and the chosen K_t alternated 10, 11, 10, ...
+for all 150 steps, so "the same K_t" never held for four checks.
+
+The copy is *settled* once the set of accepted K_t has been the same at ``patience`` consecutive checks
+after the one where it first took that value (``patience + 1`` equal sets in a row); without a tie that
+is the K_t itself staying put. It stops then, or at ``max_steps``. The set adds no constant to the rule:
+it is the rule's own step test, read for every candidate instead of only the best. The learning-rate
+schedule spans ``max_steps`` either way, so an early stop happens before the learning rate has decayed:
+the copy is a copy partway through fine-tuning, which is all the CKA needs (where the task changes the
+model). The final recommendation is the rule's, on the full probe set, as without ``auto``.
 """
 
 from __future__ import annotations
@@ -20,11 +30,12 @@ from torch import nn
 
 @dataclass
 class StabilityStop:
-    """The stopping rule alone: feed it (step, K_t) at every check; it says when to stop."""
+    """The stopping rule alone: feed it (step, K_t, accepted K_t) at every check; it says when to stop."""
 
     every: int
     patience: int
     trajectory: list[tuple[int, int]] = field(default_factory=list)   # (step, K_t) per check
+    accepted: list[list[int]] = field(default_factory=list)           # the accepted K_t per check (ascending)
     stopped_at: int | None = None                                      # the step of the stopping check
 
     def __post_init__(self) -> None:
@@ -34,18 +45,21 @@ class StabilityStop:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def observe(self, step: int, k_t: int) -> bool:
-        """Record one check; True when K_t has not changed for ``patience`` checks."""
+    def observe(self, step: int, k_t: int, accepted: Sequence[int] | None = None) -> bool:
+        """Record one check; True when the accepted K_t (default: just ``k_t``) have not changed for
+        ``patience`` checks."""
         self.trajectory.append((int(step), int(k_t)))
-        last = [k for _, k in self.trajectory[-(self.patience + 1):]]
-        if len(last) == self.patience + 1 and len(set(last)) == 1:
+        self.accepted.append(sorted({int(k) for k in accepted} | {int(k_t)}) if accepted else [int(k_t)])
+        last = self.accepted[-(self.patience + 1):]
+        if len(last) == self.patience + 1 and all(a == last[0] for a in last):
             self.stopped_at = int(step)
             return True
         return False
 
     def to_json(self, max_steps: int, steps_used: int) -> dict:
         return {"max_steps": max_steps, "check_every": self.every, "patience": self.patience, "steps_used": steps_used,
-                "stopped_early": steps_used < max_steps, "k_t_trajectory": [list(p) for p in self.trajectory]}
+                "stopped_early": steps_used < max_steps, "k_t_trajectory": [list(p) for p in self.trajectory],
+                "accepted_k_t": [list(a) for a in self.accepted]}
 
 
 def stability_callback(pretrained: nn.Module, task: str, probes: Sequence[torch.Tensor], stop: StabilityStop, *,
@@ -60,7 +74,7 @@ def stability_callback(pretrained: nn.Module, task: str, probes: Sequence[torch.
         if not stop.due(step):
             return False
         res = analyze({"pretrained": pretrained, task: copy}, probes, features=features, unbiased=unbiased)
-        k = recommend_split(res, tasks=[task], num_layers=num_layers).per_task[task].k_t_from_cka
-        return stop.observe(step, k)
+        rec = recommend_split(res, tasks=[task], num_layers=num_layers).per_task[task]
+        return stop.observe(step, rec.k_t_from_cka, rec.accepted_k_t)
 
     return on_step

@@ -32,6 +32,7 @@ from vitsplit.backbones.demo_vit import CACHE_FOLDER, DEMO_RECIPE, SHIPPED_WEIGH
 from vitsplit.engine import TrainConfig, train
 from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write_json, ensure_writable_dir
+from vitsplit.model.configs import PRETRAINED_LR_SCALE
 from vitsplit.ops.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from vitsplit.pretrain import load_or_pretrain_demo_vit
 from vitsplit.progress import NULL_PROGRESS, Progress
@@ -67,6 +68,7 @@ class DemoPlan:
     train_iters: int = 150            # ~60 s per ViT-Split run on 2 cores: the split-validation benchmark's budget too
     train_batch_size: int = 8
     train_lr: float = 1e-3
+    train_pretrained_lr_scale: float = PRETRAINED_LR_SCALE  # ViT-Split's task head, full FT's backbone
     train_length: int = 2000
     val_length: int = 64
     seed: int = 0
@@ -153,6 +155,7 @@ def run_demo(out: Path, plan: DemoPlan = FULL_PLAN, progress: Progress = NULL_PR
         tcfg = TrainConfig(task="seg", method=method, model="demo-vit", weights=weights, data=plan.data,
                            auto_split=str(run) if method == "vitsplit" else None, iters=plan.train_iters,
                            batch_size=plan.train_batch_size, crop=plan.image_size, lr=plan.train_lr, seed=plan.seed,
+                           pretrained_lr_scale=plan.train_pretrained_lr_scale,
                            checkpoint_every=max(1, plan.train_iters // 2), log_every=max(1, plan.train_iters // 30),
                            out=str(run / "training" / method), device="cpu", train_length=plan.train_length,
                            val_length=plan.val_length)

@@ -93,6 +93,23 @@ def step_ratios(d: np.ndarray, se: np.ndarray, *, z: float = NOISE_Z, floor: flo
     return r
 
 
+def accepted_starts(curve: Sequence[float], se: Sequence[float] | None = None, layers: Sequence[int] | None = None, *,
+                    z: float = NOISE_Z, step_ratio: float = STEP_RATIO, floor: float = NUMERIC_FLOOR) -> list[int]:
+    """Every start the step test accepts (``r(i) >= step_ratio``), ascending, as blocks; the rule
+    (:func:`divergence_start`) takes the one with the largest ratio. Without any: the rule's own start
+    (a gradual curve) or nothing (a flat one). Two or more accepted starts are a tie the rule breaks by
+    a ratio that is itself a noisy estimate: each of them is a step "beyond noise" in the rule's sense.
+    """
+    div = divergence_start(curve, se, layers, z=z, step_ratio=step_ratio, floor=floor)
+    if div.kind != "step":
+        return [] if div.start is None else [int(div.start)]
+    d = np.asarray(curve, dtype=np.float64)
+    s = np.full(d.size, np.nan) if se is None else np.asarray(se, dtype=np.float64)
+    layers = list(range(d.size)) if layers is None else [int(x) for x in layers]
+    r = step_ratios(d, s, z=z, floor=floor)
+    return [layers[0] if i == 0 else layers[i - 1] + 1 for i in range(1, d.size) if r[i] >= step_ratio]
+
+
 def divergence_start(curve: Sequence[float], se: Sequence[float] | None = None, layers: Sequence[int] | None = None, *,
                      z: float = NOISE_Z, step_ratio: float = STEP_RATIO, floor: float = NUMERIC_FLOOR) -> Divergence:
     """Where a divergence curve leaves the blocks the task left (nearly) alone (module docstring).

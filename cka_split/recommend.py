@@ -56,7 +56,8 @@ recommendation.json (``SplitRecommendation.to_json()``)::
                          "full_finetune_params": int | null, "params_vs_full": float | null,
                          "backward_avoided": float, "step_time_ratio_estimate": float,
                          "larger_than_full": bool | null, "largest_k_t_below_full": int | null,
-                         "divergence_share_last": [share carried by the last k blocks, k = 1..L]}}}
+                         "divergence_share_last": [share carried by the last k blocks, k = 1..L],
+                         "accepted_k_t": [K_t of every start the step test accepts; empty when flat]}}}
 
 ``max_trainable_params`` at the top is the budget as given (a number, a {task: number} map, or null).
 """
@@ -78,7 +79,8 @@ from vitsplit.model.configs import DEFAULT_B, PUBLISHED_K_P, default_k_t, prior_
 
 from .cka import MIN_SE_BATCHES
 from .cost import Budget, FullCount, ParamCount, budget_for, check_budget_tasks, json_float, split_cost
-from .divergence import NOISE_Z, NUMERIC_FLOOR, STEP_RATIO, Divergence, divergence_start, noise_band  # noqa: F401
+from .divergence import (NOISE_Z, NUMERIC_FLOOR, STEP_RATIO, Divergence, accepted_starts, divergence_start,  # noqa: F401
+                         noise_band, step_ratios)
 
 
 
@@ -117,6 +119,7 @@ class TaskSplit:
     larger_than_full: bool | None = None
     largest_k_t_below_full: int | None = None
     divergence_share_last: list[float | None] = field(default_factory=list)
+    accepted_k_t: list[int] = field(default_factory=list)   # K_t of every start the step test accepts (ties)
     rgn: dict[str, Any] | None = None  # the gradient-norm rival's entry (cka_split.rgn.measure_rgn), if measured
 
 
@@ -237,6 +240,14 @@ def _pm(v: float, se: float) -> str:
     return f"{v:.3g} \u00b1 {se:.2g}"
 
 
+def accepted_k_t(d: np.ndarray, se: np.ndarray, layers: list[int], L: int, *, z: float = NOISE_Z,
+                 step_ratio: float = STEP_RATIO) -> list[int]:
+    """K_t = L - start, clipped to [1, L - 1], of every start :func:`~cka_split.divergence.accepted_starts`
+    gives (ascending, no repeats; empty for a flat curve)."""
+    return sorted({int(np.clip(L - start, 1, L - 1))
+                   for start in accepted_starts(d, se, layers, z=z, step_ratio=step_ratio)})
+
+
 def _task_curve(res, pretrained: str, task: str) -> tuple[np.ndarray, np.ndarray]:
     """(d, se): d = 1 - CKA(pretrained l, task l) clipped to [0, 1], and its SE (NaN where unknown)."""
     cka_diag = np.diag(np.asarray(res.matrix(pretrained, task), dtype=np.float64))
@@ -282,6 +293,15 @@ def _divergence_evidence(t: str, L: int, layers: list[int], d: np.ndarray, se: n
                       f"{d[i] / move[i]:.3g} times that.")
         ev.append(f"K_t = L - {div.start} = {raw}{clip}" + ("." if clip else f": the task head copies blocks {L - k}-{L - 1}, "
                                                           f"the ones {t} changed clearly more than the blocks before."))
+        r = step_ratios(d, se, z=z)
+        others = [j for j in range(1, d.size) if j != i and r[j] >= step_ratio]
+        if others:
+            alt = ", ".join(f"block {layers[j - 1] + 1} (ratio {r[j]:.3g}, K_t {int(np.clip(L - layers[j - 1] - 1, 1, L - 1))})"
+                            for j in others)
+            ev.append(f"The step test also accepts a start at {alt}: a step beyond noise by the same test, with a smaller "
+                      f"ratio than the chosen one's ({div.ratio:.3g}). Ratios move with the probe images and the copy's steps "
+                      "(--finetune-steps auto treats the accepted K_t as one answer), so such a K_t also has the rule's support; "
+                      "a smaller one trains fewer blocks (--max-trainable-params makes the rule take it).")
     else:
         best = f"the largest step ratio is {div.ratio:.3g}" if np.isfinite(div.ratio) else "there is a single block"
         ev.append(f"Blocks move measurably from block {layers[i]} on ({_pm(d[i], se[i])}, above numerical precision across its "
@@ -359,7 +379,7 @@ def recommend_split(res, pretrained: str = "pretrained", tasks: Sequence[str] | 
             divergence_se=[json_float(v) for v in se], divergence_kind=div.kind,
             step_ratio=json_float(div.ratio) if div.kind != "flat" else None,
             pretrained_movement=[json_float(v) for v in move], se_batches=se_batches, se_reliable=reliable,
-            max_trainable_params=budget, **cost)
+            max_trainable_params=budget, accepted_k_t=accepted_k_t(d, se, p_layers, L, z=z, step_ratio=step_ratio), **cost)
     settings = dict(noise_z=z, step_ratio=step_ratio, numeric_floor=NUMERIC_FLOOR, min_se_batches=MIN_SE_BATCHES,
                     group_threshold=group_threshold, b_default=b_default, k_p_default=kp_def)
     return SplitRecommendation(model=model or "", num_layers=L, pretrained=pretrained, tasks=list(tasks),

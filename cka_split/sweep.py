@@ -46,7 +46,7 @@ import torch
 
 from vitsplit.backbones import Backbone, create_vit, resolve_name
 from vitsplit.engine import TrainConfig, resolve_config, split_from_recommendation, train
-from vitsplit.engine.config import RESUME_FREE
+from vitsplit.engine.config import RESUME_FREE, with_implicit_options
 from vitsplit.engine.distributed import Dist, init_distributed
 from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write_json, read_json
@@ -143,7 +143,8 @@ class SweepPoint:
         head = base.head if self.method in UPERNET_METHODS else "linear"
         return dataclasses.replace(base, method=self.method, head=head, seed=self.seed, k_t=self.k_t, out=str(out / self.name),
                                    prior_layers=prior if self.method == "vitsplit" else None,
-                                   auto_split=None, split_source=None, resume=False)
+                                   auto_split=None, split_source=None, resume=False,
+                                   pretrained_lr_scale=None if self.method == "vit-adapter" else base.pretrained_lr_scale)
 
 
 @dataclass
@@ -187,6 +188,9 @@ def resolve_sweep(cfg: SweepConfig, backbone: Backbone | None = None) -> tuple[S
     _check_methods(cfg.methods)
     COUNT.check("--seeds", cfg.seeds)
     b = cfg.base
+    if b.pretrained_lr_scale is not None and "vit-adapter" in cfg.methods:
+        raise UserError("--pretrained-lr-scale does not apply to vit-adapter (its layer-wise lr decay sets the backbone's "
+                        "lr); sweep vit-adapter without it, or the other methods with it")
     if backbone is not None:
         b.model, b.weights = backbone.name, b.weights or "given"
     link: dict[str, Any] = {"analysis": None, "picks": {}}
@@ -205,7 +209,8 @@ def resolve_sweep(cfg: SweepConfig, backbone: Backbone | None = None) -> tuple[S
     b.head = head
     for m in cfg.methods:
         if m in UPERNET_METHODS:
-            resolve_config(dataclasses.replace(b, method=m, k_t=None, prior_layers=None))  # refuse a head it cannot take
+            resolve_config(dataclasses.replace(b, method=m, k_t=None, prior_layers=None,  # refuse a head it cannot take
+                                               pretrained_lr_scale=None if m == "vit-adapter" else b.pretrained_lr_scale))
     cfg.base = b
     L = backbone.num_layers if backbone is not None else num_layers_of(b.model)
     if isinstance(cfg.k_t, str):
@@ -226,7 +231,7 @@ def point_status(cfg: TrainConfig) -> str:
     out = Path(cfg.out)
     if not (out / "eval.json").is_file():
         return "resume" if (out / "last.pt").is_file() else "new"
-    saved = read_json(out / "config.json") if (out / "config.json").is_file() else {}
+    saved = with_implicit_options(read_json(out / "config.json")) if (out / "config.json").is_file() else {}
     want = resolve_config(cfg).to_dict()
     for k, v in want.items():
         if k in RESUME_FREE or k in ("split_source", "auto_split") or v is None:

@@ -30,6 +30,7 @@ def train(
     grad_accum: int = typer.Option(1, help="Gradient accumulation steps per optimizer step.", callback=checked(TRAIN_RANGES["grad_accum"])),
     crop: int = typer.Option(512, help="Training crop size.", callback=checked(TRAIN_RANGES["crop"])),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the published one for the model size and task).", callback=checked(TRAIN_RANGES["lr"])),
+    pretrained_lr_scale: Optional[float] = typer.Option(None, help="lr multiplier of the weights that start pretrained: ViT-Split's task head, full fine-tuning's backbone (default 0.1, the release's).", callback=checked(TRAIN_RANGES["pretrained_lr_scale"])),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 1e-2; 0.05 for det).", callback=checked(TRAIN_RANGES["weight_decay"])),
     warmup_iters: Optional[int] = typer.Option(None, help="Linear warm-up steps (default min(1500, iters // 10)).", callback=checked(TRAIN_RANGES["warmup_iters"])),
     seed: int = typer.Option(0, help="Seed (data order, augmentation, head init).", callback=checked(TRAIN_RANGES["seed"])),

@@ -82,11 +82,14 @@ def header_rows(data: RunData) -> list[tuple[str, str]]:
             bits.append(f"{m['steps']} steps")
         auto = m.get("auto") if isinstance(m.get("auto"), dict) else None
         if auto:
-            traj = ", ".join(f"{p[0]}: {p[1]}" for p in auto.get("k_t_trajectory") or [])
+            accepted = auto.get("accepted_k_t") or []
+            traj = ", ".join(f"{p[0]}: {p[1]}" + (f" (accepted {'/'.join(map(str, accepted[i]))})"
+                                                   if i < len(accepted) and len(accepted[i]) > 1 else "")
+                             for i, p in enumerate(auto.get("k_t_trajectory") or []))
             bits.append(f"--finetune-steps auto: {'stopped after' if auto.get('stopped_early') else 'ran all'} "
                         f"{auto.get('steps_used')} of at most {auto.get('max_steps')} steps "
-                        f"(K_t unchanged for {auto.get('patience')} checks every {auto.get('check_every')} steps ends it); "
-                        f"K_t at each check (step: K_t): {traj or 'none'}")
+                        f"(the accepted K_t unchanged for {auto.get('patience')} checks every {auto.get('check_every')} "
+                        f"steps ends it); K_t at each check (step: K_t): {traj or 'none'}")
         if m.get("seconds") is not None:
             bits.append(f"fine-tuning took {fmt_seconds(m['seconds'])}")
         if m.get("data"):

@@ -135,6 +135,19 @@ def test_param_groups_scale_task_head_lr():
     assert [g["lr"] for g in groups] == [pytest.approx(3e-5), 3e-4]
     assert sum(p.numel() for g in groups for p in g["params"]) == count_trainable(m)
     assert sum(p.numel() for p in groups[0]["params"]) == count_trainable(m.split.task_head)
+    # --pretrained-lr-scale: the task head at lr x scale, the rest unchanged; the config's default is the release's
+    assert [g["lr"] for g in m.param_groups(3e-4, 1e-2, pretrained_lr_scale=1.0)] == [pytest.approx(3e-4), 3e-4]
+    from vitsplit.engine import TrainConfig
+    from vitsplit.engine.config import resolve_config
+
+    assert resolve_config(TrainConfig(k_t=2, prior_layers=[0, 1])).pretrained_lr_scale == 0.1
+    assert resolve_config(TrainConfig(method="vit-adapter")).pretrained_lr_scale is None
+    with pytest.raises(UserError, match="does not apply to vit-adapter"):
+        resolve_config(TrainConfig(method="vit-adapter", pretrained_lr_scale=1.0))
+    from vitsplit.model import Baseline
+
+    full = Baseline(tiny_backbone(), "full", "seg", 3)
+    assert sorted(g["lr"] for g in full.param_groups(1e-3, pretrained_lr_scale=0.5)) == [pytest.approx(5e-4), 1e-3]
 
 
 def test_seg_and_depth_shapes_and_losses():

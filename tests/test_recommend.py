@@ -144,6 +144,13 @@ def test_largest_ratio_wins_over_an_earlier_weaker_step():
     r = step_ratios(d, se)
     assert np.nanargmax(r) == 6 and r[1] >= STEP_RATIO
     assert divergence_start(d, se).start == 6
+    # the evidence names the weaker step the test also accepts, with its K_t
+    tr = recommend_split(fake_result({"seg": (d, se)}, 9)).per_task["seg"]
+    ev = " ".join(tr.evidence)
+    assert tr.k_t == 3 and f"also accepts a start at block 1 (ratio {r[1]:.3g}, K_t 8)" in ev
+    # a curve with one accepted start has no such sentence
+    one = recommend_split(fake_result({"seg": (np.r_[np.zeros(6), 0.02, 0.03, 0.04], np.full(9, 1e-3))}, 9)).per_task["seg"]
+    assert one.k_t == 3 and "also accepts" not in " ".join(one.evidence)
 
 
 def test_layer_subset_start_is_block_after_last_point_before_the_step():

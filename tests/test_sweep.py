@@ -184,3 +184,18 @@ def test_auto_split_links_the_analysis_and_takes_its_prior_layers(tmp_path):
     assert only_link[0].base.prior_layers is None and only_link[2]["picks"] == {"cka": 2, "rgn": 1}
     with pytest.raises(UserError, match="K_t 4 is outside 1..3"):
         resolve_sweep(SweepConfig(base=base(), k_t=[4], out=str(tmp_path / "s3")), backbone=tiny_backbone())
+
+
+def test_pretrained_lr_scale_reaches_the_points_and_vit_adapter_refuses_it():
+    from vitsplit.engine.config import with_implicit_options
+
+    base = TrainConfig(pretrained_lr_scale=0.5)
+    assert SweepPoint("vitsplit", 0, 3).config(base, Path("/tmp/x")).pretrained_lr_scale == 0.5
+    assert SweepPoint("full", 0).config(base, Path("/tmp/x")).pretrained_lr_scale == 0.5
+    assert SweepPoint("vit-adapter", 0).config(base, Path("/tmp/x")).pretrained_lr_scale is None
+    with pytest.raises(UserError, match="does not apply to vit-adapter"):
+        resolve_sweep(SweepConfig(base=base, k_t=[1], methods=["vitsplit", "vit-adapter"], out="/tmp/x"))
+    # a run saved before the option existed trained at the release's 0.1 (vit-adapter: no scale)
+    assert with_implicit_options({"method": "full"})["pretrained_lr_scale"] == 0.1
+    assert with_implicit_options({"method": "vit-adapter"})["pretrained_lr_scale"] is None
+    assert with_implicit_options({"method": "full", "pretrained_lr_scale": 1.0})["pretrained_lr_scale"] == 1.0

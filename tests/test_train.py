@@ -274,3 +274,30 @@ def test_default_learning_rate_follows_the_backbone_width_not_its_name(dim, task
     assert cfg.lr is None
     finish_config(cfg, bb)
     assert cfg.lr == lr == default_lr(task, bb)
+
+
+def test_depth_head_starts_at_the_training_data_mean_log_depth(tmp_path):
+    """A fresh depth run sets the head's output bias to the mean log-depth of the first training scenes
+    (a bias of 0 would start every prediction at 1 m); a resumed run keeps its checkpoint's."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from vitsplit.data.dataset import DEPTH_PRIOR_ITEMS
+    from vitsplit.model.heads import DepthHead
+
+    data = "synthetic:size=32,classes=2"
+    ds = build_dataset(data, "train", task="depth", crop=32, length=100, seed=0)
+    direct = [np.log(np.asarray(ds.source.load(i)["depth"], dtype=np.float64)) for i in range(DEPTH_PRIOR_ITEMS)]
+    expected = float(np.concatenate([v.ravel() for v in direct]).mean())
+    assert ds.mean_log_depth() == pytest.approx(expected, rel=1e-12) and 1.0 < expected < np.log(14.5)
+    head = DepthHead(32)
+    head.start_at(expected)
+    assert torch.all(head.out.bias == torch.tensor(expected, dtype=torch.float32))
+    # through train(): with a vanishing lr the saved bias is still the data's mean log-depth
+    cfg = TrainConfig(task="depth", method="vitsplit", data=data, iters=2, batch_size=2, crop=32, k_t=1,
+                      prior_layers=[0, 2], lr=1e-12, checkpoint_every=2, log_every=1, val_length=2, train_length=100,
+                      out=str(tmp_path / "run"))
+    train(cfg, backbone=tiny_backbone())
+    state = load_file(str(tmp_path / "run" / "model.safetensors"))
+    bias = [v for k, v in state.items() if k.endswith("head.out.bias")]
+    assert len(bias) == 1 and float(bias[0]) == pytest.approx(expected, abs=1e-6)

@@ -14,7 +14,7 @@ from ..backbones.reading import weights_path
 from ..errors import UserError
 from ..fileio import read_json
 from ..model.baselines import check_head
-from ..model.configs import METHODS, TASKS, default_split
+from ..model.configs import METHODS, PRETRAINED_LR_SCALE, TASKS, default_split
 from ..model.heads import DET_PRESETS, det_preset_for
 from ..ranges import COUNT, NON_NEGATIVE, POSITIVE, Range
 from .schedule import default_warmup
@@ -28,6 +28,20 @@ RESUME_FREE = ("resume", "max_steps_this_run", "out", "num_workers", "device", "
                "checkpoint_every")
 
 
+# Options added after runs were first written, with the value a run saved before them used implicitly:
+# a config.json without the key is read with it (resuming, and a sweep checking its finished points).
+IMPLICIT_BEFORE = {"pretrained_lr_scale": lambda saved: None if saved.get("method") == "vit-adapter" else PRETRAINED_LR_SCALE}
+
+
+def with_implicit_options(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config.json's options, with every key of ``IMPLICIT_BEFORE`` it lacks filled in."""
+    out = dict(saved)
+    for key, value in IMPLICIT_BEFORE.items():
+        if key not in out:
+            out[key] = value(saved)
+    return out
+
+
 # The numeric options' allowed values (None, "the default", always passes); the CLI checks the same
 # table while parsing (cka_split.cli.options.checked).
 TRAIN_RANGES: dict[str, Range] = {
@@ -35,7 +49,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "weight_decay": NON_NEGATIVE, "warmup_iters": NON_NEGATIVE, "seed": NON_NEGATIVE, "checkpoint_every": COUNT,
     "log_every": COUNT, "num_workers": NON_NEGATIVE, "train_length": COUNT, "val_length": COUNT,
     "eval_stride": COUNT, "eval_batch_size": COUNT, "lora_rank": COUNT, "lora_alpha": POSITIVE,
-    "max_steps_this_run": NON_NEGATIVE,
+    "max_steps_this_run": NON_NEGATIVE, "pretrained_lr_scale": POSITIVE,
 }
 
 
@@ -47,7 +61,9 @@ class TrainConfig:
     model dinov2_vits14, weights auto, K_t/prior layers from ``auto_split`` or the published table,
     lr :func:`default_lr` (3e-4 up to ViT-S width, 2e-4 wider, 1e-4 det; ViT-Adapter's own; set once
     the backbone is built, by :func:`finish_config`), weight decay 1e-2 (0.05 det), warm-up
-    ``min(1500, iters // 10)``. ``batch_size`` is the global batch of one optimizer step.
+    ``min(1500, iters // 10)``, ``pretrained_lr_scale`` (the lr multiplier of ViT-Split's task head and
+    of full fine-tuning's backbone) :data:`~vitsplit.model.configs.PRETRAINED_LR_SCALE` (0.1, the
+    release's; vit-adapter has its own layer-wise decay and takes none). ``batch_size`` is the global batch of one optimizer step.
     ``head``: a baseline's segmentation head, linear or upernet (full, lora, vit-adapter).
     """
 
@@ -67,6 +83,7 @@ class TrainConfig:
     grad_accum: int = 1
     crop: int = 512
     lr: float | None = None
+    pretrained_lr_scale: float | None = None
     weight_decay: float | None = None
     warmup_iters: int | None = None
     warmup_ratio: float = 1e-6
@@ -179,6 +196,11 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         weights_path(cfg.weights)  # a missing file or a symlink loop fails here, before the data is read
     if cfg.weight_decay is None:
         cfg.weight_decay = 0.05 if cfg.task == "det" else 1e-2
+    if cfg.method == "vit-adapter":
+        if cfg.pretrained_lr_scale is not None:
+            raise UserError("--pretrained-lr-scale does not apply to vit-adapter (its layer-wise lr decay sets the backbone's lr)")
+    elif cfg.pretrained_lr_scale is None:
+        cfg.pretrained_lr_scale = PRETRAINED_LR_SCALE
     if cfg.warmup_iters is None:
         cfg.warmup_iters = default_warmup(cfg.iters)
     if cfg.task == "det":

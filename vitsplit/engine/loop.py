@@ -94,7 +94,8 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
     if d.world > 1:
         loss_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
                           find_unused_parameters=True)
-    groups = model.param_groups(cfg.lr, cfg.weight_decay)
+    scale = {} if cfg.pretrained_lr_scale is None else {"pretrained_lr_scale": cfg.pretrained_lr_scale}
+    groups = model.param_groups(cfg.lr, cfg.weight_decay, **scale)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     sched = PolyWarmup(cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.poly_power)
     step, elapsed = 0, 0.0

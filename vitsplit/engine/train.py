@@ -30,11 +30,11 @@ from ..evaluation import evaluate_model
 from ..fileio import atomic_write_json, atomic_write_text, versions
 from ..model import count_trainable, save_trained
 from ..model.build import build_model as model_build
-from ..model.heads import det_preset_for
+from ..model.heads import DepthHead, det_preset_for
 from ..progress import NULL_PROGRESS, Progress
 from ..runlock import RunLock
 from .checkpoint import load_checkpoint
-from .config import RESUME_FREE, TrainConfig, finish_config, resolve_config
+from .config import RESUME_FREE, TrainConfig, finish_config, resolve_config, with_implicit_options
 from .distributed import Dist, init_distributed
 from .loop import fit, seed_everything
 from .memory import PeakMemory
@@ -66,7 +66,7 @@ def _metrics_upto(path: Path, step: int) -> None:
 
 
 def _check_resume(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    now = cfg.to_dict()
+    saved, now = with_implicit_options(saved), cfg.to_dict()
     diff = [k for k in now if k not in RESUME_FREE and saved.get(k) != now[k]]
     if diff:
         k = diff[0]
@@ -123,6 +123,11 @@ def _train_locked(cfg: TrainConfig, d: Dist, device: torch.device, progress: Pro
         _check_resume(ckpt["config"], cfg)
     seed_everything(cfg.seed)
     model = build_model(cfg, backbone, train_set.num_classes)
+    if cfg.task == "depth" and ckpt is None:   # a resumed run loads its head from the checkpoint
+        log_depth = train_set.mean_log_depth()
+        for m in model.modules():
+            if isinstance(m, DepthHead):
+                m.start_at(log_depth)
     try:
         if d.main:
             record = {**cfg.to_dict(), "weights_source": backbone.weights_source, "num_classes": train_set.num_classes,

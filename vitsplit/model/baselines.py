@@ -17,7 +17,7 @@ intermediate blocks (:mod:`.plain_pyramid`), the "DINOv2 + UperNet" rows of the 
 
 Detection and depth use :class:`~vitsplit.model.heads.DetHead` / :class:`~vitsplit.model.heads.DepthHead` on the
 final map, as ViT-Split uses them on its fused map. Learning rates: parameters that start from
-pretrained weights (the backbone under ``full``) get lr x 0.1, as ViT-Split's task head (copied
+pretrained weights (the backbone under ``full``) get lr x ``PRETRAINED_LR_SCALE`` (0.1), as ViT-Split's task head (copied
 pretrained blocks) does; new parameters (heads, LoRA matrices) get lr.
 """
 
@@ -32,7 +32,7 @@ from torch import nn
 from ..backbones import Backbone, backbone_config, state_hash
 from ..backbones.backbone import tensors_hash
 from ..errors import UserError
-from .configs import BASELINES, HEADS, TASKS, UPERNET_METHODS
+from .configs import BASELINES, HEADS, PRETRAINED_LR_SCALE, TASKS, UPERNET_METHODS
 from .heads import DepthHead, DetHead, SegHead
 from .plain_pyramid import PlainPyramid, pyramid_layers
 from .upernet import UperNetSegHead
@@ -195,12 +195,15 @@ class Baseline(nn.Module):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_trainable(self, state, f"{self.method} baseline")
 
-    def param_groups(self, lr: float, weight_decay: float = 1e-2) -> list[dict[str, Any]]:
+    def param_groups(self, lr: float, weight_decay: float = 1e-2,
+                     pretrained_lr_scale: float = PRETRAINED_LR_SCALE) -> list[dict[str, Any]]:
+        """The new weights (head, LoRA matrices) at lr; the backbone under ``full`` at lr x
+        ``pretrained_lr_scale`` (the release: 0.1)."""
         pretrained = [p for p in self.backbone.parameters() if p.requires_grad] if self.method == "full" else []
         new = [p for n, p in self.named_parameters() if p.requires_grad and (n.startswith("head.") or "lora_" in n)]
         groups = [{"params": new, "lr": lr, "weight_decay": weight_decay, "name": "heads"}]
         if pretrained:
-            groups.insert(0, {"params": pretrained, "lr": lr * 0.1, "weight_decay": weight_decay, "name": "backbone"})
+            groups.insert(0, {"params": pretrained, "lr": lr * pretrained_lr_scale, "weight_decay": weight_decay, "name": "backbone"})
         return groups
 
     def backbone_sha256(self) -> str:

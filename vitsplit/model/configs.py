@@ -20,13 +20,17 @@ from dataclasses import dataclass
 from ..data.labels import TASKS
 from ..errors import UserError
 
-__all__ = ["BASELINES", "DEFAULT_B", "HEADS", "METHODS", "UPERNET_METHODS", "PUBLISHED", "PUBLISHED_K_P", "PUBLISHED_K_T", "PublishedSplit", "TASKS",
+__all__ = ["BASELINES", "PRETRAINED_LR_SCALE", "DEFAULT_B", "HEADS", "METHODS", "UPERNET_METHODS", "PUBLISHED", "PUBLISHED_K_P", "PUBLISHED_K_T", "PublishedSplit", "TASKS",
            "default_k_t", "default_split", "prior_layers_uniform"]
 
 BASELINES = ("linear", "full", "lora")
 METHODS = ("vitsplit", *BASELINES, "vit-adapter")
 HEADS = ("linear", "upernet")
 UPERNET_METHODS = ("full", "lora", "vit-adapter")  # the trained backbones (linear is the frozen-backbone probe)
+# The learning-rate multiplier of trained weights that start from the pretrained model: ViT-Split's task
+# head (copies of the last K_t blocks) and full fine-tuning's backbone; new heads train at the full lr.
+# 0.1 is the release's recipe (``lr_mult`` 0.1 on the task head, tens of thousands of iterations).
+PRETRAINED_LR_SCALE = 0.1
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,14 @@ class DepthHead(nn.Module):
         self.bn = nn.BatchNorm2d(channels)
         self.out = nn.Conv2d(channels, 1, 1)
 
+    @torch.no_grad()
+    def start_at(self, log_depth: float) -> None:
+        """Set the output bias so that the untrained head predicts about ``log_depth`` everywhere (the
+        training data's mean log-depth): with a bias of 0 it starts at 1 m, and the scale-invariant loss
+        moves the global scale slowly (lambda 0.85 discounts it), so a short run never reaches metres
+        of the data's size."""
+        self.out.bias.fill_(float(log_depth))
+
     def forward(self, fused: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Returns log-depth (B, 1, H, W) resized bilinearly to ``size``."""
         log_depth = self.out(self.bn(self.up(fused)))

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..errors import UserError
+from .configs import PRETRAINED_LR_SCALE
 from .vit_split import SplitHeads, ViTSplit, _param_groups, freeze_backbone, frozen_pass
 
 
@@ -86,6 +87,7 @@ class MultiTaskViTSplit(nn.Module):
         out["loss"] = total
         return out
 
-    def param_groups(self, lr: float, weight_decay: float = 1e-2) -> list[dict[str, Any]]:
-        """Every task's task heads at lr x 0.1, the rest at lr."""
-        return _param_groups(self.heads.values(), lr, weight_decay)
+    def param_groups(self, lr: float, weight_decay: float = 1e-2,
+                     pretrained_lr_scale: float = PRETRAINED_LR_SCALE) -> list[dict[str, Any]]:
+        """Every task's task heads at lr x ``pretrained_lr_scale`` (the release: 0.1), the rest at lr."""
+        return _param_groups(self.heads.values(), lr, weight_decay, pretrained_lr_scale)

@@ -29,7 +29,7 @@ from torch import nn
 from ..backbones import Backbone, BlockContext, backbone_config
 from ..errors import UserError
 from ..ops.deform_conv import set_deform_impl
-from .configs import TASKS
+from .configs import PRETRAINED_LR_SCALE, TASKS
 from .deform_block import DeformBlock
 from .heads import DepthHead, DetHead, SegHead
 
@@ -217,13 +217,14 @@ def frozen_pass(backbone: Backbone, images: torch.Tensor, layers: Iterable[int])
         return backbone.forward_layers(images, layers)
 
 
-def _param_groups(heads: Iterable[SplitHeads], lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def _param_groups(heads: Iterable[SplitHeads], lr: float, weight_decay: float,
+                  pretrained_lr_scale: float = PRETRAINED_LR_SCALE) -> list[dict[str, Any]]:
     task_params, other = [], []
     for h in heads:
         task_params += [p for p in h.task_head.parameters() if p.requires_grad]
         other += [p for n, p in h.named_parameters() if p.requires_grad and not n.startswith("task_head.")]
     return [
-        {"params": task_params, "lr": lr * 0.1, "weight_decay": weight_decay, "name": "task_head"},
+        {"params": task_params, "lr": lr * pretrained_lr_scale, "weight_decay": weight_decay, "name": "task_head"},
         {"params": other, "lr": lr, "weight_decay": weight_decay, "name": "heads"},
     ]
 
@@ -295,10 +296,11 @@ class ViTSplit(nn.Module):
             raise UserError(f"checkpoint does not fit this ViT-Split (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}); "
                             "build the model with the checkpoint's config")
 
-    def param_groups(self, lr: float, weight_decay: float = 1e-2) -> list[dict[str, Any]]:
-        """AdamW groups: the task head at lr x 0.1, everything else trainable at lr; the same
-        weight decay on every trainable parameter (the release's setting)."""
-        return _param_groups([self.split], lr, weight_decay)
+    def param_groups(self, lr: float, weight_decay: float = 1e-2,
+                     pretrained_lr_scale: float = PRETRAINED_LR_SCALE) -> list[dict[str, Any]]:
+        """AdamW groups: the task head at lr x ``pretrained_lr_scale`` (the release: 0.1), everything else
+        trainable at lr; the same weight decay on every trainable parameter (the release's setting)."""
+        return _param_groups([self.split], lr, weight_decay, pretrained_lr_scale)
 
     def config(self, *, with_hash: bool = True) -> dict[str, Any]:
         """JSON-ready: the head config and the backbone's (``state_sha256`` only if ``with_hash``)."""

@@ -34,14 +34,16 @@ import time
 import torch
 
 import cka_split.analysis as analysis_module
+import cka_split.result as result_module
 from cka_split import analyze
 from cka_split.cka import GramWorkspace, MinibatchCKA
 from vitsplit.backbones import build_backbone
 
 
 class CKAClock:
-    """Seconds spent in the CKA work of ``analyze``: the Gram transform in the hooks and every
-    :class:`MinibatchCKA` method that computes (update, compute, SE), clocked by wrapping them."""
+    """Seconds spent in the CKA work of ``analyze``: the Gram transform in the hooks, every
+    :class:`MinibatchCKA` method that computes (update, compute, SE) and the jackknife SE that
+    :class:`~cka_split.result.CKAResult` computes, clocked by wrapping them."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -65,6 +67,7 @@ class CKAClock:
         analysis_module.GramWorkspace = ClockedWorkspace
         for name in ("update_grams", "compute", "compute_se", "batch_terms"):
             setattr(MinibatchCKA, name, self.wrap(getattr(MinibatchCKA, name)))
+        result_module.jackknife_se = self.wrap(result_module.jackknife_se)   # the SE, computed by CKAResult
 
 
 def perturbed_from(bb, k: int, seed: int, scale: float = 1.0):

@@ -1,6 +1,6 @@
-"""What a recommended split costs: trainable parameters against full fine-tuning, the share of the
-backbone's backward pass it avoids, an estimated step-time ratio, per-task parameter budgets, and how
-the divergence is spread over the last blocks.
+"""What a recommended split costs: trainable parameters (ViT-Split's and full fine-tuning's, counted
+on the meta device), the share of the backbone's backward pass it avoids, an estimated step-time
+ratio, per-task parameter budgets, and how the divergence is spread over the last blocks.
 
 **Step-time estimate.** Per training step full fine-tuning runs the L blocks forward and backward;
 ViT-Split runs the L frozen blocks forward (no graph) and its K_t task-head copies forward and
@@ -117,6 +117,29 @@ def full_finetune_param_counter(backbone_name: str, num_classes: dict[str, int])
 
     return count
 
+
+def vitsplit_param_counter(backbone_name: str, num_classes: dict[str, int]) -> ParamCount:
+    """``param_count(task, k_t, prior_layers)`` that builds the model engineer's ViTSplit on the meta
+    device (no memory, no weights) and counts its trainable parameters. Results are cached."""
+    import torch
+
+    from vitsplit.backbones import Backbone, create_vit, resolve_name
+    from vitsplit.model import ViTSplit, count_trainable
+
+    spec = resolve_name(backbone_name)
+    cache: dict[tuple, int] = {}
+
+    def count(task: str, k_t: int, prior_layers: list[int]) -> int:
+        key = (task, k_t, tuple(prior_layers))
+        if key not in cache:
+            with torch.device("meta"):
+                bb = Backbone(create_vit(spec), name=backbone_name, weights_source="meta")
+                m = ViTSplit(bb, k_t=k_t, prior_layers=list(prior_layers), task=task,
+                             num_classes=int(num_classes.get(task, 150)))
+            cache[key] = int(count_trainable(m))
+        return cache[key]
+
+    return count
 
 def largest_k_t_within(param_count: ParamCount, task: str, prior: list[int], limit: int, k_max: int) -> tuple[int, int] | None:
     """The largest K_t <= k_max whose ViT-Split has at most ``limit`` trainable parameters, and that

@@ -31,7 +31,7 @@ flat (one group), these rules give the paper's b=2 and K_p, hence its prior laye
 ``S = {b + floor(i * (L-1-b) / (K_p-1)) : i = 0..K_p-1}``.
 
 **Cost** (:mod:`cka_split.cost`). With ``param_count(task, k_t, prior_layers)`` (for example
-:func:`vitsplit_param_counter`, which builds ViT-Split on the meta device) each task states its
+:func:`~cka_split.cost.vitsplit_param_counter`, which builds ViT-Split on the meta device) each task states its
 trainable parameters; with ``full_count(task)`` also full fine-tuning's, the ratio, and -- never
 silently -- whether ViT-Split would be larger than full fine-tuning, naming the largest K_t that is not.
 The fraction of the backbone's backward avoided and the estimated step-time ratio need only L and K_t;
@@ -70,11 +70,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from vitsplit.backbones import Backbone, create_vit, resolve_name
 from vitsplit.errors import UserError
-from vitsplit.model import ViTSplit, count_trainable
 from vitsplit.model.configs import DEFAULT_B, PUBLISHED_K_P, default_k_t, prior_layers_uniform
 
 from .cka import MIN_SE_BATCHES
@@ -385,21 +382,3 @@ def recommend_split(res, pretrained: str = "pretrained", tasks: Sequence[str] | 
     return SplitRecommendation(model=model or "", num_layers=L, pretrained=pretrained, tasks=list(tasks),
                                per_task=per_task, settings=settings, max_trainable_params=max_trainable_params)
 
-
-def vitsplit_param_counter(backbone_name: str, num_classes: dict[str, int]) -> ParamCount:
-    """``param_count(task, k_t, prior_layers)`` that builds the model engineer's ViTSplit on the meta
-    device (no memory, no weights) and counts its trainable parameters. Results are cached."""
-    spec = resolve_name(backbone_name)
-    cache: dict[tuple, int] = {}
-
-    def count(task: str, k_t: int, prior_layers: list[int]) -> int:
-        key = (task, k_t, tuple(prior_layers))
-        if key not in cache:
-            with torch.device("meta"):
-                bb = Backbone(create_vit(spec), name=backbone_name, weights_source="meta")
-                m = ViTSplit(bb, k_t=k_t, prior_layers=list(prior_layers), task=task,
-                             num_classes=int(num_classes.get(task, 150)))
-            cache[key] = int(count_trainable(m))
-        return cache[key]
-
-    return count

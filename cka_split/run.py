@@ -40,9 +40,9 @@ from vitsplit.runlock import LOCK_NAME, RunLock
 
 from .analysis import analyze
 from .cka import MIN_SE_BATCHES
-from .cost import Budget, check_budget_tasks, full_finetune_param_counter
+from .cost import Budget, check_budget_tasks, full_finetune_param_counter, vitsplit_param_counter
 from .pca import pca_maps
-from .recommend import SplitRecommendation, recommend_split, vitsplit_param_counter
+from .recommend import SplitRecommendation, recommend_split
 from .result import CKAResult
 from .rgn import DEFAULT_BATCHES, attach_rgn, check_rgn_options, load_rgn, rgn_for_tasks, rgn_recommendation, save_rgn
 

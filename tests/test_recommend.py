@@ -342,7 +342,7 @@ def test_errors_and_json_round_trip(tmp_path):
 
 def test_meta_device_param_count_matches_published_totals():
     # the ViT-Split paper: S 10.23M, B 40.52M trainable parameters (150 classes, K_t 3, 2,5,8,11)
-    from cka_split.recommend import vitsplit_param_counter
+    from cka_split.cost import vitsplit_param_counter
 
     s = vitsplit_param_counter("dinov2_vits14", {"seg": 150})
     assert round(s("seg", 3, [2, 5, 8, 11]) / 1e4) == 1023

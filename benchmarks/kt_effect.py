@@ -148,7 +148,7 @@ def main() -> None:
     plan = replace(FULL_PLAN, **QUICK) if args.quick else FULL_PLAN
     if args.iters:
         plan = replace(plan, train_iters=args.iters)
-    if args.pretrained_lr_scale:
+    if args.pretrained_lr_scale is not None:
         plan = replace(plan, train_pretrained_lr_scale=args.pretrained_lr_scale)
     data = args.data or plan.data
     backbone = build_backbone(args.model, args.weights)

@@ -2,13 +2,14 @@
 
 Every ``every`` steps the copy's CKA against the pretrained model is measured on a small fixed probe
 set (:func:`cka_split.analysis.analyze`), and the divergence rule gives a K_t
-(:func:`cka_split.recommend.recommend_split`, K_t from CKA, no budget) together with every K_t whose start
-the rule's step test accepts (``accepted_k_t``, :func:`cka_split.divergence.accepted_starts`): where two starts both pass
-(every later block diverges at least ``STEP_RATIO`` times more than every earlier one, beyond noise),
+(:func:`cka_split.recommend.recommend_split`, K_t from CKA, no budget) together with every K_t whose
+start the rule's step test accepts (``accepted_k_t``, :func:`cka_split.divergence.accepted_starts`):
+where two starts both pass (every later block diverges at least ``STEP_RATIO`` times more than every earlier one, beyond noise),
 the rule's choice between them follows whichever ratio is larger, and that flips from check to check
-with the probe noise and the copy's progress. Measured on the demo's seg copy: the starts at blocks 1
-and 2 both pass at 11 of its 15 checks (ratios 2.0-3.6), and the chosen K_t alternated 10, 11, 10, ...
-for all 150 steps, so "the same K_t" never held for four checks.
+with the probe noise and the copy's progress. Measured on the demo's seg copy (64 probes, a check every
+10 steps): the starts at blocks 1 and 2 both pass at 12 of 15 checks (ratios 2.0-3.6), and the chosen
+K_t went 11, 11, 10, 10, 11, 11, 11, 10, 11, 11, 11, 10, 10, 10, 10: "the same K_t four checks in a row"
+held only at the last check.
 
 The copy is *settled* once the set of accepted K_t has been the same at ``patience`` consecutive checks
 after the one where it first took that value (``patience + 1`` equal sets in a row); without a tie that

@@ -93,21 +93,26 @@ def step_ratios(d: np.ndarray, se: np.ndarray, *, z: float = NOISE_Z, floor: flo
     return r
 
 
-def accepted_starts(curve: Sequence[float], se: Sequence[float] | None = None, layers: Sequence[int] | None = None, *,
-                    z: float = NOISE_Z, step_ratio: float = STEP_RATIO, floor: float = NUMERIC_FLOOR) -> list[int]:
-    """Every start the step test accepts (``r(i) >= step_ratio``), ascending, as blocks; the rule
-    (:func:`divergence_start`) takes the one with the largest ratio. Without any: the rule's own start
-    (a gradual curve) or nothing (a flat one). Two or more accepted starts are a tie the rule breaks by
-    a ratio that is itself a noisy estimate: each of them is a step "beyond noise" in the rule's sense.
-    """
-    div = divergence_start(curve, se, layers, z=z, step_ratio=step_ratio, floor=floor)
-    if div.kind != "step":
-        return [] if div.start is None else [int(div.start)]
+def accepted_steps(curve: Sequence[float], se: Sequence[float] | None = None, layers: Sequence[int] | None = None, *,
+                   z: float = NOISE_Z, step_ratio: float = STEP_RATIO, floor: float = NUMERIC_FLOOR) -> list[tuple[int, float]]:
+    """(start block, step ratio) of every candidate start the step test accepts (``r(i) >= step_ratio``),
+    ascending. The rule (:func:`divergence_start`) takes the one with the largest ratio; two or more are a
+    tie it breaks by a ratio that is itself a noisy estimate: each is a step "beyond noise" in the rule's sense."""
     d = np.asarray(curve, dtype=np.float64)
     s = np.full(d.size, np.nan) if se is None else np.asarray(se, dtype=np.float64)
     layers = list(range(d.size)) if layers is None else [int(x) for x in layers]
     r = step_ratios(d, s, z=z, floor=floor)
-    return [layers[0] if i == 0 else layers[i - 1] + 1 for i in range(1, d.size) if r[i] >= step_ratio]
+    return [(layers[i - 1] + 1, float(r[i])) for i in range(1, d.size) if r[i] >= step_ratio]
+
+
+def accepted_starts(curve: Sequence[float], se: Sequence[float] | None = None, layers: Sequence[int] | None = None, *,
+                    z: float = NOISE_Z, step_ratio: float = STEP_RATIO, floor: float = NUMERIC_FLOOR) -> list[int]:
+    """The starts of :func:`accepted_steps`; without any, the rule's own start (a gradual curve) or
+    nothing (a flat one)."""
+    div = divergence_start(curve, se, layers, z=z, step_ratio=step_ratio, floor=floor)
+    if div.kind != "step":
+        return [] if div.start is None else [int(div.start)]
+    return [start for start, _ in accepted_steps(curve, se, layers, z=z, step_ratio=step_ratio, floor=floor)]
 
 
 def divergence_start(curve: Sequence[float], se: Sequence[float] | None = None, layers: Sequence[int] | None = None, *,

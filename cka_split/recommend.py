@@ -76,8 +76,8 @@ from vitsplit.model.configs import DEFAULT_B, PUBLISHED_K_P, default_k_t, prior_
 
 from .cka import MIN_SE_BATCHES
 from .cost import Budget, FullCount, ParamCount, budget_for, check_budget_tasks, json_float, split_cost
-from .divergence import (NOISE_Z, NUMERIC_FLOOR, STEP_RATIO, Divergence, accepted_starts, divergence_start,  # noqa: F401
-                         noise_band, step_ratios)
+from .divergence import (NOISE_Z, NUMERIC_FLOOR, STEP_RATIO, Divergence, accepted_starts, accepted_steps,  # noqa: F401
+                         divergence_start, noise_band)
 
 
 
@@ -237,12 +237,16 @@ def _pm(v: float, se: float) -> str:
     return f"{v:.3g} \u00b1 {se:.2g}"
 
 
+def _clip_k_t(k: int, L: int) -> int:
+    """K_t limited to [1, L - 1] (a task head of at least one block, at least one frozen block)."""
+    return int(np.clip(k, 1, L - 1))
+
+
 def accepted_k_t(d: np.ndarray, se: np.ndarray, layers: list[int], L: int, *, z: float = NOISE_Z,
                  step_ratio: float = STEP_RATIO) -> list[int]:
     """K_t = L - start, clipped to [1, L - 1], of every start :func:`~cka_split.divergence.accepted_starts`
     gives (ascending, no repeats; empty for a flat curve)."""
-    return sorted({int(np.clip(L - start, 1, L - 1))
-                   for start in accepted_starts(d, se, layers, z=z, step_ratio=step_ratio)})
+    return sorted({_clip_k_t(L - start, L) for start in accepted_starts(d, se, layers, z=z, step_ratio=step_ratio)})
 
 
 def _task_curve(res, pretrained: str, task: str) -> tuple[np.ndarray, np.ndarray]:
@@ -272,7 +276,7 @@ def _divergence_evidence(t: str, L: int, layers: list[int], d: np.ndarray, se: n
         return k, ev
     i = int(div.index)
     raw = L - int(div.start)
-    k = int(np.clip(raw, 1, L - 1))
+    k = _clip_k_t(raw, L)
     clip = f", clipped to {k} (K_t must be in [1, {L - 1}])" if raw != k else ""
     if div.kind == "step":
         lo, hi = noise_band(d, se, z)
@@ -290,11 +294,9 @@ def _divergence_evidence(t: str, L: int, layers: list[int], d: np.ndarray, se: n
                       f"{d[i] / move[i]:.3g} times that.")
         ev.append(f"K_t = L - {div.start} = {raw}{clip}" + ("." if clip else f": the task head copies blocks {L - k}-{L - 1}, "
                                                           f"the ones {t} changed clearly more than the blocks before."))
-        r = step_ratios(d, se, z=z)
-        others = [j for j in range(1, d.size) if j != i and r[j] >= step_ratio]
+        others = [(s, r) for s, r in accepted_steps(d, se, layers, z=z, step_ratio=step_ratio) if s != div.start]
         if others:
-            alt = ", ".join(f"block {layers[j - 1] + 1} (ratio {r[j]:.3g}, K_t {int(np.clip(L - layers[j - 1] - 1, 1, L - 1))})"
-                            for j in others)
+            alt = ", ".join(f"block {s} (ratio {r:.3g}, K_t {_clip_k_t(L - s, L)})" for s, r in others)
             ev.append(f"The step test also accepts a start at {alt}: a step beyond noise by the same test, with a smaller "
                       f"ratio than the chosen one's ({div.ratio:.3g}). Ratios move with the probe images and the copy's steps "
                       "(--finetune-steps auto treats the accepted K_t as one answer), so such a K_t also has the rule's support; "

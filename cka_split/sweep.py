@@ -46,7 +46,7 @@ import torch
 
 from vitsplit.backbones import Backbone, create_vit, resolve_name
 from vitsplit.engine import TrainConfig, resolve_config, split_from_recommendation, train
-from vitsplit.engine.config import RESUME_FREE, with_implicit_options
+from vitsplit.engine.config import RESUME_FREE, check_pretrained_lr_scale, with_implicit_options
 from vitsplit.engine.distributed import Dist, init_distributed
 from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write_json, read_json
@@ -188,9 +188,8 @@ def resolve_sweep(cfg: SweepConfig, backbone: Backbone | None = None) -> tuple[S
     _check_methods(cfg.methods)
     COUNT.check("--seeds", cfg.seeds)
     b = cfg.base
-    if b.pretrained_lr_scale is not None and "vit-adapter" in cfg.methods:
-        raise UserError("--pretrained-lr-scale does not apply to vit-adapter (its layer-wise lr decay sets the backbone's "
-                        "lr); sweep vit-adapter without it, or the other methods with it")
+    for m in cfg.methods:   # before the base is resolved: resolving gives every other method the default scale
+        check_pretrained_lr_scale(m, b.pretrained_lr_scale)
     if backbone is not None:
         b.model, b.weights = backbone.name, b.weights or "given"
     link: dict[str, Any] = {"analysis": None, "picks": {}}

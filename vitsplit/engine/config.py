@@ -33,6 +33,12 @@ RESUME_FREE = ("resume", "max_steps_this_run", "out", "num_workers", "device", "
 IMPLICIT_BEFORE = {"pretrained_lr_scale": lambda saved: None if saved.get("method") == "vit-adapter" else PRETRAINED_LR_SCALE}
 
 
+def check_pretrained_lr_scale(method: str, scale: float | None) -> None:
+    """Refuse a ``--pretrained-lr-scale`` for vit-adapter, whose layer-wise lr decay sets the backbone's lr."""
+    if method == "vit-adapter" and scale is not None:
+        raise UserError("--pretrained-lr-scale does not apply to vit-adapter (its layer-wise lr decay sets the backbone's lr)")
+
+
 def with_implicit_options(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config.json's options, with every key of ``IMPLICIT_BEFORE`` it lacks filled in."""
     out = dict(saved)
@@ -196,10 +202,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         weights_path(cfg.weights)  # a missing file or a symlink loop fails here, before the data is read
     if cfg.weight_decay is None:
         cfg.weight_decay = 0.05 if cfg.task == "det" else 1e-2
-    if cfg.method == "vit-adapter":
-        if cfg.pretrained_lr_scale is not None:
-            raise UserError("--pretrained-lr-scale does not apply to vit-adapter (its layer-wise lr decay sets the backbone's lr)")
-    elif cfg.pretrained_lr_scale is None:
+    check_pretrained_lr_scale(cfg.method, cfg.pretrained_lr_scale)
+    if cfg.method != "vit-adapter" and cfg.pretrained_lr_scale is None:
         cfg.pretrained_lr_scale = PRETRAINED_LR_SCALE
     if cfg.warmup_iters is None:
         cfg.warmup_iters = default_warmup(cfg.iters)

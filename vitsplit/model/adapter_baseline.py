@@ -78,12 +78,9 @@ class ViTAdapterBaseline(nn.Module):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_trainable(self, state, "vit-adapter model")
 
-    def param_groups(self, lr: float, weight_decay: float = 1e-2, pretrained_lr_scale: float | None = None
-                     ) -> list[dict[str, Any]]:
-        """Layer-wise lr decay (see the module docstring); one group per (scale, decay) pair.
-        ``pretrained_lr_scale`` is refused: ViT-Adapter's layer-wise decay sets the backbone's lr."""
-        if pretrained_lr_scale is not None:
-            raise UserError("--pretrained-lr-scale does not apply to vit-adapter (its layer-wise lr decay sets the backbone's lr)")
+    def param_groups(self, lr: float, weight_decay: float = 1e-2) -> list[dict[str, Any]]:
+        """Layer-wise lr decay (see the module docstring); one group per (scale, decay) pair (no
+        ``pretrained_lr_scale``: the decay sets the backbone's lr)."""
         depth = self.backbone.num_layers
         groups: dict[tuple[int, bool], dict[str, Any]] = {}
         for name, p in self.named_parameters():

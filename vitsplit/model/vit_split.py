@@ -218,7 +218,7 @@ def frozen_pass(backbone: Backbone, images: torch.Tensor, layers: Iterable[int])
 
 
 def _param_groups(heads: Iterable[SplitHeads], lr: float, weight_decay: float,
-                  pretrained_lr_scale: float = PRETRAINED_LR_SCALE) -> list[dict[str, Any]]:
+                  pretrained_lr_scale: float) -> list[dict[str, Any]]:
     task_params, other = [], []
     for h in heads:
         task_params += [p for p in h.task_head.parameters() if p.requires_grad]

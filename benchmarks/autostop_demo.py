@@ -1,10 +1,10 @@
 """``--finetune-steps auto`` against the demo's fixed copy fine-tuning: the issue's target is the same
 recommendation in at most half the fixed run's fine-tuning wall time.
 
-Runs ``analyze`` twice on the demo's seg task with the demo's options (``cka_split.demo.FULL_PLAN``:
+Runs ``analyze`` twice on the demo's seg task with the demo's options (``cka_split.pipelines.demo.FULL_PLAN``:
 data, copy learning rate and batch, probes, image size), CKA only (no RGN, no PCA): once with the fixed
 ``finetune_steps_seg`` steps, once with ``auto`` capped at the same steps, checking every ``--every``
-steps and stopping after ``--patience`` checks with the same accepted K_t (``cka_split.autostop``).
+steps and stopping after ``--patience`` checks with the same accepted K_t (``cka_split.probes.autostop``).
 Prints each run's K_t, the copy's fine-tuning seconds and steps, the auto run's K_t and accepted-K_t
 trajectories, and the time ratio.
 
@@ -19,8 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
-from cka_split.demo import FULL_PLAN
-from cka_split.run import AnalyzeConfig, run_analyze
+from cka_split.pipelines.demo import FULL_PLAN
+from cka_split.pipelines.analyze import AnalyzeConfig, run_analyze
 
 
 def run(out: Path, **steps) -> tuple[int, dict]:

@@ -33,17 +33,17 @@ import time
 
 import torch
 
-import cka_split.analysis as analysis_module
-import cka_split.result as result_module
+import cka_split.estimator.analysis as analysis_module
+import cka_split.estimator.result as result_module
 from cka_split import analyze
-from cka_split.cka import GramWorkspace, MinibatchCKA
+from cka_split.estimator.cka import GramWorkspace, MinibatchCKA
 from vitsplit.backbones import build_backbone
 
 
 class CKAClock:
     """Seconds spent in the CKA work of ``analyze``: the Gram transform in the hooks, every
     :class:`MinibatchCKA` method that computes (update, compute, SE) and the jackknife SE that
-    :class:`~cka_split.result.CKAResult` computes, clocked by wrapping them."""
+    :class:`~cka_split.estimator.result.CKAResult` computes, clocked by wrapping them."""
 
     def __init__(self) -> None:
         self.seconds = 0.0

@@ -1,7 +1,7 @@
 """Does K_t matter in the demo's world? ViT-Split trained at every K_t, several seeds, same budget.
 
 For each K_t (default 1 .. L-1) and seed (default 0, 1, 2) this trains ViT-Split for seg on the
-demo's data with the demo's full training budget (``cka_split.demo.FULL_PLAN``: iterations, batch,
+demo's data with the demo's full training budget (``cka_split.pipelines.demo.FULL_PLAN``: iterations, batch,
 crop, learning rate, data sizes) and the default prior layers (2, 5, 8, 11 for 12 blocks), then prints:
 
 - mIoU mean and SD (over seeds) and trainable parameters per K_t;
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cka_split.demo import FULL_PLAN, DemoPlan
+from cka_split.pipelines.demo import FULL_PLAN, DemoPlan
 from vitsplit.backbones import build_backbone
 from vitsplit.data import build_dataset
 from vitsplit.engine import TrainConfig, train
@@ -125,12 +125,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo-vit")
     ap.add_argument("--weights", default="auto")
-    ap.add_argument("--data", default=None, help="default: the demo's data (cka_split.demo.DEMO_DATA)")
+    ap.add_argument("--data", default=None, help="default: the demo's data (cka_split.pipelines.demo.DEMO_DATA)")
     ap.add_argument("--k-t", default="all", help="'all' (1..L-1), a range '1-11' or a list '1,3,6,11'")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--iters", type=int, default=None, help="default: the full demo's training iterations")
     ap.add_argument("--pretrained-lr-scale", type=float, default=None,
-                    help="the task head's lr multiplier (default: the demo's, cka_split.demo.FULL_PLAN)")
+                    help="the task head's lr multiplier (default: the demo's, cka_split.pipelines.demo.FULL_PLAN)")
     ap.add_argument("--out", default="runs/kt_effect")
     ap.add_argument("--quick", action="store_true", help="smoke test: K_t 1, 6, 11 (or 1, L/2, L-1), seeds 0 and 1, "
                                                          f"{QUICK['train_iters']} steps")

@@ -1,4 +1,4 @@
-"""False-positive rates of the noise-aware divergence rule (cka_split.divergence) and its planted-grid
+"""False-positive rates of the noise-aware divergence rule (cka_split.decision.divergence) and its planted-grid
 results, tuning and held-out configurations reported separately.
 
 Measured on tiny ViTs (random weights, embed 32, 32 px images, patch 8) through the CKA engine, with
@@ -38,8 +38,8 @@ from planted import (FRESH_AMPLITUDES, FRESH_L, FRESH_PLATEAU_FRACTION, FRESH_RE
                      KINDS, TUNING_AMPLITUDES, constructed_curve, fake_result, planted_copy, probe_batches, tiny_vit)
 
 from cka_split import analyze  # noqa: E402
-from cka_split.divergence import NOISE_Z  # noqa: E402
-from cka_split.recommend import recommend_split  # noqa: E402
+from cka_split.decision.divergence import NOISE_Z  # noqa: E402
+from cka_split.decision.recommend import recommend_split  # noqa: E402
 
 
 def curves(res, tasks):

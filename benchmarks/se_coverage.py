@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cka_split import analyze
-from cka_split.cka import jackknife_se
+from cka_split.estimator.cka import jackknife_se
 
 
 def tiny_vit(depth: int, seed: int = 0):

@@ -4,12 +4,12 @@ the best K_t of a sweep that trains ViT-Split at every K_t, per setting.
 Per setting (one task on one dataset, one backbone):
 
 1. ``analyze`` (timed, ``--selector both``): the task copy's fine-tuning and CKA give the CKA pick; Auto-RGN
-   (``cka_split.rgn``, Lee et al., ICLR 2023) on a few batches gives the RGN pick; each one's seconds.
+   (``cka_split.probes.rgn``, Lee et al., ICLR 2023) on a few batches gives the RGN pick; each one's seconds.
 2. ``sweep`` (timed, linked to the analysis): ViT-Split at K_t values that span 1..L-1 (at least
    ``MIN_K_T`` of them, both picks always included), ``--seeds`` seeds each (>= 3 for the real protocol).
 3. One row: the best K_t (the highest mean over seeds; ties to the smaller), each pick's mean minus the
    best's with the pooled seed SD, whether that is within the issue's target max(``TIE_POINTS``
-   point, ``TIE_SDS`` pooled SD) (``cka_split.sweep.tie_tolerance``), the analysis cost (copies' fine-tuning + CKA) and the RGN cost as a
+   point, ``TIE_SDS`` pooled SD) (``vitsplit.sweep.grid.tie_tolerance``), the analysis cost (copies' fine-tuning + CKA) and the RGN cost as a
    fraction of one full one-seed sweep of K_t 1..L-1 (estimated from the measured points' training
    seconds, step time x iterations, interpolated linearly in K_t; evaluation time is left out, which
    makes the fractions conservative).
@@ -53,9 +53,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cka_split.demo import DEMO_DATA, FULL_PLAN
-from cka_split.run import AnalyzeConfig, run_analyze, save_backbone
-from cka_split.sweep import TIE_POINTS, TIE_SDS, SweepConfig, num_layers_of, run_sweep, tie_tolerance
+from cka_split.pipelines.demo import DEMO_DATA, FULL_PLAN
+from cka_split.pipelines.analyze import AnalyzeConfig, run_analyze, save_backbone
+from vitsplit.sweep.grid import TIE_POINTS, TIE_SDS, SweepConfig, num_layers_of, run_sweep, tie_tolerance
 from vitsplit.backbones import build_backbone
 from vitsplit.engine import TrainConfig
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from cka_split.run import ANALYZE_RANGES
+from cka_split.pipelines.analyze import ANALYZE_RANGES
 from vitsplit.errors import UserError
 
 from .options import checked, parse_task_map
@@ -50,8 +50,8 @@ def analyze(
     selector: str = typer.Option("both", help="K_t selectors: cka (task copies + CKA), rgn (relative gradient norms of a few batches, Lee et al. 2023; no copies) or both."),
     rgn_batches: int = typer.Option(5, help="Minibatches (8 images each, the task copies' fine-tuning batch) over which RGN is averaged.", callback=checked(ANALYZE_RANGES["rgn_batches"])),
 ) -> None:
-    from cka_split.cost import parse_budget
-    from cka_split.run import AnalyzeConfig, parse_data_options, run_analyze
+    from cka_split.decision.cost import parse_budget
+    from cka_split.pipelines.analyze import AnalyzeConfig, parse_data_options, run_analyze
 
     # `--tasks seg det` (the documented form): click takes one value per --tasks; the rest arrive as extra args
     task_list = [t for item in tasks for t in item.replace(",", " ").split()]

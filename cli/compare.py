@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from cka_split.compare_run import COMPARE_RANGES
+from cka_split.pipelines.compare_run import COMPARE_RANGES
 from vitsplit.errors import UserError
 
 from .options import checked
@@ -30,7 +30,7 @@ def compare(
     seed: int = typer.Option(0, help="Seed for the probe images.", callback=checked(COMPARE_RANGES["seed"])),
     out: Optional[Path] = typer.Option(None, help="Output directory (default runs/compare/<timestamp>)."),
 ) -> None:
-    from cka_split.compare_run import CompareConfig, parse_weights, run_compare
+    from cka_split.pipelines.compare_run import CompareConfig, parse_weights, run_compare
     from cka_split.reports import build_compare_report
 
     names = [m for item in models for m in item.replace(",", " ").split()]

@@ -17,7 +17,7 @@ def demo(
     out: Optional[Path] = typer.Option(None, help="Output directory (default runs/demo-<timestamp>)."),
     quick: bool = typer.Option(False, help="Fewer steps, probes and scenes (about 3 minutes)."),
 ) -> None:
-    from cka_split.demo import demo_plan, run_demo
+    from cka_split.pipelines.demo import demo_plan, run_demo
     from cka_split.reports import build_report
 
     run = out or Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -40,8 +40,8 @@ def recommend(
     run_dir: Path = typer.Argument(..., help="An analysis run directory."),
     max_trainable_params: Optional[str] = typer.Option(None, help="Lower K_t until ViT-Split has at most this many trainable parameters (millions): one number, or per task seg=12,det=40."),
 ) -> None:
-    from cka_split.cost import parse_budget
-    from cka_split.run import recommend_run
+    from cka_split.decision.cost import parse_budget
+    from cka_split.pipelines.analyze import recommend_run
 
     run, rec = recommend_run(run_dir, max_trainable_params=parse_budget(max_trainable_params))
     print_recommendation(rec, run)

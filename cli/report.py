@@ -22,7 +22,7 @@ def report(
                         warn=lambda problem: print(f"cka-split: warning: {problem}", file=sys.stderr))
     rec = path.parent / "recommendation.json"
     if rec.is_file():
-        from cka_split.recommend import SplitRecommendation
+        from cka_split.decision.recommend import SplitRecommendation
         from vitsplit.errors import UserError
 
         try:

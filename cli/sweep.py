@@ -32,7 +32,7 @@ def sweep(
     out: Path = typer.Option(Path("runs/sweep"), help="Sweep directory: one training run per point and sweep.json. Run the same command again to resume."),
     **options: Any,
 ) -> None:
-    from cka_split.sweep import SweepConfig, run_sweep
+    from vitsplit.sweep.grid import SweepConfig, run_sweep
     from vitsplit.errors import RunInterrupted
 
     from .progress import RichProgress

@@ -2,7 +2,7 @@
 into groups, with uncertainty, each model's own CKA heatmap, and a cross-model heatmap for every pair.
 
 Read from the comparison directory alone (``compare.json``, ``compare.npz``, see
-:mod:`cka_split.compare`). Self-contained like the analysis report: figures inlined as PNG.
+:mod:`cka_split.pipelines.compare`). Self-contained like the analysis report: figures inlined as PNG.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from matplotlib.figure import Figure
 from scipy import stats
 
-from cka_split.cka import MIN_SE_BATCHES
-from cka_split.compare import Comparison, ModelSplit
+from cka_split.estimator.cka import MIN_SE_BATCHES
+from cka_split.pipelines.compare import Comparison, ModelSplit
 from vitsplit.fileio import atomic_write_text
 
 from . import figures as F

@@ -5,8 +5,8 @@ unreadable is left out of the report (and named in :attr:`RunData.problems`), ne
 
 - ``RUN/config.json``: the options, versions, weights source and hashes, time taken (analyze).
 - ``RUN/cka.npz``: the CKA matrices, read with ``cka_split``'s ``CKAResult.load``.
-- ``RUN/recommendation.json``: :meth:`cka_split.recommend.SplitRecommendation.to_json`'s layout.
-- ``RUN/pca/index.json``: :func:`cka_split.pca.pca_maps`'s index (file names relative to ``RUN/pca``).
+- ``RUN/recommendation.json``: :meth:`cka_split.decision.recommend.SplitRecommendation.to_json`'s layout.
+- ``RUN/pca/index.json``: :func:`cka_split.probes.pca.pca_maps`'s index (file names relative to ``RUN/pca``).
 - Linked training runs: see :mod:`cka_split.reports.training`.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 
 
 class CKAView:
-    """What the report draws from a :class:`cka_split.result.CKAResult`, as numpy: model names,
+    """What the report draws from a :class:`cka_split.estimator.result.CKAResult`, as numpy: model names,
     layers per model, ``matrix(a, b)`` (L_a, L_b) float64, and the estimator's settings."""
 
     def __init__(self, result: Any):
@@ -63,8 +63,8 @@ def _bool_or_none(v: Any) -> bool | None:
 
 
 def load_cka(path: str | Path) -> CKAView:
-    """``RUN/cka.npz`` through the CKA engine's own reader (:meth:`cka_split.result.CKAResult.load`)."""
-    from cka_split.result import CKAResult
+    """``RUN/cka.npz`` through the CKA engine's own reader (:meth:`cka_split.estimator.result.CKAResult.load`)."""
+    from cka_split.estimator.result import CKAResult
 
     return CKAView(CKAResult.load(path))
 

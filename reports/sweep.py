@@ -1,6 +1,6 @@
 """The sweep section of the report: what training at every K_t measured, next to what the selectors picked.
 
-A sweep is a directory ``cka-split sweep`` wrote (``SWEEP/sweep.json``, :mod:`cka_split.sweep`). Which
+A sweep is a directory ``cka-split sweep`` wrote (``SWEEP/sweep.json``, :mod:`vitsplit.sweep.grid`). Which
 sweeps belong to an analysis run ``RUN``: those given explicitly (``cka-split report RUN --sweep DIR``),
 every directory under ``RUN`` holding a ``sweep.json``, and every directory beside ``RUN`` whose
 ``sweep.json`` names ``RUN`` as its ``analysis`` (``cka-split sweep --auto-split RUN`` / ``--analysis RUN``).
@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import numpy as np
 from matplotlib.figure import Figure
 
-from cka_split.sweep import TIE_POINTS, TIE_SDS, tie_tolerance
+from vitsplit.sweep.grid import TIE_POINTS, TIE_SDS, tie_tolerance
 
 from . import figures as F
 from .rundir import RunData, slug
@@ -222,7 +222,7 @@ def cost_figure(sw: Sweep, full_params: int | None) -> Figure:
 
 def _pick_verdict(data: RunData, sw: Sweep, picks: dict[str, int], groups: dict[int, dict[str, Any]], best_mean: float,
                   pooled: float | None) -> list[str]:
-    """Which pick ties the best (cka_split.sweep.tie_tolerance) and what each cost: when RGN ties for
+    """Which pick ties the best (vitsplit.sweep.grid.tie_tolerance) and what each cost: when RGN ties for
     less, the sentence says to start with RGN."""
     sign = 1.0 if sw.data.get("higher_is_better", True) else -1.0
     tol = tie_tolerance(pooled)

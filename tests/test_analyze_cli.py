@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cka_split.run import AnalyzeConfig, parse_data_options, resolve_run_dir, update_latest, validate
+from cka_split.pipelines.analyze import AnalyzeConfig, parse_data_options, resolve_run_dir, update_latest, validate
 from cka_split.cli.app import main
 from vitsplit.errors import UserError
 

@@ -4,7 +4,7 @@ ViTs whose copy changes between checks."""
 import numpy as np
 import pytest
 
-from cka_split.autostop import StabilityStop, stability_callback
+from cka_split.probes.autostop import StabilityStop, stability_callback
 
 from planted import planted_copy, probe_batches, tiny_vit
 
@@ -74,8 +74,8 @@ def test_a_tie_between_two_accepted_k_t_settles_when_the_set_does():
 
 
 def test_accepted_k_t_reads_every_start_the_step_test_passes():
-    from cka_split.divergence import accepted_starts, divergence_start
-    from cka_split.recommend import accepted_k_t
+    from cka_split.decision.divergence import accepted_starts, divergence_start
+    from cka_split.decision.recommend import accepted_k_t
 
     # two clean steps: block 1 and block 3 each start a segment >= 2x every block before (no noise)
     d = [1e-3, 5e-3, 6e-3, 0.05, 0.06, 0.07]

@@ -10,7 +10,7 @@ import torch
 from ckatorch import cka_base, cka_batch, hsic1
 
 from cka_split import MinibatchCKA, linear_cka
-from cka_split.cka import BatchTooSmallError, GramWorkspace, centered_gram
+from cka_split.estimator.cka import BatchTooSmallError, GramWorkspace, centered_gram
 from vitsplit.errors import UserError
 
 f64 = torch.float64
@@ -189,7 +189,7 @@ def test_float32_dinov2_like_features_match_float64_reference(unbiased):
 
 
 def test_blocked_gram_equals_plain_float64_gram(monkeypatch):
-    import cka_split.cka as cka_module
+    import cka_split.estimator.cka as cka_module
 
     monkeypatch.setattr(cka_module, "GRAM_BLOCK_ELEMENTS", 1 << 12)
     x = 1e3 + torch.randn(5, 3 * (1 << 12) // 5 + 7, generator=gen(13))      # 4 column blocks

@@ -1,4 +1,4 @@
-"""cka_split.compare: cross-model CKA on tiny models of different widths and patch sizes, the
+"""cka_split.pipelines.compare: cross-model CKA on tiny models of different widths and patch sizes, the
 boundary-contrast statistic on constructed matrices, and its jackknife against a direct
 leave-one-minibatch-out computation."""
 
@@ -13,7 +13,7 @@ import torch
 from tiny_vits import randomize
 
 from cka_split import analyze
-from cka_split.compare import Comparison, boundary_contrast, compare_models, jackknife_se, split_of
+from cka_split.pipelines.compare import Comparison, boundary_contrast, compare_models, jackknife_se, split_of
 from vitsplit.backbones import Backbone
 from vitsplit.errors import UserError
 
@@ -63,8 +63,8 @@ def test_a_copy_compares_as_itself_across_models(three):
 def test_resampling_averages_the_same_image_regions():
     """Tokens of an 8x6 grid (row-major) resampled to 7x5: every output feature is the mean of the
     tokens whose cells overlap that output cell (adaptive pooling bins, computed here by hand)."""
-    from cka_split.cka import GramWorkspace
-    from cka_split.compare import _TokenGrams
+    from cka_split.estimator.cka import GramWorkspace
+    from cka_split.pipelines.compare import _TokenGrams
 
     g = torch.Generator().manual_seed(0)
     b, (h, w), (th, tw), c = 5, (8, 6), (7, 5), 3

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from cka_split.analysis import analyze
-from cka_split.demo import DEMO_DATA, FULL_PLAN, verdict
-from cka_split.recommend import layer_groups
+from cka_split.estimator.analysis import analyze
+from cka_split.pipelines.demo import DEMO_DATA, FULL_PLAN, verdict
+from cka_split.decision.recommend import layer_groups
 from vitsplit.backbones import build_backbone
 from vitsplit.backbones import demo_vit as dv
 from vitsplit.data import build_dataset

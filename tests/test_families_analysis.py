@@ -13,7 +13,7 @@ from PIL import Image
 from tiny_vits import TINY, randomize
 
 from cka_split import analyze, recommend_split
-from cka_split.pca import pca_maps
+from cka_split.probes.pca import pca_maps
 from vitsplit.backbones import Backbone
 
 DEPTH = 6

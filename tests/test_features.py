@@ -4,7 +4,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from cka_split.features import BlockFeatures, select_features, token_positions, vit_blocks
+from cka_split.estimator.features import BlockFeatures, select_features, token_positions, vit_blocks
 from vitsplit.backbones import Backbone
 from vitsplit.errors import UserError
 

@@ -268,9 +268,9 @@ def test_demo_out_that_cannot_be_written_is_refused_first(case, tmp_path, capsys
 def test_demo_cache_that_cannot_be_written_is_refused_before_pretraining(case, tmp_path, capsys, tripwire, monkeypatch):
     """A checkout without the shipped demo-vit pretrains it into the cache: an unusable cache is refused
     first. (With the shipped weights the demo never writes to the cache.)"""
-    import cka_split.demo
+    import cka_split.pipelines.demo
 
-    monkeypatch.setattr(cka_split.demo, "find_demo_vit", lambda: None)
+    monkeypatch.setattr(cka_split.pipelines.demo, "find_demo_vit", lambda: None)
     monkeypatch.setenv("CKA_SPLIT_CACHE", str(bad_outs(tmp_path)[case]))
     refused(capsys, r"cache", "demo", "--quick", "--out", tmp_path / "demo")
     assert not (tmp_path / "demo").exists()

@@ -318,7 +318,7 @@ def test_fusion_inputs_are_final_normed_prior_layers_and_backbone_output_at_init
 def test_one_prior_layer_is_b_and_the_recommendation_uses_the_same_rule():
     """K_p = 1 divides by zero in the release's formula; every sample starts at b (its i = 0 term),
     so one layer is [b], for any depth and b. recommend_split imports this one rule."""
-    import cka_split.recommend as rec
+    import cka_split.decision.recommend as rec
 
     for L, b in ((12, 2), (24, 0), (40, 27), (4, 3)):
         assert prior_layers_uniform(L, 1, b) == [b] and prior_layers_uniform(L, 3, b)[0] == b

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
-from cka_split.pca import fit_pca3, pca_maps
+from cka_split.probes.pca import fit_pca3, pca_maps
 from vitsplit.backbones import Backbone
 
 

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from cka_split.divergence import NUMERIC_FLOOR, STEP_RATIO, divergence_start, step_ratios
-from cka_split.recommend import SplitRecommendation, default_k_p, default_k_t, layer_groups, recommend_split
+from cka_split.decision.divergence import NUMERIC_FLOOR, STEP_RATIO, divergence_start, step_ratios
+from cka_split.decision.recommend import SplitRecommendation, default_k_p, default_k_t, layer_groups, recommend_split
 from vitsplit.errors import UserError
 from vitsplit.model.configs import prior_layers_uniform
 
@@ -117,7 +117,7 @@ def test_copy_equal_to_pretrained_is_flat():
 
 
 def test_noise_bands_are_on_the_log_scale_and_decide_a_step():
-    from cka_split.divergence import noise_band
+    from cka_split.decision.divergence import noise_band
 
     lo, hi = noise_band(np.array([0.0, 0.01, 0.03]), np.array([0.0, 0.001, 0.001]))
     np.testing.assert_allclose(lo, [0.0, 0.01 * np.exp(-0.3), 0.03 * np.exp(-0.1)], rtol=1e-12)
@@ -162,7 +162,7 @@ def test_layer_subset_start_is_block_after_last_point_before_the_step():
 
 def _tiny_vit_grid(L: int, every_scale: bool) -> tuple[list, list]:
     """Planted copies of a tiny ViT for every s in 1..L-1 and both kinds; (failures, d(s) seen)."""
-    from cka_split.analysis import analyze
+    from cka_split.estimator.analysis import analyze
 
     failures, seen = [], []
     pre = tiny_vit(L)
@@ -209,7 +209,7 @@ def test_planted_grid_on_tiny_vits_24_blocks():
 
 def test_held_out_planted_tiny_vits():
     # held out: other seeds, other scales, another depth, never used to choose the constants
-    from cka_split.analysis import analyze
+    from cka_split.estimator.analysis import analyze
 
     L = 10
     pre = tiny_vit(L, seed=5)
@@ -342,12 +342,12 @@ def test_errors_and_json_round_trip(tmp_path):
 
 def test_meta_device_param_count_matches_published_totals():
     # the ViT-Split paper: S 10.23M, B 40.52M trainable parameters (150 classes, K_t 3, 2,5,8,11)
-    from cka_split.cost import vitsplit_param_counter
+    from cka_split.decision.cost import vitsplit_param_counter
 
     s = vitsplit_param_counter("dinov2_vits14", {"seg": 150})
     assert round(s("seg", 3, [2, 5, 8, 11]) / 1e4) == 1023
     assert s("seg", 3, [2, 5, 8, 11]) - s("seg", 2, [2, 5, 8, 11]) == 1_775_232  # one DINOv2-S block
-    from cka_split.cost import full_finetune_param_counter
+    from cka_split.decision.cost import full_finetune_param_counter
 
     # full fine-tuning of S with the same head: 22.11M (README, "Measured performance")
     assert round(full_finetune_param_counter("dinov2_vits14", {"seg": 150})("seg") / 1e4) == 2211

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cka_split.result import CKAResult
+from cka_split.estimator.result import CKAResult
 from cka_split.reports import build_report
 from cka_split.reports.rundir import load_cka
 from cka_split.reports.training import find_training_runs

@@ -10,7 +10,7 @@ import pytest
 
 from cka_split.reports import build_report
 from cka_split.reports.sweep import find_sweeps
-from cka_split.sweep import summarize
+from vitsplit.sweep.grid import summarize
 from test_report import L, decode_png, make_run, parse
 
 MIOU = {1: [20.0, 21.0, 22.0], 3: [30.0, 31.0, 32.0], 5: [33.0, 34.0, 35.0], 8: [28.0, 29.0, 30.0]}
@@ -62,7 +62,7 @@ def test_sweep_section_states_best_and_picks(built):
     assert "CKA picked K_t 3: mIoU 31.00, -3.00 against the best; the pooled seed SD is 1.00, so that is 3.0 SD." in text
     assert "RGN picked K_t 5: mIoU 34.00, +0.00 against the best" in text
     assert "Baseline linear: mIoU 13.00 +- 1.00 (3 seed(s))" in text
-    # the tie rule (cka_split.sweep.tie_tolerance): max(1 point, 2 x pooled SD 1.00) = 2.00; CKA is 3 below
+    # the tie rule (vitsplit.sweep.grid.tie_tolerance): max(1 point, 2 x pooled SD 1.00) = 2.00; CKA is 3 below
     assert ("Only RGN's pick is within max(1 point, 2 pooled seed SD) = 2.00 of the best; CKA's is not: on this sweep "
             "RGN is the better selector.") in text
     rows = re.findall(r"<tr><td>(\d+)</td>(.*?)</tr>", section, flags=re.S)

@@ -1,4 +1,4 @@
-"""The gradient-norm rival (cka_split.rgn): the K_t rule on constructed profiles, the measurement on a
+"""The gradient-norm rival (cka_split.probes.rgn): the K_t rule on constructed profiles, the measurement on a
 constructed ViT whose early blocks get no gradient, and its place in recommendation.json."""
 
 import json
@@ -9,8 +9,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from cka_split.recommend import SplitRecommendation
-from cka_split.rgn import check_rgn_options, measure_rgn, rgn_k_t, rgn_recommendation
+from cka_split.decision.recommend import SplitRecommendation
+from cka_split.probes.rgn import check_rgn_options, measure_rgn, rgn_k_t, rgn_recommendation
 from vitsplit.backbones import Backbone
 from vitsplit.errors import UserError
 
@@ -114,7 +114,7 @@ def test_rgn_recommendation_round_trips_through_recommendation_json():
 @pytest.mark.slow
 def test_analyze_selector_rgn_makes_no_copies_and_recommend_keeps_the_rgn_entry(tmp_path, capsys):
     from cka_split.cli.app import main
-    from cka_split.run import recommend_run
+    from cka_split.pipelines.analyze import recommend_run
 
     run = tmp_path / "runs" / "rgn"
     with pytest.raises(SystemExit) as e:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cka_split.reports import build_report
-from cka_split.sweep import summarize
+from vitsplit.sweep.grid import summarize
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "split_validation.py"
 

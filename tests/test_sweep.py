@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from cka_split.cli.app import main as cli_main
-from cka_split.sweep import SweepConfig, SweepPoint, parse_k_t, pooled_sd, resolve_sweep, run_sweep, stats, summarize
+from vitsplit.sweep.grid import SweepConfig, SweepPoint, parse_k_t, pooled_sd, resolve_sweep, run_sweep, stats, summarize
 from vitsplit.engine import TrainConfig, train
 from vitsplit.errors import UserError
 from tiny_vits import plain_tiny_backbone as tiny_backbone
@@ -165,7 +165,7 @@ def test_torchrun_sweep_trains_each_point_with_ddp_and_writes_once(tmp_path):
 
 
 def test_auto_split_links_the_analysis_and_takes_its_prior_layers(tmp_path):
-    from cka_split.sweep import resolve_sweep
+    from vitsplit.sweep.grid import resolve_sweep
 
     run = tmp_path / "runs" / "analysis"
     run.mkdir(parents=True)

@@ -124,7 +124,7 @@ def test_finetune_backbone_returns_a_changed_copy_and_leaves_the_input():
 
 
 def test_finetune_backbone_on_step_sees_the_copy_and_can_stop_early():
-    from cka_split.autostop import StabilityStop, stability_callback
+    from cka_split.probes.autostop import StabilityStop, stability_callback
 
     bb = tiny_backbone()
     seen = []

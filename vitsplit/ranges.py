@@ -1,5 +1,5 @@
 """The allowed values of a numeric option, one :class:`Range` per option, defined once beside its
-config (``vitsplit.engine.config.TRAIN_RANGES``, ``cka_split.run.ANALYZE_RANGES``, ...) and checked
+config (``vitsplit.engine.config.TRAIN_RANGES``, ``cka_split.pipelines.analyze.ANALYZE_RANGES``, ...) and checked
 twice from that one definition: by the library when a config is resolved (API callers), and by the
 CLI while it parses the command line, before any work starts."""
 

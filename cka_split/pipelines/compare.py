@@ -5,7 +5,7 @@ late ones task-specific -- and its paper notes that this grouping is "less disti
 (e.g. CLIP)" than for DINOv2. This module measures that on any set of backbones:
 
 1. **One pass, the same images for every model.** Every block of every model becomes a feature set;
-   CKA (Kornblith et al. 2019; the minibatch estimator of Nguyen et al. 2021, :mod:`cka_split.cka`)
+   CKA (Kornblith et al. 2019; the minibatch estimator of Nguyen et al. 2021, :mod:`cka_split.estimator.cka`)
    is computed between all of them, so each model's own block-by-block matrix and every cross-model
    matrix come from one accumulator. The per-minibatch HSIC terms are kept for the jackknife.
 2. **Matching tokens across models.** CKA compares n x n Gram matrices, so feature widths may differ.
@@ -47,11 +47,11 @@ from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write, atomic_write_json
 from vitsplit.progress import NULL_PROGRESS, Progress
 
-from .analysis import batch_images, resolve_layers
-from .cka import GramWorkspace, MinibatchCKA
-from .features import FEATURE_MODES, BlockFeatures
-from .jackknife import se_from_replicates
-from .result import CKAResult
+from cka_split.estimator.analysis import batch_images, resolve_layers
+from cka_split.estimator.cka import GramWorkspace, MinibatchCKA
+from cka_split.estimator.features import FEATURE_MODES, BlockFeatures
+from cka_split.estimator.jackknife import se_from_replicates
+from cka_split.estimator.result import CKAResult
 
 FORMAT_VERSION = 1
 
@@ -92,7 +92,7 @@ def split_of(m: np.ndarray) -> tuple[float, int]:
 
 
 def jackknife_se(replicates: np.ndarray) -> float:
-    """Leave-one-out jackknife SE (:func:`cka_split.jackknife.se_from_replicates`) of the B replicates
+    """Leave-one-out jackknife SE (:func:`cka_split.estimator.jackknife.se_from_replicates`) of the B replicates
     (B,) of a scalar statistic, undefined (NaN) replicates dropped."""
     r = np.asarray(replicates, dtype=np.float64)
     return float(se_from_replicates(torch.from_numpy(r[~np.isnan(r)])))

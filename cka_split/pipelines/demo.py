@@ -37,9 +37,9 @@ from vitsplit.ops.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from vitsplit.pretrain import load_or_pretrain_demo_vit
 from vitsplit.progress import NULL_PROGRESS, Progress
 
-from .pca import pca_maps
-from .rgn import DEFAULT_BATCHES
-from .run import AnalyzeConfig, run_analyze
+from cka_split.probes.pca import pca_maps
+from cka_split.probes.rgn import DEFAULT_BATCHES
+from .analyze import AnalyzeConfig, run_analyze
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
 # The demo's world: 4 object classes at zoom 2 (an object spans 3-5 patches of 14 px at 112 px),

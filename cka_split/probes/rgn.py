@@ -60,7 +60,7 @@ from vitsplit.model.heads import det_preset_for
 from vitsplit.progress import NULL_PROGRESS, Progress
 from vitsplit.ranges import COUNT
 
-from .recommend import ParamCount, SplitRecommendation, TaskSplit
+from cka_split.decision.recommend import ParamCount, SplitRecommendation, TaskSplit
 
 SELECTORS = ("cka", "rgn", "both")
 DEFAULT_BATCHES = 5  # Lee et al.'s Auto-RGN: "a few" minibatches; five as the issue and their setup use

@@ -77,7 +77,7 @@ def analyze(models: Mapping[str, nn.Module], loader: Iterable, *,
 
     models: {name: Backbone or timm ViT}; loader yields (B, 3, H, W) normalised images (or dicts with
     "image"), B >= 4 for the unbiased estimator. ``layers``: see :func:`resolve_layers`. ``features``:
-    "tokens" | "mean" | "cls" (cka_split.features). ``device``: where the models run (they are moved
+    "tokens" | "mean" | "cls" (cka_split.estimator.features). ``device``: where the models run (they are moved
     there); None keeps each model where it is. ``token_subsample``: keep k fixed patch positions
     (seeded by ``seed``). Returns a :class:`CKAResult` with F = sum of the layer counts.
     """

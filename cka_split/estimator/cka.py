@@ -270,7 +270,7 @@ class MinibatchCKA:
 
         Every rank's per-minibatch terms are gathered and put in the global minibatch order of
         round-robin sharding (rank r's k-th minibatch is minibatch k * W + r, as in
-        :func:`cka_split.analysis.analyze`); the HSIC sum is then re-added in that order, so every rank
+        :func:`cka_split.estimator.analysis.analyze`); the HSIC sum is then re-added in that order, so every rank
         holds the single-process sums, terms, CKA and SE. Each rank must have the same F; a rank with
         no minibatch contributes nothing. If any rank lost its terms (an old state was loaded) the
         HSIC sums are all-reduced and the SE is NaN."""

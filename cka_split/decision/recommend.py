@@ -7,7 +7,7 @@ head reads ``K_p`` frozen layers sampled uniformly from block ``b`` to ``L-1``. 
 b and K_p by hand (S/B: K_t=3, b=2, K_p=4; L: K_t=4, b=2, K_p=8). This module picks them from CKA.
 
 **K_t, per task.** The divergence curve of a task is ``d(l) = 1 - CKA(pretrained block l, task copy
-block l)`` with its jackknife SE; :mod:`cka_split.divergence` finds where it leaves the blocks the
+block l)`` with its jackknife SE; :mod:`cka_split.decision.divergence` finds where it leaves the blocks the
 fine-tuning left (nearly) alone, judged against the SE and against the curve's own scale (a step of at
 least ``STEP_RATIO`` between the noise bands), with no absolute thresholds. Then ``K_t = L - s``
 clipped to [1, L-1]: the task head copies exactly the blocks the task changed. A copy that equals the
@@ -16,7 +16,7 @@ change. If nothing is distinguishable from noise the curve is *flat* and K_t fal
 published value for that depth (3 for 12 blocks, 4 for 24, 8 for 40, else round(L/4)). When the CKA
 was computed on a subset of blocks, s is the block after the last listed block before the change (the
 first block that may have changed), so K_t covers every block that might have diverged. The SE is
-marked unreliable when it comes from fewer than :data:`cka_split.cka.MIN_SE_BATCHES` minibatches.
+marked unreliable when it comes from fewer than :data:`cka_split.estimator.cka.MIN_SE_BATCHES` minibatches.
 
 **b and K_p, from the pretrained model alone.** Its layer-by-layer CKA matrix M is cut into
 contiguous groups: a group starts at a block and takes the following blocks while their CKA with the
@@ -30,8 +30,8 @@ flat (one group), these rules give the paper's b=2 and K_p, hence its prior laye
 12 blocks and 2,5,...,23 for 24. Prior layers follow the release's uniform rule
 ``S = {b + floor(i * (L-1-b) / (K_p-1)) : i = 0..K_p-1}``.
 
-**Cost** (:mod:`cka_split.cost`). With ``param_count(task, k_t, prior_layers)`` (for example
-:func:`~cka_split.cost.vitsplit_param_counter`, which builds ViT-Split on the meta device) each task states its
+**Cost** (:mod:`cka_split.decision.cost`). With ``param_count(task, k_t, prior_layers)`` (for example
+:func:`~cka_split.decision.cost.vitsplit_param_counter`, which builds ViT-Split on the meta device) each task states its
 trainable parameters; with ``full_count(task)`` also full fine-tuning's, the ratio, and -- never
 silently -- whether ViT-Split would be larger than full fine-tuning, naming the largest K_t that is not.
 The fraction of the backbone's backward avoided and the estimated step-time ratio need only L and K_t;
@@ -74,7 +74,7 @@ import numpy as np
 from vitsplit.errors import UserError
 from vitsplit.model.configs import DEFAULT_B, PUBLISHED_K_P, default_k_t, prior_layers_uniform
 
-from .cka import MIN_SE_BATCHES
+from cka_split.estimator.cka import MIN_SE_BATCHES
 from .cost import Budget, FullCount, ParamCount, budget_for, check_budget_tasks, json_float, split_cost
 from .divergence import (NOISE_Z, NUMERIC_FLOOR, STEP_RATIO, Divergence, accepted_starts, accepted_steps,  # noqa: F401
                          divergence_start, noise_band)
@@ -117,7 +117,7 @@ class TaskSplit:
     largest_k_t_below_full: int | None = None
     divergence_share_last: list[float | None] = field(default_factory=list)
     accepted_k_t: list[int] = field(default_factory=list)   # K_t of every start the step test accepts (ties)
-    rgn: dict[str, Any] | None = None  # the gradient-norm rival's entry (cka_split.rgn.measure_rgn), if measured
+    rgn: dict[str, Any] | None = None  # the gradient-norm rival's entry (cka_split.probes.rgn.measure_rgn), if measured
 
 
 @dataclass
@@ -244,7 +244,7 @@ def _clip_k_t(k: int, L: int) -> int:
 
 def accepted_k_t(d: np.ndarray, se: np.ndarray, layers: list[int], L: int, *, z: float = NOISE_Z,
                  step_ratio: float = STEP_RATIO) -> list[int]:
-    """K_t = L - start, clipped to [1, L - 1], of every start :func:`~cka_split.divergence.accepted_starts`
+    """K_t = L - start, clipped to [1, L - 1], of every start :func:`~cka_split.decision.divergence.accepted_starts`
     gives (ascending, no repeats; empty for a flat curve)."""
     return sorted({_clip_k_t(L - start, L) for start in accepted_starts(d, se, layers, z=z, step_ratio=step_ratio)})
 

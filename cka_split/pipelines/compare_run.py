@@ -2,7 +2,7 @@
 
 1. Build every model (``models``, each with its ``weights``: auto, random or a path).
 2. One pass over ``probe_images`` validation images of ``data`` (the same images, in the same
-   minibatches, for every model): :func:`cka_split.compare.compare_models`.
+   minibatches, for every model): :func:`cka_split.pipelines.compare.compare_models`.
 3. ``OUT/compare.npz`` + ``OUT/compare.json`` (:meth:`Comparison.save`) and ``OUT/config.json``
    (every resolved option, versions, each model's weights source and state hash). The report
    (``OUT/report.html``) is the reports package's job; the CLI builds it right after this.
@@ -20,10 +20,10 @@ from vitsplit.fileio import atomic_write_json, versions
 from vitsplit.progress import NULL_PROGRESS, Progress
 from vitsplit.ranges import COUNT, NON_NEGATIVE, Range
 
-from .cka import MIN_SE_BATCHES
+from cka_split.estimator.cka import MIN_SE_BATCHES
 from .compare import Comparison, compare_models
-from .features import FEATURE_MODES
-from .run import default_run_dir, probe_loader
+from cka_split.estimator.features import FEATURE_MODES
+from .analyze import default_run_dir, probe_loader
 
 
 @dataclass

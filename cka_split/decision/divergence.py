@@ -2,7 +2,7 @@
 against the CKA estimate's noise and against the curve's own scale -- no absolute thresholds.
 
 The divergence of a task copy at block l is ``d(l) = 1 - CKA(pretrained block l, copy block l)``, with
-``se(l)`` its leave-one-minibatch-out jackknife SE (:func:`cka_split.cka.jackknife_se`). Every decision
+``se(l)`` its leave-one-minibatch-out jackknife SE (:func:`cka_split.estimator.cka.jackknife_se`). Every decision
 below compares divergences by their ratio, so each value gets its noise band on the log scale:
 ``[lo, hi] = d * exp(-+ NOISE_Z * se / d)`` (the delta method: SE(log d) = SE(d) / d). This keeps the
 band of a positive quantity positive: ``d`` is 0 exactly when the two blocks' features agree up to a
@@ -31,7 +31,7 @@ given in the README):
 
 - ``NOISE_Z = 3``: half-width of the noise band in SEs of log d. A one-sided normal tail of 0.13 % per
   value; the jackknife SE from B minibatches behaves like a t with B - 1 degrees of freedom, wider tails
-  with few minibatches (hence :data:`cka_split.cka.MIN_SE_BATCHES`).
+  with few minibatches (hence :data:`cka_split.estimator.cka.MIN_SE_BATCHES`).
 - ``STEP_RATIO = 2``: "clearly more" means at least twice the divergence of every earlier block (after
   both are moved to the unfavourable end of their noise bands). A curve growing like (l + 1)^p from
   block 0 has its largest ratio at block 1, 2^p, which is a start at block 1: K_t = L - 1, as for a

@@ -28,7 +28,7 @@ class CKAResult:
     ``num_images``: images seen; ``features``: "tokens" | "mean" | "cls"; ``unbiased``: HSIC_1 or HSIC_0;
     ``batch_hsic``: (B, F, F) float64 per-minibatch HSIC terms (None: unknown, e.g. a version-1 file),
     from which ``full_se`` (F, F), the leave-one-minibatch-out jackknife SE of ``full``, is computed
-    (:func:`cka_split.jackknife.jackknife_se`; NaN where unknown or with fewer than 2 minibatches).
+    (:func:`cka_split.estimator.jackknife.jackknife_se`; NaN where unknown or with fewer than 2 minibatches).
     """
 
     models: list[str]

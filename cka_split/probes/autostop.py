@@ -1,9 +1,9 @@
 """``--finetune-steps auto``: fine-tune a task copy only until its recommendation has settled.
 
 Every ``every`` steps the copy's CKA against the pretrained model is measured on a small fixed probe
-set (:func:`cka_split.analysis.analyze`), and the divergence rule gives a K_t
-(:func:`cka_split.recommend.recommend_split`, K_t from CKA, no budget) together with every K_t whose
-start the rule's step test accepts (``accepted_k_t``, :func:`cka_split.divergence.accepted_starts`):
+set (:func:`cka_split.estimator.analysis.analyze`), and the divergence rule gives a K_t
+(:func:`cka_split.decision.recommend.recommend_split`, K_t from CKA, no budget) together with every K_t whose
+start the rule's step test accepts (``accepted_k_t``, :func:`cka_split.decision.divergence.accepted_starts`):
 where two starts both pass (every later block diverges at least ``STEP_RATIO`` times more than every earlier one, beyond noise),
 the rule's choice between them follows whichever ratio is larger, and that flips from check to check
 with the probe noise and the copy's progress. Measured on the demo's seg copy (64 probes, a check every
@@ -68,8 +68,8 @@ def stability_callback(pretrained: nn.Module, task: str, probes: Sequence[torch.
                        unbiased: bool = True) -> Callable[[int, nn.Module], bool]:
     """``on_step(step, copy)`` for :func:`vitsplit.engine.finetune_backbone`: at every ``stop.every``
     steps, the K_t of ``copy`` on the probe minibatches ``probes`` (each (B, 3, H, W), B >= 4)."""
-    from .analysis import analyze
-    from .recommend import recommend_split
+    from cka_split.estimator.analysis import analyze
+    from cka_split.decision.recommend import recommend_split
 
     def on_step(step: int, copy: nn.Module) -> bool:
         if not stop.due(step):

@@ -1,6 +1,6 @@
 """Leave-one-minibatch-out jackknife SE of minibatch CKA (Quenouille 1956; Tukey 1958; Efron & Stein
 1981, "The jackknife estimate of variance", Ann. Statist.), from the per-minibatch HSIC terms that
-:class:`cka_split.cka.MinibatchCKA` keeps (see that module's docstring)."""
+:class:`cka_split.estimator.cka.MinibatchCKA` keeps (see that module's docstring)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """The ``analyze`` pipeline and the run directory it writes (``docs/run-directory.md``).
 
-1. Load the pretrained backbone; unless ``selector`` is "cka", the gradient-norm rival (:mod:`cka_split.rgn`), ``RUN/rgn.json``.
+1. Load the pretrained backbone; unless ``selector`` is "cka", the gradient-norm rival (:mod:`cka_split.probes.rgn`), ``RUN/rgn.json``.
 2. Per task (not with ``selector`` "rgn"): load ``finetuned[task]`` (a backbone fine-tuned elsewhere) or fine-tune a copy with the
    trainer (:func:`vitsplit.engine.finetune_backbone`) and save it to ``RUN/finetuned/TASK.safetensors``.
 3. CKA of every block of every model, one pass over ``probe_images`` validation images
-   (:func:`cka_split.analysis.analyze`), saved as ``RUN/cka.npz``.
-4. PCA maps of the first ``pca_images`` probe images (:func:`cka_split.pca.pca_maps`) in ``RUN/pca/``.
-5. The recommendation (:func:`cka_split.recommend.recommend_split`) in ``RUN/recommendation.json``,
+   (:func:`cka_split.estimator.analysis.analyze`), saved as ``RUN/cka.npz``.
+4. PCA maps of the first ``pca_images`` probe images (:func:`cka_split.probes.pca.pca_maps`) in ``RUN/pca/``.
+5. The recommendation (:func:`cka_split.decision.recommend.recommend_split`) in ``RUN/recommendation.json``,
    ``RUN/config.json`` (every resolved option, versions, seeds, weights sources and hashes); then
    ``runs/latest`` points at this run. The CLI builds ``RUN/report.html`` (``reports``) after this.
 
@@ -38,13 +38,13 @@ from vitsplit.progress import NULL_PROGRESS, Progress
 from vitsplit.ranges import COUNT, NON_NEGATIVE, POSITIVE, Range
 from vitsplit.runlock import LOCK_NAME, RunLock
 
-from .analysis import analyze
-from .cka import MIN_SE_BATCHES
-from .cost import Budget, check_budget_tasks, full_finetune_param_counter, vitsplit_param_counter
-from .pca import pca_maps
-from .recommend import SplitRecommendation, recommend_split
-from .result import CKAResult
-from .rgn import DEFAULT_BATCHES, attach_rgn, check_rgn_options, load_rgn, rgn_for_tasks, rgn_recommendation, save_rgn
+from cka_split.estimator.analysis import analyze
+from cka_split.estimator.cka import MIN_SE_BATCHES
+from cka_split.decision.cost import Budget, check_budget_tasks, full_finetune_param_counter, vitsplit_param_counter
+from cka_split.probes.pca import pca_maps
+from cka_split.decision.recommend import SplitRecommendation, recommend_split
+from cka_split.estimator.result import CKAResult
+from cka_split.probes.rgn import DEFAULT_BATCHES, attach_rgn, check_rgn_options, load_rgn, rgn_for_tasks, rgn_recommendation, save_rgn
 
 AUTO_CHECK_BATCH = 8      # images per minibatch of the "auto" checks' probe set
 FEATURES = ("tokens", "mean", "cls")
@@ -69,7 +69,7 @@ class AnalyzeConfig:
     tasks: list[str] = field(default_factory=lambda: ["seg", "det"])
     finetuned: dict[str, str] = field(default_factory=dict)
     data: dict[str, str] = field(default_factory=dict)  # task -> spec; "*" = every task and the probes
-    finetune_steps: int | str = 300   # or "auto": stop when the recommendation is stable (cka_split.autostop)
+    finetune_steps: int | str = 300   # or "auto": stop when the recommendation is stable (cka_split.probes.autostop)
     finetune_max_steps: int = 300     # "auto": at most this many steps (the schedule spans them)
     finetune_check_every: int = 25    # "auto": steps between checks
     finetune_patience: int = 3        # "auto": checks with an unchanged K_t before stopping
@@ -88,7 +88,7 @@ class AnalyzeConfig:
     unbiased: bool = True
     pca_images: int = 4
     max_trainable_params: Budget = None  # one number for every task, or {task: number}
-    selector: str = "both"  # cka | rgn | both: which K_t selectors run (cka_split.rgn)
+    selector: str = "both"  # cka | rgn | both: which K_t selectors run (cka_split.probes.rgn)
     rgn_batches: int = DEFAULT_BATCHES  # minibatches of the RGN measurement
 
     def data_for(self, task: str) -> str:
@@ -299,7 +299,7 @@ def _analyze_locked(cfg: AnalyzeConfig, run: Path, progress: Progress) -> tuple[
             steps = cfg.finetune_max_steps if auto else cfg.finetune_steps_per_task.get(t, cfg.finetune_steps)
             on_step, stop = None, None
             if auto:
-                from .autostop import StabilityStop, stability_callback
+                from cka_split.probes.autostop import StabilityStop, stability_callback
 
                 stop = StabilityStop(cfg.finetune_check_every, cfg.finetune_patience)
                 on_step = stability_callback(pretrained, t, auto_probes(cfg, device), stop, num_layers=pretrained.num_layers,

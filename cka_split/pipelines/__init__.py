@@ -1,0 +1,1 @@
+"""Whole jobs over run directories: ``analyze`` / ``recommend``, ``compare``, and the offline demo."""

@@ -19,17 +19,30 @@ import argparse
 import json
 from pathlib import Path
 
-from cka_split.pipelines.demo import FULL_PLAN
 from cka_split.pipelines.analyze import AnalyzeConfig, run_analyze
+from cka_split.pipelines.demo import FULL_PLAN
 
 
 def run(out: Path, **steps) -> tuple[int, dict]:
     """(recommended K_t for seg, the seg copy's record in config.json) of one analyze run."""
     plan = FULL_PLAN
-    cfg = AnalyzeConfig(model="demo-vit", weights="auto", tasks=["seg"], finetune_lr=plan.finetune_lr,
-                        finetune_batch_size=plan.finetune_batch_size, probe_images=plan.probe_images,
-                        batch_size=plan.cka_batch_size, image_size=plan.image_size, device="cpu", seed=plan.seed,
-                        out=str(out), pca_images=0, selector="cka", data={"*": plan.data}, **steps)
+    cfg = AnalyzeConfig(
+        model="demo-vit",
+        weights="auto",
+        tasks=["seg"],
+        finetune_lr=plan.finetune_lr,
+        finetune_batch_size=plan.finetune_batch_size,
+        probe_images=plan.probe_images,
+        batch_size=plan.cka_batch_size,
+        image_size=plan.image_size,
+        device="cpu",
+        seed=plan.seed,
+        out=str(out),
+        pca_images=0,
+        selector="cka",
+        data={"*": plan.data},
+        **steps,
+    )
     run_dir, rec = run_analyze(cfg)
     return rec.per_task["seg"].k_t, json.loads((run_dir / "config.json").read_text())["models"]["seg"]
 
@@ -42,16 +55,26 @@ def main() -> None:
     args = ap.parse_args()
     steps = FULL_PLAN.finetune_steps_seg
     k_fixed, fixed = run(args.out / "fixed", finetune_steps=steps)
-    k_auto, auto = run(args.out / "auto", finetune_steps="auto", finetune_max_steps=steps,
-                       finetune_check_every=args.every, finetune_patience=args.patience)
+    k_auto, auto = run(
+        args.out / "auto",
+        finetune_steps="auto",
+        finetune_max_steps=steps,
+        finetune_check_every=args.every,
+        finetune_patience=args.patience,
+    )
     print(f"fixed: K_t {k_fixed}, {fixed['steps']} steps, {fixed['seconds']:.1f} s")
     a = auto["auto"]
-    print(f"auto:  K_t {k_auto}, {a['steps_used']} of {a['max_steps']} steps (stopped early: {a['stopped_early']}), "
-          f"{auto['seconds']:.1f} s with the checks; K_t at the checks: "
-          + ", ".join(f"{s}:{k}" for s, k in a["k_t_trajectory"])
-          + "; accepted K_t at the checks: " + ", ".join("/".join(map(str, acc)) for acc in a.get("accepted_k_t", [])))
-    print(f"same recommendation: {k_fixed == k_auto}; time ratio auto / fixed = {auto['seconds'] / fixed['seconds']:.2f} "
-          "(target <= 0.5)")
+    print(
+        f"auto:  K_t {k_auto}, {a['steps_used']} of {a['max_steps']} steps (stopped early: {a['stopped_early']}), "
+        f"{auto['seconds']:.1f} s with the checks; K_t at the checks: "
+        + ", ".join(f"{s}:{k}" for s, k in a["k_t_trajectory"])
+        + "; accepted K_t at the checks: "
+        + ", ".join("/".join(map(str, acc)) for acc in a.get("accepted_k_t", []))
+    )
+    print(
+        f"same recommendation: {k_fixed == k_auto}; time ratio auto / fixed = {auto['seconds'] / fixed['seconds']:.2f} "
+        "(target <= 0.5)"
+    )
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ class CKAClock:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - t
+
         return timed_call
 
     def install(self) -> None:
@@ -67,7 +68,7 @@ class CKAClock:
         analysis_module.GramWorkspace = ClockedWorkspace
         for name in ("update_grams", "compute", "compute_se", "batch_terms"):
             setattr(MinibatchCKA, name, self.wrap(getattr(MinibatchCKA, name)))
-        result_module.jackknife_se = self.wrap(result_module.jackknife_se)   # the SE, computed by CKAResult
+        result_module.jackknife_se = self.wrap(result_module.jackknife_se)  # the SE, computed by CKAResult
 
 
 def perturbed_from(bb, k: int, seed: int, scale: float = 1.0):
@@ -110,7 +111,7 @@ def main() -> None:
     args = ap.parse_args()
 
     base = build_backbone("dinov2_vits14", weights="random", seed=0).eval()
-    with torch.no_grad():      # trained DINOv2 layer scales are O(0.1), not the 1e-5 of a fresh init
+    with torch.no_grad():  # trained DINOv2 layer scales are O(0.1), not the 1e-5 of a fresh init
         for name, p in base.named_parameters():
             if name.endswith(".gamma"):
                 p.fill_(0.1)
@@ -118,10 +119,14 @@ def main() -> None:
     for m in models.values():
         m.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(args.batch_size, 3, args.size, args.size, generator=g)
-               for _ in range(args.images // args.batch_size)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 3 x {base.name} ({base.num_layers} blocks, "
-          f"C={base.embed_dim}), {len(batches)} x {args.batch_size} images at {args.size} px")
+    batches = [
+        torch.randn(args.batch_size, 3, args.size, args.size, generator=g)
+        for _ in range(args.images // args.batch_size)
+    ]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; 3 x {base.name} ({base.num_layers} blocks, "
+        f"C={base.embed_dim}), {len(batches)} x {args.batch_size} images at {args.size} px"
+    )
 
     def bare():
         with torch.inference_mode():
@@ -134,14 +139,14 @@ def main() -> None:
 
     clock = CKAClock()
     clock.install()
-    with torch.inference_mode():                                   # warm-up (allocator, kernels, dgemm)
+    with torch.inference_mode():  # warm-up (allocator, kernels, dgemm)
         for m in models.values():
             m(batches[0][:4])
     analyze(models, [batches[0][:4]])
     walls = {"bare": [], "ours": []}
     cpus = {"bare": [], "ours": []}
     in_run = []
-    order = [("bare", "ours") if i % 2 == 0 else ("ours", "bare") for i in range(args.repeats)]   # ABBA
+    order = [("bare", "ours") if i % 2 == 0 else ("ours", "bare") for i in range(args.repeats)]  # ABBA
     for pair in order:
         for name in pair:
             clock.seconds = 0.0
@@ -152,19 +157,30 @@ def main() -> None:
                 res = out
                 in_run.append(w / (w - clock.seconds))
     paired = [o / b for o, b in zip(walls["ours"], walls["bare"])]
-    print("wall s, bare forward of the three models:", " ".join(f"{v:.2f}" for v in walls["bare"]),
-          f"(spread max/min {max(walls['bare']) / min(walls['bare']):.3f})")
+    print(
+        "wall s, bare forward of the three models:",
+        " ".join(f"{v:.2f}" for v in walls["bare"]),
+        f"(spread max/min {max(walls['bare']) / min(walls['bare']):.3f})",
+    )
     print("wall s, cka_split.analyze (all six matrices):", " ".join(f"{v:.2f}" for v in walls["ours"]))
     print("in-run ratios (analyze call / its forward part):", " ".join(f"{v:.4f}" for v in in_run))
-    print(f"ours / bare forward, in-run = {statistics.median(in_run):.3f} (median of {len(in_run)}; target <= 1.05, SE included)")
-    print(f"ours / bare forward, paired wall = {statistics.median(paired):.3f} (median of {len(paired)} ABBA pairs: "
-          + " ".join(f"{v:.3f}" for v in paired) + f"); best wall / best wall {min(walls['ours']) / min(walls['bare']):.3f}; "
-          f"by process CPU time {min(cpus['ours']) / min(cpus['bare']):.3f}")
+    print(
+        f"ours / bare forward, in-run = {statistics.median(in_run):.3f} (median of {len(in_run)}; target <= 1.05, SE "
+        f"included)"
+    )
+    print(
+        f"ours / bare forward, paired wall = {statistics.median(paired):.3f} (median of {len(paired)} ABBA pairs: "
+        + " ".join(f"{v:.3f}" for v in paired)
+        + f"); best wall / best wall {min(walls['ours']) / min(walls['bare']):.3f}; "
+        f"by process CPU time {min(cpus['ours']) / min(cpus['bare']):.3f}"
+    )
     t_ours = min(walls["ours"])
     diag = torch.diagonal(res.matrix("pretrained", "from8"))
     print("same-layer CKA pretrained vs from8:", " ".join(f"{v:.4f}" for v in diag.tolist()))
-    print(f"its jackknife SE ({res.se_batches} minibatches):",
-          " ".join(f"{v:.1g}" for v in torch.diagonal(res.se("pretrained", "from8")).tolist()))
+    print(
+        f"its jackknife SE ({res.se_batches} minibatches):",
+        " ".join(f"{v:.1g}" for v in torch.diagonal(res.se("pretrained", "from8")).tolist()),
+    )
 
     if args.skip_pytorch_cka:
         return
@@ -175,16 +191,22 @@ def main() -> None:
     pairs = [(a, a) for a in names] + list(itertools.combinations(names, 2))
 
     def theirs():
-        return {(a, b): compute_cka(models[a], models[b], Loader(batches), layers=layers, device="cpu", progress=False)[0]
-                for a, b in pairs}
+        return {
+            (a, b): compute_cka(models[a], models[b], Loader(batches), layers=layers, device="cpu", progress=False)[0]
+            for a, b in pairs
+        }
 
     t_theirs, c_theirs, mats = timed(theirs)
     print(f"pytorch-cka 1.1.3, six compute_cka calls: {t_theirs:.2f} s wall, {c_theirs:.2f} s CPU")
-    print(f"speed-up over pytorch-cka = {t_theirs / t_ours:.2f}x by wall time (target >= 2.5), "
-          f"{c_theirs / min(cpus['ours']):.2f}x by CPU time")
+    print(
+        f"speed-up over pytorch-cka = {t_theirs / t_ours:.2f}x by wall time (target >= 2.5), "
+        f"{c_theirs / min(cpus['ours']):.2f}x by CPU time"
+    )
     worst = max(float((mats[(a, b)].double() - res.matrix(a, b)).abs().max()) for a, b in pairs)
-    print(f"largest |ours - pytorch-cka| over the six matrices: {worst:.3g} (theirs: float32 Grams of the"
-          " uncentred features incl. the class token, clamped to [0, 1]; ours: patch tokens, float64)")
+    print(
+        f"largest |ours - pytorch-cka| over the six matrices: {worst:.3g} (theirs: float32 Grams of the"
+        " uncentred features incl. the class token, clamped to [0, 1]; ours: patch tokens, float64)"
+    )
 
 
 if __name__ == "__main__":

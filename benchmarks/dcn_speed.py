@@ -57,20 +57,29 @@ def main() -> None:
             w = (torch.randn(c, c, 3, 3, device=dev) / (9 * c) ** 0.5).requires_grad_()
             g = torch.randn(b, c, s, s, device=dev)
 
-            def step(f):
+            def step(f, x=x, off=off, w=w, g=g):
                 def run():
                     x.grad = off.grad = w.grad = None
                     f(x, off, w).backward(g)
                     if dev.type == "cuda":
                         torch.cuda.synchronize()
+
                 return run
 
             fast = step(lambda a, o, k: deform_conv2d_fast(a, o, k, padding=1))
             ref = step(lambda a, o, k: deform_conv2d(a, o, k, padding=(1, 1)))
             t_fast, t_ref = _time(fast, args.reps), _time(ref, args.reps)
             with torch.no_grad():
-                diff = (deform_conv2d_fast(x, off, w, padding=1) - deform_conv2d(x, off, w, padding=(1, 1))).abs().max().item()
-            print(f"{b:>5} {f'{s}x{s}':>7} {t_fast * 1e3:>9.1f} {t_ref * 1e3:>12.1f} {t_ref / t_fast:>8.2f}x {diff:>11.2e}")
+                diff = (
+                    (deform_conv2d_fast(x, off, w, padding=1) - deform_conv2d(x, off, w, padding=(1, 1)))
+                    .abs()
+                    .max()
+                    .item()
+                )
+            print(
+                f"{b:>5} {f'{s}x{s}':>7} {t_fast * 1e3:>9.1f} {t_ref * 1e3:>12.1f} {t_ref / t_fast:>8.2f}x "
+                f"{diff:>11.2e}"
+            )
     if args.step_batch > 0:
         model_step(args.step_batch, args.step_crop, args.reps, dev)
 
@@ -84,8 +93,10 @@ def model_step(batch: int, crop: int, reps: int, device: torch.device) -> None:
     for blk in (model.split.prior_head.deform, model.split.fusion.deform):  # trained-like offsets
         torch.nn.init.normal_(blk.offset.weight, std=1e-2)
     torch.manual_seed(0)
-    data = {"image": torch.randn(batch, 3, crop, crop, device=device),
-            "seg": torch.randint(0, 150, (batch, crop, crop), device=device)}
+    data = {
+        "image": torch.randn(batch, 3, crop, crop, device=device),
+        "seg": torch.randint(0, 150, (batch, crop, crop), device=device),
+    }
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -97,8 +108,10 @@ def model_step(batch: int, crop: int, reps: int, device: torch.device) -> None:
     for impl in ("fast", "torchvision"):
         model.set_deform_impl(impl)
         times[impl] = _time(step, reps)
-    print(f"ViT-Split-S train step (batch {batch}, crop {crop}, 150 classes): fast {times['fast'] * 1e3:.0f} ms, "
-          f"torchvision {times['torchvision'] * 1e3:.0f} ms, speed-up {times['torchvision'] / times['fast']:.2f}x")
+    print(
+        f"ViT-Split-S train step (batch {batch}, crop {crop}, 150 classes): fast {times['fast'] * 1e3:.0f} ms, "
+        f"torchvision {times['torchvision'] * 1e3:.0f} ms, speed-up {times['torchvision'] / times['fast']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ QUICK = dict(train_iters=4, train_length=32, val_length=8, train_batch_size=4)
 
 
 def parse_list(text: str, last: int) -> list[int]:
-    """"all" -> 1..last; "a-b" -> a..b; "a,b,c" -> those (each may be a range)."""
+    """ "all" -> 1..last; "a-b" -> a..b; "a,b,c" -> those (each may be a range)."""
     if text == "all":
         return list(range(1, last + 1))
     out: list[int] = []
@@ -85,16 +85,29 @@ def statistics(scores: dict[int, list[float]], higher_is_better: bool = True) ->
     means = {k: float(np.mean(scores[k])) for k in ks}
     sds = {k: float(np.std(scores[k], ddof=1)) if len(scores[k]) > 1 else float("nan") for k in ks}
     dof = sum(len(scores[k]) - 1 for k in ks)
-    pooled = math.sqrt(sum((len(scores[k]) - 1) * sds[k] ** 2 for k in ks if len(scores[k]) > 1) / dof) if dof else float("nan")
+    pooled = (
+        math.sqrt(sum((len(scores[k]) - 1) * sds[k] ** 2 for k in ks if len(scores[k]) > 1) / dof)
+        if dof
+        else float("nan")
+    )
     sign = 1.0 if higher_is_better else -1.0
     best = max(ks, key=lambda k: (sign * means[k], -k))
     saturation = min(k for k in ks if sign * (means[best] - means[k]) <= 2 * pooled) if dof else best
     anova = f_oneway(*[scores[k] for k in ks]) if dof and len(ks) > 1 else None
     spread = max(means.values()) - min(means.values())
-    return {"k_t": ks, "mean": means, "sd": sds, "n": {k: len(scores[k]) for k in ks}, "pooled_sd": pooled,
-            "spread": spread, "spread_over_pooled_sd": spread / pooled if pooled else float("nan"),
-            "anova_F": float(anova.statistic) if anova is not None else None,
-            "anova_p": float(anova.pvalue) if anova is not None else None, "best_k_t": best, "saturation_k_t": saturation}
+    return {
+        "k_t": ks,
+        "mean": means,
+        "sd": sds,
+        "n": {k: len(scores[k]) for k in ks},
+        "pooled_sd": pooled,
+        "spread": spread,
+        "spread_over_pooled_sd": spread / pooled if pooled else float("nan"),
+        "anova_F": float(anova.statistic) if anova is not None else None,
+        "anova_p": float(anova.pvalue) if anova is not None else None,
+        "best_k_t": best,
+        "saturation_k_t": saturation,
+    }
 
 
 def block_anova(table: dict[int, dict[int, float]]) -> dict[str, float | int | None]:
@@ -109,7 +122,7 @@ def block_anova(table: dict[int, dict[int, float]]) -> dict[str, float | int | N
     seeds = sorted(set.intersection(*(set(table[k]) for k in ks))) if ks else []
     if len(ks) < 2 or len(seeds) < 2:
         return {"F": None, "p": None, "residual_sd": None, "seeds": len(seeds)}
-    y = np.array([[table[k][s] for s in seeds] for k in ks])            # (K, S)
+    y = np.array([[table[k][s] for s in seeds] for k in ks])  # (K, S)
     grand = y.mean()
     ss_k = len(seeds) * ((y.mean(axis=1) - grand) ** 2).sum()
     ss_s = len(ks) * ((y.mean(axis=0) - grand) ** 2).sum()
@@ -117,8 +130,12 @@ def block_anova(table: dict[int, dict[int, float]]) -> dict[str, float | int | N
     df_k, df_res = len(ks) - 1, (len(ks) - 1) * (len(seeds) - 1)
     ms_res = ss_res / df_res
     F = (ss_k / df_k) / ms_res if ms_res > 0 else float("inf")
-    return {"F": float(F), "p": float(f_dist.sf(F, df_k, df_res)), "residual_sd": float(math.sqrt(max(ms_res, 0.0))),
-            "seeds": len(seeds)}
+    return {
+        "F": float(F),
+        "p": float(f_dist.sf(F, df_k, df_res)),
+        "residual_sd": float(math.sqrt(max(ms_res, 0.0))),
+        "seeds": len(seeds),
+    }
 
 
 def main() -> None:
@@ -129,14 +146,25 @@ def main() -> None:
     ap.add_argument("--k-t", default="all", help="'all' (1..L-1), a range '1-11' or a list '1,3,6,11'")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--iters", type=int, default=None, help="default: the full demo's training iterations")
-    ap.add_argument("--pretrained-lr-scale", type=float, default=None,
-                    help="the task head's lr multiplier (default: the demo's, cka_split.pipelines.demo.FULL_PLAN)")
+    ap.add_argument(
+        "--pretrained-lr-scale",
+        type=float,
+        default=None,
+        help="the task head's lr multiplier (default: the demo's, cka_split.pipelines.demo.FULL_PLAN)",
+    )
     ap.add_argument("--out", default="runs/kt_effect")
-    ap.add_argument("--quick", action="store_true", help="smoke test: K_t 1, 6, 11 (or 1, L/2, L-1), seeds 0 and 1, "
-                                                         f"{QUICK['train_iters']} steps")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: K_t 1, 6, 11 (or 1, L/2, L-1), seeds 0 and 1, {QUICK['train_iters']} steps",
+    )
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--sweep", default=None, help="train nothing: read a finished sweep's sweep.json (a folder), e.g. "
-                                                  "split_validation's first setting, and print its table")
+    ap.add_argument(
+        "--sweep",
+        default=None,
+        help="train nothing: read a finished sweep's sweep.json (a folder), e.g. "
+        "split_validation's first setting, and print its table",
+    )
     args = ap.parse_args()
     if args.sweep:
         return from_sweep(Path(args.sweep))
@@ -158,8 +186,11 @@ def main() -> None:
     seeds = [0, 1] if args.quick and args.seeds == "0,1,2" else parse_list(args.seeds, 0)
     out = Path(args.out)
     print(f"backbone {backbone.weights_source}")
-    print(f"data {data}; {plan.train_iters} iterations of batch {plan.train_batch_size} at {plan.image_size} px, "
-          f"lr {plan.train_lr} (task head x {plan.train_pretrained_lr_scale}); prior layers {prior_layers}; K_t {k_ts}; seeds {seeds}")
+    print(
+        f"data {data}; {plan.train_iters} iterations of batch {plan.train_batch_size} at {plan.image_size} px, "
+        f"lr {plan.train_lr} (task head x {plan.train_pretrained_lr_scale}); prior layers {prior_layers}; K_t {k_ts}; "
+        f"seeds {seeds}"
+    )
 
     table: dict[int, dict[int, float]] = {}  # K_t -> seed -> mIoU
     params: dict[int, int] = {}
@@ -171,11 +202,27 @@ def main() -> None:
                 metrics = json.loads((run / "eval.json").read_text())
                 how = "read"
             else:
-                cfg = TrainConfig(task="seg", method="vitsplit", model=args.model, weights=args.weights, data=data, k_t=k,
-                                  prior_layers=list(prior_layers), iters=plan.train_iters,
-                                  batch_size=plan.train_batch_size, crop=plan.image_size, lr=plan.train_lr, seed=seed,
-                                  pretrained_lr_scale=plan.train_pretrained_lr_scale, checkpoint_every=plan.train_iters, log_every=max(1, plan.train_iters // 10),
-                                  out=str(run), device="cpu", train_length=plan.train_length, val_length=plan.val_length)
+                cfg = TrainConfig(
+                    task="seg",
+                    method="vitsplit",
+                    model=args.model,
+                    weights=args.weights,
+                    data=data,
+                    k_t=k,
+                    prior_layers=list(prior_layers),
+                    iters=plan.train_iters,
+                    batch_size=plan.train_batch_size,
+                    crop=plan.image_size,
+                    lr=plan.train_lr,
+                    seed=seed,
+                    pretrained_lr_scale=plan.train_pretrained_lr_scale,
+                    checkpoint_every=plan.train_iters,
+                    log_every=max(1, plan.train_iters // 10),
+                    out=str(run),
+                    device="cpu",
+                    train_length=plan.train_length,
+                    val_length=plan.val_length,
+                )
                 metrics = train(cfg, backbone=backbone)
                 how = "trained"
             params[k] = json.loads((run / "config.json").read_text())["trainable_params"]
@@ -204,9 +251,11 @@ def from_sweep(folder: Path) -> None:
             params[int(p["k_t"])] = p["trainable_params"]
         else:
             baselines.setdefault(f"{p['method']} ({p['trainable_params'] / 1e6:.2f}M)", []).append(float(p["metric"]))
-    print(f"sweep {folder}: {sweep['task']} {sweep['metric']} on {train_cfg['data']}; {train_cfg['iters']} iterations of "
-          f"batch {train_cfg['batch_size']} at {train_cfg['crop']} px, lr {train_cfg['lr']} (task head and full FT's "
-          f"backbone x {train_cfg.get('pretrained_lr_scale') or PRETRAINED_LR_SCALE})")
+    print(
+        f"sweep {folder}: {sweep['task']} {sweep['metric']} on {train_cfg['data']}; {train_cfg['iters']} iterations of "
+        f"batch {train_cfg['batch_size']} at {train_cfg['crop']} px, lr {train_cfg['lr']} (task head and full FT's "
+        f"backbone x {train_cfg.get('pretrained_lr_scale') or PRETRAINED_LR_SCALE})"
+    )
     const = None
     if sweep["task"] == "seg":
         plan = replace(FULL_PLAN, image_size=train_cfg["crop"], val_length=train_cfg["val_length"])
@@ -216,8 +265,13 @@ def from_sweep(folder: Path) -> None:
     (folder / "kt_effect.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
-def print_summary(params: dict[int, int], const: float | None, baselines: dict[str, list[float]],
-                  table: dict[int, dict[int, float]], higher_is_better: bool = True) -> dict[str, object]:
+def print_summary(
+    params: dict[int, int],
+    const: float | None,
+    baselines: dict[str, list[float]],
+    table: dict[int, dict[int, float]],
+    higher_is_better: bool = True,
+) -> dict[str, object]:
     """Print and return the K_t-effect table of ``table`` (K_t -> seed -> metric)."""
     scores = {k: list(v.values()) for k, v in table.items()}
     stats = statistics(scores, higher_is_better)
@@ -227,21 +281,36 @@ def print_summary(params: dict[int, int], const: float | None, baselines: dict[s
     print(f"{'K_t':>4} {'mean':>7} {'SD':>6} {'n':>2} {'params':>9}")
     for k in k_ts:
         print(f"{k:>4} {stats['mean'][k]:7.2f} {stats['sd'][k]:6.2f} {stats['n'][k]:>2} {params[k] / 1e6:8.2f}M")
-    print(f"pooled seed SD {stats['pooled_sd']:.2f}; spread of means {stats['spread']:.2f} "
-          f"= {stats['spread_over_pooled_sd']:.1f} pooled SD")
+    print(
+        f"pooled seed SD {stats['pooled_sd']:.2f}; spread of means {stats['spread']:.2f} "
+        f"= {stats['spread_over_pooled_sd']:.1f} pooled SD"
+    )
     if stats["anova_p"] is not None:
         print(f"one-way ANOVA across K_t: F {stats['anova_F']:.2f}, p {stats['anova_p']:.2g}")
-    print(f"best K_t {stats['best_k_t']} (mean {stats['mean'][stats['best_k_t']]:.2f}); saturation (smallest K_t within "
-          f"2 pooled SD of the best) {stats['saturation_k_t']}")
+    print(
+        f"best K_t {stats['best_k_t']} (mean {stats['mean'][stats['best_k_t']]:.2f}); saturation (smallest K_t within "
+        f"2 pooled SD of the best) {stats['saturation_k_t']}"
+    )
     if blocked["p"] is not None:
-        print(f"two-way ANOVA, seed as block ({blocked['seeds']} seeds): F {blocked['F']:.2f}, p {blocked['p']:.2g}; "
-              f"residual SD {blocked['residual_sd']:.2f} (the seed-to-seed noise once each seed's offset is removed)")
+        print(
+            f"two-way ANOVA, seed as block ({blocked['seeds']} seeds): F {blocked['F']:.2f}, p {blocked['p']:.2g}; "
+            f"residual SD {blocked['residual_sd']:.2f} (the seed-to-seed noise once each seed's offset is removed)"
+        )
     for name, v in baselines.items():
         print(f"{name}: mean {np.mean(v):.2f}, SD {np.std(v, ddof=1) if len(v) > 1 else float('nan'):.2f}, n {len(v)}")
     if const is not None:
-        print(f"best constant predictor mIoU {const:.2f}; best mean - constant {stats['mean'][stats['best_k_t']] - const:.2f}")
-    return {"scores": scores, "trainable_params": params, "constant_mIoU": const, "baselines": baselines, **stats,
-            "block_anova": blocked}
+        print(
+            f"best constant predictor mIoU {const:.2f}; best mean - constant "
+            f"{stats['mean'][stats['best_k_t']] - const:.2f}"
+        )
+    return {
+        "scores": scores,
+        "trainable_params": params,
+        "constant_mIoU": const,
+        "baselines": baselines,
+        **stats,
+        "block_anova": blocked,
+    }
 
 
 if __name__ == "__main__":

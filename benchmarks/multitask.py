@@ -62,8 +62,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     bb = build_backbone(args.model, "random", seed=0)
     L = bb.num_layers
-    seg_kt, seg_prior = {12: (3, [2, 5, 8, 11]), 24: (4, prior_layers_uniform(24, 8, 2)),
-                         40: (8, prior_layers_uniform(40, 14, 27))}.get(L, (3, prior_layers_uniform(L, 4, 2)))
+    seg_kt, seg_prior = {
+        12: (3, [2, 5, 8, 11]),
+        24: (4, prior_layers_uniform(24, 8, 2)),
+        40: (8, prior_layers_uniform(40, 14, 27)),
+    }.get(L, (3, prior_layers_uniform(L, 4, 2)))
     seg = ViTSplit(bb, seg_kt, seg_prior, "seg", 150).eval()
     det_kt, det_prior = (seg_kt, seg_prior) if args.det_config == "seg" else (11, [2, 4, 6, 8, 11])
     det = ViTSplit(bb, det_kt, det_prior, "det", 80, masks=not args.no_masks).eval()
@@ -74,21 +77,33 @@ def main() -> None:
         shared = multi(x)
         sep = {"seg": seg(x), "det": det(x)}
         same = torch.equal(shared["seg"], sep["seg"]) and all(
-            torch.equal(a[k], b[k]) for a, b in zip(shared["det"], sep["det"]) for k in a)
+            torch.equal(a[k], b[k]) for a, b in zip(shared["det"], sep["det"]) for k in a
+        )
         t_multi, t_sep = _time_pair(lambda: multi(x), lambda: (seg(x), det(x)), args.iters)
-        flops = {name: _flops(f) for name, f in (("frozen", lambda: multi.backbone.forward_layers(x, multi.needed_layers)),
-                                                  ("shared", lambda: multi(x)), ("separate", lambda: (seg(x), det(x))))}
+        flops = {
+            name: _flops(f)
+            for name, f in (
+                ("frozen", lambda: multi.backbone.forward_layers(x, multi.needed_layers)),
+                ("shared", lambda: multi(x)),
+                ("separate", lambda: (seg(x), det(x))),
+            )
+        }
     n = args.batch
-    print(f"{args.model} random, crop {args.crop}, batch {n}, threads {torch.get_num_threads()}, "
-          f"seg split K_t={seg_kt}, det split K_t={det_kt} prior {det_prior}; frozen blocks run: shared {max(multi.needed_layers) + 1}, "
-          f"separate {max(seg.split.needed_layers) + 1 + max(det.split.needed_layers) + 1}")
+    print(
+        f"{args.model} random, crop {args.crop}, batch {n}, threads {torch.get_num_threads()}, "
+        f"seg split K_t={seg_kt}, det split K_t={det_kt} prior {det_prior}; frozen blocks run: shared "
+        f"{max(multi.needed_layers) + 1}, "
+        f"separate {max(seg.split.needed_layers) + 1 + max(det.split.needed_layers) + 1}"
+    )
     print(f"outputs identical: {same}")
     print(f"one shared pass : {n / t_multi:7.2f} img/s ({t_multi * 1e3:.0f} ms/batch)")
     print(f"two models      : {n / t_sep:7.2f} img/s ({t_sep * 1e3:.0f} ms/batch)")
     print(f"throughput ratio: {t_sep / t_multi:.2f}x (wall clock, shared CPU: noisy)")
     g = {k: v / 1e9 / n for k, v in flops.items()}
-    print(f"GFLOP per image (matmul/conv/attention, load-independent): frozen pass {g['frozen']:.1f}, "
-          f"shared {g['shared']:.1f}, separate {g['separate']:.1f}; ratio {g['separate'] / g['shared']:.2f}x")
+    print(
+        f"GFLOP per image (matmul/conv/attention, load-independent): frozen pass {g['frozen']:.1f}, "
+        f"shared {g['shared']:.1f}, separate {g['separate']:.1f}; ratio {g['separate'] / g['shared']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,13 @@ def main() -> None:
     for row, name, note, published in ROWS:
         total, aux = count(row, name)
         pub = f"{published:.1f}" if published is not None else "-"
-        mark = "" if published is None else ("  = published" if round(total / 1e6, 1) == published else "  != published")
-        print(f"{row:27}{name:24}{total:14,}{total / 1e6:8.2f}{(total - aux) / 1e6:11.2f}{pub:>11}  {note}{mark}", flush=True)
+        mark = (
+            "" if published is None else ("  = published" if round(total / 1e6, 1) == published else "  != published")
+        )
+        print(
+            f"{row:27}{name:24}{total:14,}{total / 1e6:8.2f}{(total - aux) / 1e6:11.2f}{pub:>11}  {note}{mark}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -33,9 +33,24 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from planted import (FRESH_AMPLITUDES, FRESH_L, FRESH_PLATEAU_FRACTION, FRESH_RELATIVE_SE, FRESH_SEED,  # noqa: E402
-                     GRID_L, HELD_OUT_AMPLITUDES, HELD_OUT_PLATEAU_FRACTION, HELD_OUT_RELATIVE_SE,
-                     KINDS, TUNING_AMPLITUDES, constructed_curve, fake_result, planted_copy, probe_batches, tiny_vit)
+from planted import (
+    FRESH_AMPLITUDES,
+    FRESH_L,
+    FRESH_PLATEAU_FRACTION,
+    FRESH_RELATIVE_SE,
+    FRESH_SEED,  # noqa: E402
+    GRID_L,
+    HELD_OUT_AMPLITUDES,
+    HELD_OUT_PLATEAU_FRACTION,
+    HELD_OUT_RELATIVE_SE,
+    KINDS,
+    TUNING_AMPLITUDES,
+    constructed_curve,
+    fake_result,
+    planted_copy,
+    probe_batches,
+    tiny_vit,
+)
 
 from cka_split import analyze  # noqa: E402
 from cka_split.decision.divergence import NOISE_Z  # noqa: E402
@@ -56,14 +71,18 @@ def equal_copies(args) -> None:
     for L in GRID_L:
         pre = tiny_vit(L, seed=L)
         for draw in range(args.draws):
-            res = analyze({"pretrained": pre, "copy": planted_copy(pre, 0, 0.0)},
-                          probe_batches(args.batches, args.batch_size, seed=1000 + draw))
+            res = analyze(
+                {"pretrained": pre, "copy": planted_copy(pre, 0, 0.0)},
+                probe_batches(args.batches, args.batch_size, seed=1000 + draw),
+            )
             tr = recommend_split(res).per_task["copy"]
             non_flat += tr.divergence_kind != "flat"
             total += 1
             worst = max(worst, float(np.abs(1 - np.diag(res.matrix("pretrained", "copy").numpy())).max()))
-    print(f"1. copies equal to the pretrained model: {non_flat}/{total} not flat ({non_flat / total:.1%}); "
-          f"largest |1 - CKA| {worst:.2e}")
+    print(
+        f"1. copies equal to the pretrained model: {non_flat}/{total} not flat ({non_flat / total:.1%}); "
+        f"largest |1 - CKA| {worst:.2e}"
+    )
 
 
 def two_draws(args) -> None:
@@ -85,15 +104,17 @@ def two_draws(args) -> None:
             for t in tasks:
                 (da, sa), (db, sb) = ca[t], cb[t]
                 live = (da > 0) & (db > 0) & (sa > 0) & (sb > 0)
-                la, lb = np.log(da[live]), np.log(db[live])                   # the rule's bands are on log d
+                la, lb = np.log(da[live]), np.log(db[live])  # the rule's bands are on log d
                 qa, qb = sa[live] / da[live], sb[live] / db[live]
-                diff += int((np.abs(la - lb) > NOISE_Z * np.sqrt(qa ** 2 + qb ** 2)).sum())
+                diff += int((np.abs(la - lb) > NOISE_Z * np.sqrt(qa**2 + qb**2)).sum())
                 pairs += int(live.sum())
                 kt_diff += ra.per_task[t].k_t != rb.per_task[t].k_t
                 kt_total += 1
-    print(f"2. two probe draws of the same copy: noise test calls {diff}/{pairs} equal blocks different "
-          f"({diff / max(1, pairs):.2%}, nominal 0.27%); recommended K_t differs in {kt_diff}/{kt_total} pairs of draws "
-          f"({kt_diff / max(1, kt_total):.1%})")
+    print(
+        f"2. two probe draws of the same copy: noise test calls {diff}/{pairs} equal blocks different "
+        f"({diff / max(1, pairs):.2%}, nominal 0.27%); recommended K_t differs in {kt_diff}/{kt_total} pairs of draws "
+        f"({kt_diff / max(1, kt_total):.1%})"
+    )
 
 
 def uniform_copies(args) -> None:
@@ -106,18 +127,34 @@ def uniform_copies(args) -> None:
                 models[f"u{k}_{rep}"] = planted_copy(pre, 0, scale, seed=100 * k + rep)
         for draw in range(max(1, args.draws // 4)):
             rec = recommend_split(analyze(models, probe_batches(args.batches, args.batch_size, seed=3000 + draw)))
-            for t, tr in rec.per_task.items():
+            for tr in rec.per_task.values():
                 steps += tr.k_t < L - 1
                 total += 1
-    print(f"3. copies moved alike at every block: step at block >= 2 (K_t < L - 1) in {steps}/{total} ({steps / total:.1%})")
+    print(
+        f"3. copies moved alike at every block: step at block >= 2 (K_t < L - 1) in {steps}/{total} "
+        f"({steps / total:.1%})"
+    )
 
 
 def constructed(args) -> None:
     print("4. planted grid on constructed curves (every s in 1..L-1), wrong K_t / cases:")
-    sets = (("tuning", GRID_L, TUNING_AMPLITUDES, {}, 0),
-            ("held out", GRID_L, HELD_OUT_AMPLITUDES, dict(plateau=HELD_OUT_PLATEAU_FRACTION, rel_se=HELD_OUT_RELATIVE_SE), 555),
-            ("fresh held out", FRESH_L, FRESH_AMPLITUDES, dict(plateau=FRESH_PLATEAU_FRACTION, rel_se=FRESH_RELATIVE_SE),
-             FRESH_SEED))
+    sets = (
+        ("tuning", GRID_L, TUNING_AMPLITUDES, {}, 0),
+        (
+            "held out",
+            GRID_L,
+            HELD_OUT_AMPLITUDES,
+            dict(plateau=HELD_OUT_PLATEAU_FRACTION, rel_se=HELD_OUT_RELATIVE_SE),
+            555,
+        ),
+        (
+            "fresh held out",
+            FRESH_L,
+            FRESH_AMPLITUDES,
+            dict(plateau=FRESH_PLATEAU_FRACTION, rel_se=FRESH_RELATIVE_SE),
+            FRESH_SEED,
+        ),
+    )
     for label, depths, amps, kw, offset in sets:
         for kind in KINDS:
             wrong, larger, total = 0, 0, 0
@@ -134,30 +171,51 @@ def constructed(args) -> None:
                         wrong += k != L - s
                         larger += k > L - s
                         total += 1
-            print(f"   {label:14s} {kind:9s} (L {', '.join(map(str, depths))}): {wrong}/{total} wrong ({wrong / total:.1%}); of those, K_t too large: {larger}")
+            print(
+                f"   {label:14s} {kind:9s} (L {', '.join(map(str, depths))}): {wrong}/{total} wrong "
+                f"({wrong / total:.1%}); of those, K_t too large: {larger}"
+            )
 
 
 def seed_effect(args) -> None:
     from vitsplit.engine import finetune_backbone
 
     pre = tiny_vit(6, seed=7)
-    with __import__("torch").no_grad():          # layer scale 1 so fine-tuning moves the blocks measurably
+    with __import__("torch").no_grad():  # layer scale 1 so fine-tuning moves the blocks measurably
         for blk in pre.vit.blocks:
             for ls in (getattr(blk, "ls1", None), getattr(blk, "ls2", None)):
                 if ls is not None and hasattr(ls, "gamma"):
                     ls.gamma.fill_(1.0)
-    copies = {f"seed{s}": finetune_backbone(pre, "seg", "synthetic:size=32,classes=3", args.finetune_steps, batch_size=4,
-                                            crop=32, lr=1e-3, seed=s, device="cpu") for s in (0, 1)}
+    copies = {
+        f"seed{s}": finetune_backbone(
+            pre,
+            "seg",
+            "synthetic:size=32,classes=3",
+            args.finetune_steps,
+            batch_size=4,
+            crop=32,
+            lr=1e-3,
+            seed=s,
+            device="cpu",
+        )
+        for s in (0, 1)
+    }
     res = analyze({"pretrained": pre} | copies, probe_batches(args.batches, args.batch_size, seed=4000))
     (d0, s0), (d1, s1) = curves(res, ["seed0", "seed1"]).values()
     rec = recommend_split(res)
     gap = np.abs(d0 - d1)
-    se = np.sqrt(s0 ** 2 + s1 ** 2)
-    print(f"5. fine-tuning seed ({args.finetune_steps} steps, tiny ViT, 6 blocks): d seed 0 = "
-          + " ".join(f"{v:.3g}" for v in d0) + "; seed 1 = " + " ".join(f"{v:.3g}" for v in d1))
-    print(f"   largest |d0 - d1| = {gap.max():.3g} ({(gap / np.maximum(se, 1e-300)).max():.1f} x the combined SE; "
-          f"{(gap / np.maximum((d0 + d1) / 2, 1e-300)).max():.0%} of the mean d); K_t {rec.per_task['seed0'].k_t} vs "
-          f"{rec.per_task['seed1'].k_t}")
+    se = np.sqrt(s0**2 + s1**2)
+    print(
+        f"5. fine-tuning seed ({args.finetune_steps} steps, tiny ViT, 6 blocks): d seed 0 = "
+        + " ".join(f"{v:.3g}" for v in d0)
+        + "; seed 1 = "
+        + " ".join(f"{v:.3g}" for v in d1)
+    )
+    print(
+        f"   largest |d0 - d1| = {gap.max():.3g} ({(gap / np.maximum(se, 1e-300)).max():.1f} x the combined SE; "
+        f"{(gap / np.maximum((d0 + d1) / 2, 1e-300)).max():.0%} of the mean d); K_t {rec.per_task['seed0'].k_t} vs "
+        f"{rec.per_task['seed1'].k_t}"
+    )
 
 
 def main() -> None:

@@ -38,8 +38,9 @@ def tiny_vit(depth: int, seed: int = 0):
     from vitsplit.backbones import Backbone
 
     torch.manual_seed(seed)
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=0,
-                            dynamic_img_size=True)
+    vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=0, dynamic_img_size=True
+    )
     return Backbone(vit, name=f"tiny{depth}", weights_source="random").eval()
 
 
@@ -70,13 +71,20 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     pre = tiny_vit(args.depth)
-    models = {"pretrained": pre, "clear": perturbed(pre, 2, 0.05, seed=1), "small": perturbed(pre, 2, 0.01, seed=2),
-              "plateau": perturbed(pre, 2, 0.05, 0.005, seed=3)}
+    models = {
+        "pretrained": pre,
+        "clear": perturbed(pre, 2, 0.05, seed=1),
+        "small": perturbed(pre, 2, 0.01, seed=2),
+        "plateau": perturbed(pre, 2, 0.05, 0.005, seed=3),
+    }
     copies = [m for m in models if m != "pretrained"]
     L = args.depth
-    rows = [l for _ in copies for l in range(L)]                                   # pretrained block l ...
-    cols = [(k + 1) * L + l for k in range(len(copies)) for l in range(L)]          # ... against copy block l
-    print(f"tiny ViT, {L} blocks; copies {copies}; {args.draws} draws; reference from {args.reference_batches} minibatches")
+    rows = [l for _ in copies for l in range(L)]  # pretrained block l ...
+    cols = [(k + 1) * L + l for k in range(len(copies)) for l in range(L)]  # ... against copy block l
+    print(
+        f"tiny ViT, {L} blocks; copies {copies}; {args.draws} draws; reference from {args.reference_batches} "
+        f"minibatches"
+    )
     gen = torch.Generator().manual_seed(12345)
     for n in args.batch_size:
         ref_batches = [torch.randn(n, 3, 32, 32, generator=gen) for _ in range(args.reference_batches)]
@@ -91,15 +99,19 @@ def main() -> None:
                 est[b].append(cka_from_sum(terms[:b].sum(0))[rows, cols].numpy())
                 ses[b].append(jackknife_se(terms[:b])[rows, cols].numpy())
         moving = ref < 1 - 1e-9
-        print(f"\nminibatch size {n}: {int(moving.sum())} same-block entries with CKA < 1 "
-              f"(reference 1 - CKA from {float((1 - ref[moving]).min()):.2e} to {float((1 - ref[moving]).max()):.2e})")
+        print(
+            f"\nminibatch size {n}: {int(moving.sum())} same-block entries with CKA < 1 "
+            f"(reference 1 - CKA from {float((1 - ref[moving]).min()):.2e} to {float((1 - ref[moving]).max()):.2e})"
+        )
         print("  B   coverage(+-2SE)  worst entry  mean SE/SD  SE<SD/2")
         for b in args.batches:
             e, s = np.array(est[b])[:, moving], np.array(ses[b])[:, moving]
             cover = (np.abs(e - ref[moving]) <= 2 * s).mean(0)
             sd = e.std(0, ddof=1)
-            print(f"{b:3d}   {cover.mean():.3f}            {cover.min():.3f}        {np.mean(s.mean(0) / sd):.3f}"
-                  f"       {np.mean(s < sd / 2):.3f}")
+            print(
+                f"{b:3d}   {cover.mean():.3f}            {cover.min():.3f}        {np.mean(s.mean(0) / sd):.3f}"
+                f"       {np.mean(s < sd / 2):.3f}"
+            )
     print(f"\n{time.time() - t0:.0f} s")
 
 

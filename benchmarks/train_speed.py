@@ -63,7 +63,8 @@ model.train()
 opt = torch.optim.AdamW(model.param_groups(2e-4, 1e-2), betas=(0.9, 0.999))
 built = rss_kib()
 g = torch.Generator().manual_seed(0)
-batch = {{"image": torch.randn(2, 3, crop, crop, generator=g), "seg": torch.randint(0, 150, (2, crop, crop), generator=g)}}
+batch = {{"image": torch.randn(2, 3, crop, crop, generator=g), "seg": torch.randint(0, 150, (2, crop, crop),
+generator=g)}}
 times, parts = [], []
 for i in range(steps + 1):
     t0 = time.perf_counter()
@@ -93,21 +94,36 @@ if vit:
 med = lambda i: statistics.median(p[i] for p in parts[1:])
 print(json.dumps({{"step_s": statistics.median(times[1:]), "fwd_s": med(0), "bwd_s": med(1), "opt_s": med(2),
                   "peak_mib": peak, "built_mib": built / 1024, "trainable_m": trainable / 1e6,
-                  "fwd_gflop": fwd.get_total_flops() / 1e9, "bwd_gflop": bwd.get_total_flops() / 1e9, "fwd_by_part": by_part}}))
+                  "fwd_gflop": fwd.get_total_flops() / 1e9, "bwd_gflop": bwd.get_total_flops() / 1e9, "fwd_by_part":
+                  by_part}}))
 """
 
 # The paper's efficiency comparison (ViT-Split seed, "Training time for 10k iterations"): ViT-Split
 # with its linear head on DINOv2 vs ViT-Adapter + UperNet on the released DeiT backbones.
 PAPER_ROWS = {
-    "s": (("ViT-Split-S", "dinov2_vits14", "vitsplit", "linear"), ("ViT-Adapter-S", "deit_small_patch16_224", "vit-adapter", "upernet")),
-    "b": (("ViT-Split-B", "dinov2_vitb14", "vitsplit", "linear"), ("ViT-Adapter-B", "deit_base_patch16_224", "vit-adapter", "upernet")),
+    "s": (
+        ("ViT-Split-S", "dinov2_vits14", "vitsplit", "linear"),
+        ("ViT-Adapter-S", "deit_small_patch16_224", "vit-adapter", "upernet"),
+    ),
+    "b": (
+        ("ViT-Split-B", "dinov2_vitb14", "vitsplit", "linear"),
+        ("ViT-Adapter-B", "deit_base_patch16_224", "vit-adapter", "upernet"),
+    ),
 }
 PAPER_RATIO = 9.42 / 38.0  # ViT-Split-S 9 min 25 s vs ViT-Adapter-S 38 min per 10k iterations
 # forward-FLOP parts, as torch's flop counter names them (by class) -> what they are
-PART_LABELS = {"Block": "frozen DINOv2 blocks", "PatchEmbed": "frozen patch embedding", "TaskHead": "task head",
-               "PriorHead": "prior head", "FusionNet": "fusion net", "SegHead": "seg head",
-               "ViTAdapter": "ViT-Adapter", "ViTAdapter: its ViT": "(of which the ViT)", "UPerHead": "UperNet",
-               "FCNHead": "aux FCN"}
+PART_LABELS = {
+    "Block": "frozen DINOv2 blocks",
+    "PatchEmbed": "frozen patch embedding",
+    "TaskHead": "task head",
+    "PriorHead": "prior head",
+    "FusionNet": "fusion net",
+    "SegHead": "seg head",
+    "ViTAdapter": "ViT-Adapter",
+    "ViTAdapter: its ViT": "(of which the ViT)",
+    "UPerHead": "UperNet",
+    "FCNHead": "aux FCN",
+}
 
 
 def run_one(name: str, method: str, steps: int, threads: int, *, head: str = "linear", crop: int = 224) -> dict:
@@ -120,26 +136,41 @@ def run_one(name: str, method: str, steps: int, threads: int, *, head: str = "li
 
 def paper_comparison(archs: list[str], steps: int, threads: int, crop: int) -> None:
     """ViT-Split vs ViT-Adapter + UperNet, side by side per size, and their ratios."""
-    print(f"CPU, batch 2, crop {crop}, 150 classes, random weights; median of {steps} steps after 1 warm-up; "
-          f"{threads} threads; one fresh process per row. GFLOP: torch.utils.flop_counter (grid_sample, i.e. the "
-          "deformable sampling, is not counted)")
-    print(f"{'model':15}{'backbone':24}{'head':9}{'trainable M':>12}{'step s':>8}{'fwd s':>7}{'bwd s':>7}{'opt s':>7}"
-          f"{'peak MiB':>10}{'extra MiB':>10}{'fwd GF':>8}{'bwd GF':>8}  forward GFLOP by part")
+    print(
+        f"CPU, batch 2, crop {crop}, 150 classes, random weights; median of {steps} steps after 1 warm-up; "
+        f"{threads} threads; one fresh process per row. GFLOP: torch.utils.flop_counter (grid_sample, i.e. the "
+        "deformable sampling, is not counted)"
+    )
+    print(
+        f"{'model':15}{'backbone':24}{'head':9}{'trainable M':>12}{'step s':>8}{'fwd s':>7}{'bwd s':>7}{'opt s':>7}"
+        f"{'peak MiB':>10}{'extra MiB':>10}{'fwd GF':>8}{'bwd GF':>8}  forward GFLOP by part"
+    )
     for arch in archs:
-        rows = [(label, name, head, run_one(name, method, steps, threads, head=head, crop=crop))
-                for label, name, method, head in PAPER_ROWS[arch]]
+        rows = [
+            (label, name, head, run_one(name, method, steps, threads, head=head, crop=crop))
+            for label, name, method, head in PAPER_ROWS[arch]
+        ]
         for label, name, head, r in rows:
-            parts = ", ".join(f"{PART_LABELS.get(k, k)} {v:.1f}" for k, v in sorted(r["fwd_by_part"].items(), key=lambda kv: -kv[1])
-                              if v >= 0.05)
-            print(f"{label:15}{name:24}{head:9}{r['trainable_m']:12.2f}{r['step_s']:8.2f}{r['fwd_s']:7.2f}{r['bwd_s']:7.2f}"
-                  f"{r['opt_s']:7.2f}{r['peak_mib']:10.0f}{r['peak_mib'] - r['built_mib']:10.0f}{r['fwd_gflop']:8.1f}"
-                  f"{r['bwd_gflop']:8.1f}  {parts}", flush=True)
+            parts = ", ".join(
+                f"{PART_LABELS.get(k, k)} {v:.1f}"
+                for k, v in sorted(r["fwd_by_part"].items(), key=lambda kv: -kv[1])
+                if v >= 0.05
+            )
+            print(
+                f"{label:15}{name:24}{head:9}{r['trainable_m']:12.2f}{r['step_s']:8.2f}{r['fwd_s']:7.2f}{r['bwd_s']:7.2f}"
+                f"{r['opt_s']:7.2f}{r['peak_mib']:10.0f}{r['peak_mib'] - r['built_mib']:10.0f}{r['fwd_gflop']:8.1f}"
+                f"{r['bwd_gflop']:8.1f}  {parts}",
+                flush=True,
+            )
         split, adapter = rows[0][3], rows[1][3]
-        print(f"  {rows[0][0]} / {rows[1][0]}: step time {split['step_s'] / adapter['step_s']:.2f}, "
-              f"peak memory {split['peak_mib'] / adapter['peak_mib']:.2f}, training extra "
-              f"{(split['peak_mib'] - split['built_mib']) / (adapter['peak_mib'] - adapter['built_mib']):.2f}, FLOPs "
-              f"{(split['fwd_gflop'] + split['bwd_gflop']) / (adapter['fwd_gflop'] + adapter['bwd_gflop']):.2f} "
-              f"(paper, step time at S: {PAPER_RATIO:.2f})", flush=True)
+        print(
+            f"  {rows[0][0]} / {rows[1][0]}: step time {split['step_s'] / adapter['step_s']:.2f}, "
+            f"peak memory {split['peak_mib'] / adapter['peak_mib']:.2f}, training extra "
+            f"{(split['peak_mib'] - split['built_mib']) / (adapter['peak_mib'] - adapter['built_mib']):.2f}, FLOPs "
+            f"{(split['fwd_gflop'] + split['bwd_gflop']) / (adapter['fwd_gflop'] + adapter['bwd_gflop']):.2f} "
+            f"(paper, step time at S: {PAPER_RATIO:.2f})",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -148,8 +179,11 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--paper", action="store_true",
-                    help="the paper's rows instead: ViT-Split vs ViT-Adapter + UperNet (--archs s b)")
+    ap.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's rows instead: ViT-Split vs ViT-Adapter + UperNet (--archs s b)",
+    )
     ap.add_argument("--crop", type=int, default=None, help="crop size (default 224; --paper: 512, the paper's)")
     args = ap.parse_args()
     if args.paper:
@@ -157,19 +191,27 @@ def main() -> None:
         paper_comparison(archs, args.steps, args.threads, args.crop or 512)
         return
     crop = args.crop or 224
-    print(f"CPU, batch 2, crop {crop}, 150 classes, random weights; median of {args.steps} steps after 1 warm-up; "
-          f"{args.threads} threads; one fresh process per row")
-    print(f"{'arch':5}{'method':10}{'trainable M':>12}{'step s':>9}{'x full':>8}{'peak MiB':>10}{'x full':>8}{'train extra MiB':>17}{'x full':>8}")
+    print(
+        f"CPU, batch 2, crop {crop}, 150 classes, random weights; median of {args.steps} steps after 1 warm-up; "
+        f"{args.threads} threads; one fresh process per row"
+    )
+    print(
+        f"{'arch':5}{'method':10}{'trainable M':>12}{'step s':>9}{'x full':>8}{'peak MiB':>10}{'x full':>8}"
+        f"{'train extra MiB':>17}{'x full':>8}"
+    )
     for arch in args.archs:
         rows = {m: run_one(f"dinov2_vit{arch}14", m, args.steps, args.threads, crop=crop) for m in args.methods}
         full = rows.get("full")
         for m, r in rows.items():
             extra = r["peak_mib"] - r["built_mib"]
             ratio = (lambda a, b: f"{a / b:8.2f}") if full else (lambda a, b: f"{'':>8}")
-            print(f"{'dinov2_vit' + arch + '14':5} {m:10}{r['trainable_m']:11.2f}{r['step_s']:9.2f}"
-                  f"{ratio(r['step_s'], full['step_s']) if full else '':>8}{r['peak_mib']:10.0f}"
-                  f"{ratio(r['peak_mib'], full['peak_mib']) if full else '':>8}{extra:17.0f}"
-                  f"{ratio(extra, full['peak_mib'] - full['built_mib']) if full else '':>8}", flush=True)
+            print(
+                f"{'dinov2_vit' + arch + '14':5} {m:10}{r['trainable_m']:11.2f}{r['step_s']:9.2f}"
+                f"{ratio(r['step_s'], full['step_s']) if full else '':>8}{r['peak_mib']:10.0f}"
+                f"{ratio(r['peak_mib'], full['peak_mib']) if full else '':>8}{extra:17.0f}"
+                f"{ratio(extra, full['peak_mib'] - full['built_mib']) if full else '':>8}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

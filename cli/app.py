@@ -16,7 +16,8 @@ from .interrupt import Interrupted, interrupted_line
 
 app = typer.Typer(
     name="cka-split",
-    help="Find where a ViT's layers split into shared and task-specific groups (CKA), and train ViT-Split with that split.",
+    help="Find where a ViT's layers split into shared and task-specific groups (CKA), and train ViT-Split with that "
+    "split.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -17,8 +17,9 @@ def demo(
     out: Optional[Path] = typer.Option(None, help="Output directory (default runs/demo-<timestamp>)."),
     quick: bool = typer.Option(False, help="Fewer steps, probes and scenes (about 3 minutes)."),
 ) -> None:
-    from cka_split.pipelines.demo import demo_plan, run_demo
     from cka_split.reports import build_report
+
+    from cka_split.pipelines.demo import demo_plan, run_demo
 
     run = out or Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     with RichProgress() as progress:
@@ -31,15 +32,24 @@ def demo(
         rec.add_column(col)
     for task, r in summary["recommendation"]["per_task"].items():
         blocks = r["task_head_layers"]
-        rec.add_row(task, str(r["k_t"]), f"{blocks[0]}-{blocks[-1]}", ",".join(map(str, r["prior_layers"])),
-                    str(r["divergence_start"]))
+        rec.add_row(
+            task,
+            str(r["k_t"]),
+            f"{blocks[0]}-{blocks[-1]}",
+            ",".join(map(str, r["prior_layers"])),
+            str(r["divergence_start"]),
+        )
     res = Table(title="Semantic segmentation on synthetic validation scenes (same data, schedule and budget)")
     for col in ("method", "mIoU %", "aAcc %", "trainable params", "step time"):
         res.add_column(col, justify="right" if col != "method" else "left")
     for method, r in summary["results"].items():
-        res.add_row(method, _num(r["mIoU"]), _num(r["aAcc"]),
-                    _params(r.get("trainable_params")),
-                    f"{r['step_time_s'] * 1000:.0f} ms" if r.get("step_time_s") else "-")
+        res.add_row(
+            method,
+            _num(r["mIoU"]),
+            _num(r["aAcc"]),
+            _params(r.get("trainable_params")),
+            f"{r['step_time_s'] * 1000:.0f} ms" if r.get("step_time_s") else "-",
+        )
     console.print(rec)
     console.print(res)
     console.print(summary["verdict"])
@@ -50,9 +60,11 @@ def demo(
 
 def register(app: typer.Typer) -> None:
     """Add ``cka-split demo`` to ``app``."""
-    app.command(help="Run the whole pipeline offline on the synthetic scenes with the demo ViT (its pretrained "
-                     "weights ship in the package): fine-tune seg and det copies, CKA, recommendation, PCA "
-                     "maps, ViT-Split vs linear and full fine-tuning, and the report.")(demo)
+    app.command(
+        help="Run the whole pipeline offline on the synthetic scenes with the demo ViT (its pretrained "
+        "weights ship in the package): fine-tune seg and det copies, CKA, recommendation, PCA "
+        "maps, ViT-Split vs linear and full fine-tuning, and the report."
+    )(demo)
 
 
 def _params(n: int | None) -> str:

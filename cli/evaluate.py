@@ -15,10 +15,15 @@ from .options import checked
 
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A training output directory or its model.safetensors."),
-    data: Optional[str] = typer.Option(None, help="Data spec (default: the one the model was trained with; its val split)."),
+    data: Optional[str] = typer.Option(
+        None, help="Data spec (default: the one the model was trained with; its val split)."
+    ),
     mode: str = typer.Option("whole", help="whole or slide (sliding window at the training crop)."),
-    stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default 2/3 of the crop, mmseg's 341 for 512).",
-                                         callback=checked(EVAL_RANGES["stride"])),
+    stride: Optional[int] = typer.Option(
+        None,
+        help="Sliding-window stride (default 2/3 of the crop, mmseg's 341 for 512).",
+        callback=checked(EVAL_RANGES["stride"]),
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     out: Optional[Path] = typer.Option(None, help="Also write the metrics to this JSON file."),
 ) -> None:

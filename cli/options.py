@@ -59,7 +59,11 @@ def checked(allowed: Range) -> Callable[[float | None], float | None]:
         return value
 
     return check
-def reuse_options(base: Callable[..., Any], *, drop: Sequence[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+
+
+def reuse_options(
+    base: Callable[..., Any], *, drop: Sequence[str] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command the options of another one: ``@reuse_options(train, drop=("out",))`` on
     ``def sweep(k_t: str = typer.Option(...), ..., **options)`` makes typer see sweep's own options
     followed by every option of ``train`` except those in ``drop`` and those sweep defines itself;

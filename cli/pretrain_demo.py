@@ -12,8 +12,9 @@ from .progress import RichProgress
 
 
 def pretrain_demo(
-    out: Optional[Path] = typer.Option(None, help="Where to write the weights (default: the demo-vit cache, "
-                                                  "$CKA_SPLIT_CACHE or ~/.cache/cka-split)."),
+    out: Optional[Path] = typer.Option(
+        None, help="Where to write the weights (default: the demo-vit cache, $CKA_SPLIT_CACHE or ~/.cache/cka-split)."
+    ),
 ) -> None:
     from vitsplit.backbones.demo_vit import DEMO_RECIPE, SHIPPED_SHA256, SHIPPED_WEIGHTS, cache_path
     from vitsplit.fileio import sha256_file
@@ -30,12 +31,16 @@ def pretrain_demo(
     if digest == SHIPPED_SHA256:
         console.print(f"identical to the weights shipped in the package ({SHIPPED_WEIGHTS.name})")
     else:
-        console.print(f"differs from the shipped weights (sha256 {SHIPPED_SHA256}): the bytes repeat only with the "
-                      "same PyTorch build and CPU instruction set")
+        console.print(
+            f"differs from the shipped weights (sha256 {SHIPPED_SHA256}): the bytes repeat only with the "
+            "same PyTorch build and CPU instruction set"
+        )
 
 
 def register(app: typer.Typer) -> None:
     """Add ``cka-split pretrain-demo`` to ``app``."""
-    app.command(name="pretrain-demo",
-                help="Pretrain demo-vit with the demo's recipe (SimCLR on the synthetic scenes) and write the "
-                     "weights file; prints its sha256 and whether it is byte for byte the shipped one.")(pretrain_demo)
+    app.command(
+        name="pretrain-demo",
+        help="Pretrain demo-vit with the demo's recipe (SimCLR on the synthetic scenes) and write the "
+        "weights file; prints its sha256 and whether it is byte for byte the shipped one.",
+    )(pretrain_demo)

@@ -5,8 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichBar, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import (
+    Progress as RichBar,
+)
 
 from vitsplit.progress import Progress, ProgressTask
 
@@ -41,16 +50,24 @@ class RichProgress(Progress):
     def __init__(self, enabled: bool = True, keep_finished: bool = True):
         self.keep_finished = keep_finished
         self.bar = RichBar(
-            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.speed}" if False else ""), TimeElapsedColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, disable=not enabled,
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.speed}" if False else ""),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            disable=not enabled,
             transient=False,
         )
         self.started = False
 
     def __enter__(self) -> "RichProgress":
         self.started = False  # the live display starts with the first bar, so that an early user
-        return self           # error leaves stderr with its one line and nothing else
+        return self  # error leaves stderr with its one line and nothing else
 
     def __exit__(self, *exc: Any) -> None:
         if self.started:
@@ -60,8 +77,9 @@ class RichProgress(Progress):
         if not self.started:
             self.bar.start()
             self.started = True
-        return _RichTask(self.bar, self.bar.add_task(description, total=total, completed=completed, info=""),
-                         keep=self.keep_finished)
+        return _RichTask(
+            self.bar, self.bar.add_task(description, total=total, completed=completed, info=""), keep=self.keep_finished
+        )
 
     def log(self, message: str) -> None:
         self.bar.console.log(message)

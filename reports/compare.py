@@ -30,7 +30,7 @@ DIFFERENCE_LEVEL = 0.05
 
 
 def weights_kind(source: str | None, name: str) -> str | None:
-    """"random" | "demo" | None for one model's weights source."""
+    """ "random" | "demo" | None for one model's weights source."""
     src = (source or "").lower()
     if src.startswith("random"):
         return "random"
@@ -45,13 +45,23 @@ def banners(cmp: Comparison) -> list[dict[str, str]]:
     demo = [n for n, k in kinds.items() if k == "demo"]
     out = []
     if random:
-        out.append({"kind": "danger", "title": "Random weights: not pretrained",
-                    "text": f"{', '.join(random)} {'was' if len(random) == 1 else 'were'} compared with randomly initialised "
-                            "weights. Their layer structure is that of an untrained network and says nothing about the "
-                            "foundation model of that name; use this report to check the pipeline."})
+        out.append(
+            {
+                "kind": "danger",
+                "title": "Random weights: not pretrained",
+                "text": f"{', '.join(random)} {'was' if len(random) == 1 else 'were'} compared with randomly "
+                "initialised weights. Their layer structure is that of an untrained network and says nothing about the "
+                "foundation model of that name; use this report to check the pipeline.",
+            }
+        )
     if demo:
-        out.append({"kind": "warn", "title": "Demo backbone: not a real foundation model",
-                    "text": f"{', '.join(demo)} is the small ViT that 'cka-split demo' pretrains on synthetic scenes."})
+        out.append(
+            {
+                "kind": "warn",
+                "title": "Demo backbone: not a real foundation model",
+                "text": f"{', '.join(demo)} is the small ViT that 'cka-split demo' pretrains on synthetic scenes.",
+            }
+        )
     return out
 
 
@@ -63,11 +73,18 @@ def split_rows(cmp: Comparison, splits: dict[str, ModelSplit]) -> list[dict[str,
     rows = []
     for n in sorted(cmp.models, key=lambda m: -splits[m].split if math.isfinite(splits[m].split) else math.inf):
         s, info = splits[n], cmp.info.get(n) or {}
-        rows.append({"model": n, "split": _fmt(s.split), "se": _fmt(s.split_se),
-                     "boundary": f"{s.boundary} of {s.num_layers}" if s.boundary else "n/a",
-                     "depth": _fmt(s.boundary / s.num_layers, 2) if s.boundary else "n/a",
-                     "support": "n/a" if not math.isfinite(s.boundary_support) else f"{100 * s.boundary_support:.0f} %",
-                     "width": str(info.get("embed_dim", "")), "patch": str(info.get("patch_size", ""))})
+        rows.append(
+            {
+                "model": n,
+                "split": _fmt(s.split),
+                "se": _fmt(s.split_se),
+                "boundary": f"{s.boundary} of {s.num_layers}" if s.boundary else "n/a",
+                "depth": _fmt(s.boundary / s.num_layers, 2) if s.boundary else "n/a",
+                "support": "n/a" if not math.isfinite(s.boundary_support) else f"{100 * s.boundary_support:.0f} %",
+                "width": str(info.get("embed_dim", "")),
+                "patch": str(info.get("patch_size", "")),
+            }
+        )
     return rows
 
 
@@ -112,8 +129,14 @@ def contrast_figure(splits: dict[str, ModelSplit]) -> Figure:
 
 def _own_heatmap(cmp: Comparison, name: str, split: ModelSplit) -> bytes:
     layers = cmp.result.layers[name]
-    fig = F.cka_heatmap_figure(cmp.matrix(name, name).numpy(), layers, layers, title=f"{name}: block-by-block CKA",
-                               row_label=f"{name} block", col_label=f"{name} block")
+    fig = F.cka_heatmap_figure(
+        cmp.matrix(name, name).numpy(),
+        layers,
+        layers,
+        title=f"{name}: block-by-block CKA",
+        row_label=f"{name} block",
+        col_label=f"{name} block",
+    )
     if split.boundary:
         ax = fig.axes[0]
         for line in (ax.axhline, ax.axvline):
@@ -129,40 +152,81 @@ def report_context(cmp: Comparison) -> dict[str, Any]:
     splits = cmp.splits()
     r = cmp.result
     if r.features == "tokens":
-        matching = (f"patch tokens of every model area-resampled to the coarsest grid, {cmp.common_grid[0]}x"
-                    f"{cmp.common_grid[1]} (adaptive average pooling; prefix tokens dropped)")
+        matching = (
+            f"patch tokens of every model area-resampled to the coarsest grid, {cmp.common_grid[0]}x"
+            f"{cmp.common_grid[1]} (adaptive average pooling; prefix tokens dropped)"
+        )
     else:
         matching = {"mean": "the mean patch token of each image", "cls": "the class token"}[r.features]
-    facts = [("models", ", ".join(cmp.models)), ("probe images", f"{r.num_images} in {cmp.num_batches} minibatches"),
-             ("image size", f"{cmp.image_size[0]}x{cmp.image_size[1]} px"), ("features", matching),
-             ("estimator", "unbiased minibatch CKA (HSIC_1)" if r.unbiased else "biased minibatch CKA (HSIC_0)")]
-    models = [{"name": n, "source": (cmp.info.get(n) or {}).get("weights_source", ""),
-               "blocks": len(r.layers[n]), "grid": "x".join(map(str, cmp.grids.get(n, ()))),
-               **{k: (cmp.info.get(n) or {}).get(k, "") for k in ("embed_dim", "patch_size", "num_prefix_tokens")}}
-              for n in cmp.models]
-    heatmaps = [_figure(_own_heatmap(cmp, n, splits[n]), n, "Dashed lines: the boundary with the largest contrast.",
-                        f"own-{i}") for i, n in enumerate(cmp.models)]
+    facts = [
+        ("models", ", ".join(cmp.models)),
+        ("probe images", f"{r.num_images} in {cmp.num_batches} minibatches"),
+        ("image size", f"{cmp.image_size[0]}x{cmp.image_size[1]} px"),
+        ("features", matching),
+        ("estimator", "unbiased minibatch CKA (HSIC_1)" if r.unbiased else "biased minibatch CKA (HSIC_0)"),
+    ]
+    models = [
+        {
+            "name": n,
+            "source": (cmp.info.get(n) or {}).get("weights_source", ""),
+            "blocks": len(r.layers[n]),
+            "grid": "x".join(map(str, cmp.grids.get(n, ()))),
+            **{k: (cmp.info.get(n) or {}).get(k, "") for k in ("embed_dim", "patch_size", "num_prefix_tokens")},
+        }
+        for n in cmp.models
+    ]
+    heatmaps = [
+        _figure(_own_heatmap(cmp, n, splits[n]), n, "Dashed lines: the boundary with the largest contrast.", f"own-{i}")
+        for i, n in enumerate(cmp.models)
+    ]
     cross = []
     for i, a in enumerate(cmp.models):
-        for b in cmp.models[i + 1:]:
-            fig = F.cka_heatmap_figure(cmp.matrix(a, b).numpy(), r.layers[a], r.layers[b], title=f"{a} vs {b}",
-                                       row_label=f"{a} block", col_label=f"{b} block")
-            cross.append(_figure(F.png_bytes(fig), f"{a} vs {b}", "CKA of every block of one model with every block "
-                                 "of the other, on the same images.", f"cross-{len(cross)}"))
+        for b in cmp.models[i + 1 :]:
+            fig = F.cka_heatmap_figure(
+                cmp.matrix(a, b).numpy(),
+                r.layers[a],
+                r.layers[b],
+                title=f"{a} vs {b}",
+                row_label=f"{a} block",
+                col_label=f"{b} block",
+            )
+            cross.append(
+                _figure(
+                    F.png_bytes(fig),
+                    f"{a} vs {b}",
+                    "CKA of every block of one model with every block of the other, on the same images.",
+                    f"cross-{len(cross)}",
+                )
+            )
     return {
-        "title": "Layer structure compared", "banners": banners(cmp), "facts": facts, "models": models,
-        "splits": split_rows(cmp, splits), "differences": difference_rows(cmp),
-        "few_batches": cmp.num_batches < MIN_SE_BATCHES, "min_batches": MIN_SE_BATCHES,
-        "level": DIFFERENCE_LEVEL, "contrast": _figure(F.png_bytes(contrast_figure(splits)), "Boundary contrast",
-                                                        "Contrast at every boundary, +-1 jackknife SE; stars: the largest.",
-                                                        "contrast"),
-        "heatmaps": heatmaps, "cross": cross, "generated": datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "title": "Layer structure compared",
+        "banners": banners(cmp),
+        "facts": facts,
+        "models": models,
+        "splits": split_rows(cmp, splits),
+        "differences": difference_rows(cmp),
+        "few_batches": cmp.num_batches < MIN_SE_BATCHES,
+        "min_batches": MIN_SE_BATCHES,
+        "level": DIFFERENCE_LEVEL,
+        "contrast": _figure(
+            F.png_bytes(contrast_figure(splits)),
+            "Boundary contrast",
+            "Contrast at every boundary, +-1 jackknife SE; stars: the largest.",
+            "contrast",
+        ),
+        "heatmaps": heatmaps,
+        "cross": cross,
+        "generated": datetime.now().strftime("%Y-%m-%d %H:%M"),
     }
 
 
 def render_compare_report(cmp: Comparison) -> str:
-    env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=select_autoescape(["html"]),
-                      trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(str(TEMPLATE_DIR)),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     return env.get_template("compare.html").render(**report_context(cmp))
 
 

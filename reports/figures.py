@@ -67,9 +67,17 @@ def _positions(layers: Sequence[int], blocks: Sequence[int]) -> list[int]:
     return [where[int(b)] for b in blocks if int(b) in where]
 
 
-def cka_heatmap_figure(m: np.ndarray, row_layers: Sequence[int], col_layers: Sequence[int], *, title: str,
-                       row_label: str, col_label: str, marks: Sequence[SplitMarks] = (),
-                       size: float = 4.6) -> Figure:
+def cka_heatmap_figure(
+    m: np.ndarray,
+    row_layers: Sequence[int],
+    col_layers: Sequence[int],
+    *,
+    title: str,
+    row_label: str,
+    col_label: str,
+    marks: Sequence[SplitMarks] = (),
+    size: float = 4.6,
+) -> Figure:
     """A CKA heatmap of ``m`` (n_rows, n_cols): rows are blocks ``row_layers`` of one model (y, block
     0 at the bottom), columns blocks ``col_layers`` of another (x). NaN cells (undefined CKA) are
     left blank. For each of ``marks``: the task-head blocks outlined as a square (on both axes) and
@@ -79,9 +87,19 @@ def cka_heatmap_figure(m: np.ndarray, row_layers: Sequence[int], col_layers: Seq
     nr, nc = m.shape
     fig = Figure(figsize=(size + 1.1, size + 0.25 * max(0, len(marks) - 1)))
     ax = fig.subplots()
-    sns.heatmap(m, ax=ax, vmin=0.0, vmax=1.0, cmap=CMAP, square=True, mask=~np.isfinite(m),
-                cbar_kws={"label": "CKA", "shrink": 0.82}, xticklabels=False, yticklabels=False,
-                linewidths=0)
+    sns.heatmap(
+        m,
+        ax=ax,
+        vmin=0.0,
+        vmax=1.0,
+        cmap=CMAP,
+        square=True,
+        mask=~np.isfinite(m),
+        cbar_kws={"label": "CKA", "shrink": 0.82},
+        xticklabels=False,
+        yticklabels=False,
+        linewidths=0,
+    )
     ax.set_facecolor("#d8d8d8")  # undefined cells
     ax.invert_yaxis()
     sx, sy = _tick_step(nc), _tick_step(nr)
@@ -103,38 +121,97 @@ def cka_heatmap_figure(m: np.ndarray, row_layers: Sequence[int], col_layers: Seq
         rows = _positions(row_layers, mk.task_head_layers)
         cols = _positions(col_layers, mk.task_head_layers)
         if rows and cols:
-            ax.add_patch(Rectangle((min(cols), min(rows)), max(cols) - min(cols) + 1, max(rows) - min(rows) + 1,
-                                   fill=False, edgecolor=mk.color, lw=2.0, ls="--", zorder=5))
+            ax.add_patch(
+                Rectangle(
+                    (min(cols), min(rows)),
+                    max(cols) - min(cols) + 1,
+                    max(rows) - min(rows) + 1,
+                    fill=False,
+                    edgecolor=mk.color,
+                    lw=2.0,
+                    ls="--",
+                    zorder=5,
+                )
+            )
         if cols:  # bracket above the plot: the task head's blocks on the x axis
             y = 1.015 + 0.075 * k
-            ax.plot([min(cols), max(cols) + 1], [y, y], color=mk.color, lw=3.5, solid_capstyle="butt",
-                    transform=ax.get_xaxis_transform(), clip_on=False)
+            ax.plot(
+                [min(cols), max(cols) + 1],
+                [y, y],
+                color=mk.color,
+                lw=3.5,
+                solid_capstyle="butt",
+                transform=ax.get_xaxis_transform(),
+                clip_on=False,
+            )
             right = min(cols) > nc * 0.6  # a late task head: label ends at its last block
-            ax.text(max(cols) + 1 if right else min(cols), y + 0.008,
-                    f"task head {mk.label} (K_t={len(mk.task_head_layers)})", color=mk.color, fontsize=7.5,
-                    ha="right" if right else "left", va="bottom", transform=ax.get_xaxis_transform(), clip_on=False)
+            ax.text(
+                max(cols) + 1 if right else min(cols),
+                y + 0.008,
+                f"task head {mk.label} (K_t={len(mk.task_head_layers)})",
+                color=mk.color,
+                fontsize=7.5,
+                ha="right" if right else "left",
+                va="bottom",
+                transform=ax.get_xaxis_transform(),
+                clip_on=False,
+            )
         if rows:
             x = 1.015 + 0.03 * k
-            ax.plot([x, x], [min(rows), max(rows) + 1], color=mk.color, lw=3.5, solid_capstyle="butt",
-                    transform=ax.get_yaxis_transform(), clip_on=False)
+            ax.plot(
+                [x, x],
+                [min(rows), max(rows) + 1],
+                color=mk.color,
+                lw=3.5,
+                solid_capstyle="butt",
+                transform=ax.get_yaxis_transform(),
+                clip_on=False,
+            )
         key = tuple(mk.prior_layers)
         if key and key not in drawn_prior:
             drawn_prior.add(key)
             px = [c + 0.5 for c in _positions(col_layers, mk.prior_layers)]
             py = [r + 0.5 for r in _positions(row_layers, mk.prior_layers)]
-            ax.plot(px, [-0.028] * len(px), "^", color=PRIOR_COLOR, ms=6, mec="black", mew=0.5,
-                    transform=ax.get_xaxis_transform(), clip_on=False, zorder=6)
-            ax.plot([-0.028] * len(py), py, ">", color=PRIOR_COLOR, ms=6, mec="black", mew=0.5,
-                    transform=ax.get_yaxis_transform(), clip_on=False, zorder=6, label="prior layers")
+            ax.plot(
+                px,
+                [-0.028] * len(px),
+                "^",
+                color=PRIOR_COLOR,
+                ms=6,
+                mec="black",
+                mew=0.5,
+                transform=ax.get_xaxis_transform(),
+                clip_on=False,
+                zorder=6,
+            )
+            ax.plot(
+                [-0.028] * len(py),
+                py,
+                ">",
+                color=PRIOR_COLOR,
+                ms=6,
+                mec="black",
+                mew=0.5,
+                transform=ax.get_yaxis_transform(),
+                clip_on=False,
+                zorder=6,
+                label="prior layers",
+            )
     if drawn_prior:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False, fontsize=7.5, handletextpad=0.3)
     fig.tight_layout()
     return fig
 
 
-def same_layer_figure(layers: Sequence[int], curves: dict[str, np.ndarray], marks: dict[str, SplitMarks], *,
-                      thresholds: dict[str, float | None] | None = None, pretrained: str = "pretrained",
-                      se: dict[str, np.ndarray] | None = None) -> Figure:
+def same_layer_figure(
+    layers: Sequence[int],
+    curves: dict[str, np.ndarray],
+    marks: dict[str, SplitMarks],
+    *,
+    thresholds: dict[str, float | None] | None = None,
+    pretrained: str = "pretrained",
+    se: dict[str, np.ndarray] | None = None,
+) -> Figure:
     """Per task, CKA(pretrained block l, task copy block l) against l, one panel per task.
 
     curves: task -> (n,) values at ``layers``; se: task -> (n,) their SE, drawn as a +-2 SE band
@@ -150,8 +227,14 @@ def same_layer_figure(layers: Sequence[int], curves: dict[str, np.ndarray], mark
         color = mk.color if mk else PALETTE[0]
         y = np.asarray(curves[t], dtype=np.float64)
         if mk and mk.task_head_layers:
-            ax.axvspan(min(mk.task_head_layers) - 0.5, max(mk.task_head_layers) + 0.5, color=color, alpha=0.12,
-                       lw=0, label=f"task head (K_t={len(mk.task_head_layers)})")
+            ax.axvspan(
+                min(mk.task_head_layers) - 0.5,
+                max(mk.task_head_layers) + 0.5,
+                color=color,
+                alpha=0.12,
+                lw=0,
+                label=f"task head (K_t={len(mk.task_head_layers)})",
+            )
         ax.plot(x, y, "o-", color=color, ms=4, lw=1.6, label=f"CKA({pretrained}, {t})")
         band = (se or {}).get(t)
         if band is not None and np.isfinite(band).any():
@@ -162,15 +245,33 @@ def same_layer_figure(layers: Sequence[int], curves: dict[str, np.ndarray], mark
             ax.axhline(1.0 - thr, color="grey", ls=":", lw=1, label="top of the plateau's noise band")
         if mk and mk.divergence_start is not None:
             ax.axvline(mk.divergence_start - 0.5, color="black", ls="--", lw=1.2)
-            ax.annotate(f"diverges from block {mk.divergence_start}", xy=(mk.divergence_start - 0.5, 0.5),
-                        xycoords=("data", "axes fraction"), xytext=(-3, 0), textcoords="offset points",
-                        ha="right", va="center", rotation=90, fontsize=7.5)
+            ax.annotate(
+                f"diverges from block {mk.divergence_start}",
+                xy=(mk.divergence_start - 0.5, 0.5),
+                xycoords=("data", "axes fraction"),
+                xytext=(-3, 0),
+                textcoords="offset points",
+                ha="right",
+                va="center",
+                rotation=90,
+                fontsize=7.5,
+            )
         if mk and mk.prior_layers:
-            ax.plot(mk.prior_layers, [0.0] * len(mk.prior_layers), "^", color=PRIOR_COLOR, mec="black", mew=0.5,
-                    ms=6, transform=ax.get_xaxis_transform(), clip_on=False, label="prior layers")
+            ax.plot(
+                mk.prior_layers,
+                [0.0] * len(mk.prior_layers),
+                "^",
+                color=PRIOR_COLOR,
+                mec="black",
+                mew=0.5,
+                ms=6,
+                transform=ax.get_xaxis_transform(),
+                clip_on=False,
+                label="prior layers",
+            )
         ax.set_title(f"{t}: same-layer CKA with {pretrained}", fontsize=10)
         ax.set_xlabel("block")
-        ax.set_xticks(x[::_tick_step(len(x))])
+        ax.set_xticks(x[:: _tick_step(len(x))])
         ax.set_ylim(min(0.0, np.nanmin(y) - 0.05) if np.isfinite(y).any() else 0.0, 1.04)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
@@ -191,8 +292,10 @@ def cross_task_figure(layers: Sequence[int], pairs: dict[str, np.ndarray], refer
         ax.plot(x, y, "--", color=task_color(i), lw=1.1, alpha=0.8, label=name)
     ax.set_xlabel("block")
     ax.set_ylabel("CKA (same block)")
-    ax.set_xticks(x[::_tick_step(len(x))])
-    lo = min([0.0] + [float(np.nanmin(v)) for v in list(pairs.values()) + list(references.values()) if np.isfinite(v).any()])
+    ax.set_xticks(x[:: _tick_step(len(x))])
+    lo = min(
+        [0.0] + [float(np.nanmin(v)) for v in list(pairs.values()) + list(references.values()) if np.isfinite(v).any()]
+    )
     ax.set_ylim(lo - 0.02 if lo < 0 else 0.0, 1.04)
     ax.grid(alpha=0.3)
     ax.set_title("Same-layer CKA between task copies", fontsize=10)
@@ -201,8 +304,13 @@ def cross_task_figure(layers: Sequence[int], pairs: dict[str, np.ndarray], refer
     return fig
 
 
-def pca_grid_figure(input_image: np.ndarray | None, tiles: dict[str, dict[int, np.ndarray]], layers: Sequence[int], *,
-                    title: str | None = None) -> Figure:
+def pca_grid_figure(
+    input_image: np.ndarray | None,
+    tiles: dict[str, dict[int, np.ndarray]],
+    layers: Sequence[int],
+    *,
+    title: str | None = None,
+) -> Figure:
     """PCA maps of one probe image: rows = models, columns = layers (``tiles[model][layer]`` are
     (H, W, 3) uint8 images), the probe image itself in an extra first column (first row only).
     Laid out by hand (fixed cell size, label margins) so the tiles fill their cells."""
@@ -249,8 +357,9 @@ def _smooth(y: np.ndarray, n: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
-def training_curves_figure(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, ylabel: str,
-                           title: str, log_y: bool = False) -> Figure:
+def training_curves_figure(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]], *, ylabel: str, title: str, log_y: bool = False
+) -> Figure:
     """One line per training run: ``series[label] = (iters, values)``. Noisy series (over 40 points)
     are drawn faint with a trailing mean over ~5% of the points on top."""
     fig = Figure(figsize=(6.4, 3.3))
@@ -275,8 +384,9 @@ def training_curves_figure(series: dict[str, tuple[Sequence[float], Sequence[flo
     return fig
 
 
-def final_metric_figure(labels: Sequence[str], values: Sequence[float], *, metric: str, higher_is_better: bool,
-                        notes: Sequence[str] = ()) -> Figure:
+def final_metric_figure(
+    labels: Sequence[str], values: Sequence[float], *, metric: str, higher_is_better: bool, notes: Sequence[str] = ()
+) -> Figure:
     """Horizontal bars: the final ``metric`` of each training run (``notes[i]``, e.g. its trainable
     parameters, written after the value)."""
     n = len(labels)

@@ -45,15 +45,25 @@ def banners(data: RunData) -> list[dict[str, str]]:
     model = dig(data.config, "options", "model") or (data.recommendation or {}).get("model") or "the backbone"
     out = []
     if kind == "random":
-        out.append({"kind": "danger", "title": "Random weights: this backbone was not pretrained",
-                    "text": f"{model} was analysed with randomly initialised weights ({src}). The CKA structure and "
-                            "the split below describe an untrained network, not a foundation model; use them to "
-                            "check the pipeline, not to choose a configuration."})
+        out.append(
+            {
+                "kind": "danger",
+                "title": "Random weights: this backbone was not pretrained",
+                "text": f"{model} was analysed with randomly initialised weights ({src}). The CKA structure and "
+                "the split below describe an untrained network, not a foundation model; use them to "
+                "check the pipeline, not to choose a configuration.",
+            }
+        )
     elif kind == "demo":
-        out.append({"kind": "warn", "title": "Demo backbone: not a real foundation model",
-                    "text": f"{model} is the small ViT that 'cka-split demo' pretrains itself on synthetic scenes "
-                            f"(weights: {src or 'demo cache'}). It is not DINOv2; the findings illustrate the method "
-                            "on toy data."})
+        out.append(
+            {
+                "kind": "warn",
+                "title": "Demo backbone: not a real foundation model",
+                "text": f"{model} is the small ViT that 'cka-split demo' pretrains itself on synthetic scenes "
+                f"(weights: {src or 'demo cache'}). It is not DINOv2; the findings illustrate the method "
+                "on toy data.",
+            }
+        )
     return out
 
 
@@ -67,9 +77,18 @@ def header_rows(data: RunData) -> list[tuple[str, str]]:
     rows: list[tuple[str, Any]] = []
     pre = dig(cfg, "models", "pretrained") or {}
     layers = pre.get("num_layers") or rec.get("num_layers")
-    arch = ", ".join(x for x in (f"{layers} blocks" if layers else "", f"width {pre['embed_dim']}" if pre.get("embed_dim") else "",
-                                 f"patch {pre['patch_size']}" if pre.get("patch_size") else "") if x)
-    rows.append(("Model", (opts.get("model") or rec.get("model") or pre.get("name") or "-") + (f" ({arch})" if arch else "")))
+    arch = ", ".join(
+        x
+        for x in (
+            f"{layers} blocks" if layers else "",
+            f"width {pre['embed_dim']}" if pre.get("embed_dim") else "",
+            f"patch {pre['patch_size']}" if pre.get("patch_size") else "",
+        )
+        if x
+    )
+    rows.append(
+        ("Model", (opts.get("model") or rec.get("model") or pre.get("name") or "-") + (f" ({arch})" if arch else ""))
+    )
     _, src = weights_kind(data)
     rows.append(("Weights", src))
     if pre.get("state_sha256"):
@@ -83,13 +102,21 @@ def header_rows(data: RunData) -> list[tuple[str, str]]:
         auto = m.get("auto") if isinstance(m.get("auto"), dict) else None
         if auto:
             accepted = auto.get("accepted_k_t") or []
-            traj = ", ".join(f"{p[0]}: {p[1]}" + (f" (accepted {'/'.join(map(str, accepted[i]))})"
-                                                   if i < len(accepted) and len(accepted[i]) > 1 else "")
-                             for i, p in enumerate(auto.get("k_t_trajectory") or []))
-            bits.append(f"--finetune-steps auto: {'stopped after' if auto.get('stopped_early') else 'ran all'} "
-                        f"{auto.get('steps_used')} of at most {auto.get('max_steps')} steps "
-                        f"(the accepted K_t unchanged for {auto.get('patience')} checks every {auto.get('check_every')} "
-                        f"steps ends it); K_t at each check (step: K_t): {traj or 'none'}")
+            traj = ", ".join(
+                f"{p[0]}: {p[1]}"
+                + (
+                    f" (accepted {'/'.join(map(str, accepted[i]))})"
+                    if i < len(accepted) and len(accepted[i]) > 1
+                    else ""
+                )
+                for i, p in enumerate(auto.get("k_t_trajectory") or [])
+            )
+            bits.append(
+                f"--finetune-steps auto: {'stopped after' if auto.get('stopped_early') else 'ran all'} "
+                f"{auto.get('steps_used')} of at most {auto.get('max_steps')} steps "
+                f"(the accepted K_t unchanged for {auto.get('patience')} checks every {auto.get('check_every')} "
+                f"steps ends it); K_t at each check (step: K_t): {traj or 'none'}"
+            )
         if m.get("seconds") is not None:
             bits.append(f"fine-tuning took {fmt_seconds(m['seconds'])}")
         if m.get("data"):
@@ -109,12 +136,23 @@ def header_rows(data: RunData) -> list[tuple[str, str]]:
         rows.append(("Probe images", f"{n_img}" + (f" at {opts['image_size']} px" if opts.get("image_size") else "")))
     feats = opts.get("features") or (cka.features if cka else None)
     if feats:
-        rows.append(("Feature mode", {"tokens": "tokens (patch tokens, flattened per image)", "mean": "mean of patch tokens",
-                                      "cls": "class token"}.get(feats, feats)))
+        rows.append(
+            (
+                "Feature mode",
+                {
+                    "tokens": "tokens (patch tokens, flattened per image)",
+                    "mean": "mean of patch tokens",
+                    "cls": "class token",
+                }.get(feats, feats),
+            )
+        )
     unbiased = opts.get("unbiased", cka.unbiased if cka else None)
     if unbiased is not None:
-        est = ("minibatch linear CKA, unbiased HSIC (Song et al. 2012; Nguyen et al. 2021)" if unbiased
-               else "minibatch linear CKA, biased HSIC (Kornblith et al. 2019)")
+        est = (
+            "minibatch linear CKA, unbiased HSIC (Song et al. 2012; Nguyen et al. 2021)"
+            if unbiased
+            else "minibatch linear CKA, biased HSIC (Kornblith et al. 2019)"
+        )
         if opts.get("batch_size"):
             est += f", {opts['batch_size']} images per minibatch"
         rows.append(("Estimator", est))
@@ -147,25 +185,49 @@ def recommendation_rows(data: RunData) -> list[dict[str, Any]]:
         start = s.get("divergence_start")
         k_t, k_cka = s.get("k_t"), s.get("k_t_from_cka")
         rgn = s.get("rgn") if isinstance(s.get("rgn"), dict) else {}
-        rows.append({
-            "task": t, "k_t": k_t, "task_head": fmt_blocks(s.get("task_head_layers") or []),
-            "b": s.get("b", "-"), "k_p": s.get("k_p", "-"),
-            "prior": ", ".join(map(str, s.get("prior_layers") or [])) or "-",
-            "start": "flat (nothing beyond noise)" if start is None else f"{start} ({s.get('divergence_kind', 'step')})",
-            "k_t_note": "; ".join(x for x in (f"CKA alone gives {k_cka}" if k_cka is not None and k_cka != k_t else "",
-                                              f"RGN picks {rgn['k_t']}" if rgn.get("k_t") is not None else "") if x),
-            "params": fmt_params(s.get("trainable_params")),
-            "vs_full": ("-" if s.get("params_vs_full") is None else f"{s['params_vs_full']:.2f}x"
-                        + (" (larger than full fine-tuning)" if s.get("larger_than_full") else "")),
-            "avoided": "-" if s.get("backward_avoided") is None else f"{s['backward_avoided']:.0%}",
-            "step": "-" if s.get("step_time_ratio_estimate") is None else f"{s['step_time_ratio_estimate']:.2f}x",
-            "evidence": [str(e) for e in s.get("evidence") or []] + [
-                f"RGN rival ({rgn.get('batches')} minibatches, {fmt_seconds(rgn.get('seconds'))}): {e}" for e in rgn.get("evidence") or []
-                if str(e) not in (s.get("evidence") or [])],
-            "summary": (f"Copy the last {k_t} of {L} blocks ({fmt_blocks(s.get('task_head_layers') or [])}) as the {t} task head; "
-                        f"the prior head reads blocks {', '.join(map(str, s.get('prior_layers') or []))}."
-                        if k_t is not None and L else ""),
-        })
+        rows.append(
+            {
+                "task": t,
+                "k_t": k_t,
+                "task_head": fmt_blocks(s.get("task_head_layers") or []),
+                "b": s.get("b", "-"),
+                "k_p": s.get("k_p", "-"),
+                "prior": ", ".join(map(str, s.get("prior_layers") or [])) or "-",
+                "start": "flat (nothing beyond noise)"
+                if start is None
+                else f"{start} ({s.get('divergence_kind', 'step')})",
+                "k_t_note": "; ".join(
+                    x
+                    for x in (
+                        f"CKA alone gives {k_cka}" if k_cka is not None and k_cka != k_t else "",
+                        f"RGN picks {rgn['k_t']}" if rgn.get("k_t") is not None else "",
+                    )
+                    if x
+                ),
+                "params": fmt_params(s.get("trainable_params")),
+                "vs_full": (
+                    "-"
+                    if s.get("params_vs_full") is None
+                    else f"{s['params_vs_full']:.2f}x"
+                    + (" (larger than full fine-tuning)" if s.get("larger_than_full") else "")
+                ),
+                "avoided": "-" if s.get("backward_avoided") is None else f"{s['backward_avoided']:.0%}",
+                "step": "-" if s.get("step_time_ratio_estimate") is None else f"{s['step_time_ratio_estimate']:.2f}x",
+                "evidence": [str(e) for e in s.get("evidence") or []]
+                + [
+                    f"RGN rival ({rgn.get('batches')} minibatches, {fmt_seconds(rgn.get('seconds'))}): {e}"
+                    for e in rgn.get("evidence") or []
+                    if str(e) not in (s.get("evidence") or [])
+                ],
+                "summary": (
+                    f"Copy the last {k_t} of {L} blocks ({fmt_blocks(s.get('task_head_layers') or [])}) as the {t} "
+                    f"task head; "
+                    f"the prior head reads blocks {', '.join(map(str, s.get('prior_layers') or []))}."
+                    if k_t is not None and L
+                    else ""
+                ),
+            }
+        )
     return rows
 
 
@@ -223,8 +285,12 @@ def report_context(data: RunData) -> dict[str, Any]:
 
 def render_report(data: RunData) -> str:
     """The HTML text of the report for ``data``."""
-    env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=select_autoescape(["html"]),
-                      trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(str(TEMPLATE_DIR)),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     return env.get_template("report.html").render(**report_context(data))
 
 
@@ -239,12 +305,19 @@ def resolve_run(run_dir: str | Path) -> Path:
     if not p.is_dir():
         raise UserError(f"{run_dir} is not a run directory; give one written by 'cka-split analyze'")
     if not any((p / n).exists() for n in ("config.json", "cka.npz", "recommendation.json")):
-        raise UserError(f"{p} holds no config.json, cka.npz or recommendation.json; is it a run written by 'cka-split analyze'?")
+        raise UserError(
+            f"{p} holds no config.json, cka.npz or recommendation.json; is it a run written by 'cka-split analyze'?"
+        )
     return p
 
 
-def build_report(run_dir: str | Path, *, training_runs: list[str | Path] | None = None,
-                 sweeps: list[str | Path] | None = None, warn: Callable[[str], None] | None = None) -> Path:
+def build_report(
+    run_dir: str | Path,
+    *,
+    training_runs: list[str | Path] | None = None,
+    sweeps: list[str | Path] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Path:
     """Write RUN/report.html from the run directory alone (plus any ``training_runs`` and ``sweeps``
     directories, and the training runs and sweeps linked to it, see :mod:`cka_split.reports.training`
     and :mod:`cka_split.reports.sweep`). Returns its path.

@@ -36,7 +36,9 @@ class CKAView:
     def matrix(self, a: str, b: str) -> np.ndarray:
         """(L_a, L_b) float64: CKA between every listed block of model ``a`` and of model ``b``."""
         if a not in self.layers or b not in self.layers:
-            raise KeyError(f"no model '{a if a not in self.layers else b}' in the CKA result (it has {', '.join(self.models)})")
+            raise KeyError(
+                f"no model '{a if a not in self.layers else b}' in the CKA result (it has {', '.join(self.models)})"
+            )
         return self.result.matrix(a, b).detach().cpu().numpy().astype(np.float64)
 
     def se(self, a: str, b: str) -> np.ndarray:
@@ -113,7 +115,9 @@ def read_run(run_dir: str | Path) -> RunData:
     data = RunData(run_dir=run)
     data.config = _read_json(run / "config.json", data.problems)
     if data.config is None and not (run / "config.json").exists():
-        data.problems.append("config.json is missing, so where the weights came from, the data and the versions are unknown.")
+        data.problems.append(
+            "config.json is missing, so where the weights came from, the data and the versions are unknown."
+        )
     data.recommendation = _read_json(run / "recommendation.json", data.problems)
     if data.recommendation is not None and not isinstance(data.recommendation.get("per_task"), dict):
         data.problems.append("recommendation.json has no per_task table; the recommendation is left out.")
@@ -126,8 +130,9 @@ def read_run(run_dir: str | Path) -> RunData:
         except Exception as e:  # any unreadable npz: report it, keep going
             data.problems.append(f"cka.npz could not be read ({type(e).__name__}: {e}); the CKA figures are left out.")
     else:
-        data.problems.append("cka.npz is missing, so the CKA heatmaps and curves are left out; "
-                             "rerun 'cka-split analyze' to make it.")
+        data.problems.append(
+            "cka.npz is missing, so the CKA heatmaps and curves are left out; rerun 'cka-split analyze' to make it."
+        )
     pca = _read_json(run / "pca" / "index.json", data.problems)
     if pca is not None and isinstance(pca.get("images"), list):
         data.pca = pca
@@ -155,9 +160,11 @@ def _drop_unusable_tasks(rec: dict[str, Any], problems: list[str]) -> None:
             why = f"prior_layers {prior!r}"
         else:
             continue
-        problems.append(f"recommendation.json gives {why} for {task}, which is not a split of "
-                        f"{num_layers if _is_index(num_layers) else 'the'} blocks; that recommendation is left out "
-                        "(rerun 'cka-split recommend').")
+        problems.append(
+            f"recommendation.json gives {why} for {task}, which is not a split of "
+            f"{num_layers if _is_index(num_layers) else 'the'} blocks; that recommendation is left out "
+            "(rerun 'cka-split recommend')."
+        )
         del rec["per_task"][task]
 
 

@@ -48,8 +48,11 @@ class Sweep:
         """ViT-Split summary key -> {"k_t", "mean", "sd", "n", "seeds" (values), "points"}."""
         out: dict[str, dict[str, Any]] = {}
         for key, s in (self.data.get("summary") or {}).items():
-            pts = [p for p in self.data.get("points") or [] if p.get("method") == "vitsplit" and p.get("metric") is not None
-                   and _key(p, "@" in key) == key]
+            pts = [
+                p
+                for p in self.data.get("points") or []
+                if p.get("method") == "vitsplit" and p.get("metric") is not None and _key(p, "@" in key) == key
+            ]
             out[key] = {"k_t": int(key.split("@")[0]), **s, "seeds": [p["metric"] for p in pts], "points": pts}
         return out
 
@@ -71,7 +74,9 @@ def read_sweep(path: str | Path, problems: list[str]) -> Sweep | None:
     return Sweep(p, d)
 
 
-def find_sweeps(run_dir: str | Path, extra: Iterable[str | Path] | None = None, problems: list[str] | None = None) -> list[Sweep]:
+def find_sweeps(
+    run_dir: str | Path, extra: Iterable[str | Path] | None = None, problems: list[str] | None = None
+) -> list[Sweep]:
     """The sweeps linked to ``run_dir`` (module docstring), each once."""
     run = Path(run_dir).resolve()
     probs = [] if problems is None else problems
@@ -134,8 +139,9 @@ def _divergence(data: RunData, task: str) -> tuple[np.ndarray, np.ndarray | None
     return 1.0 - diag, se
 
 
-def metric_figure(sw: Sweep, L: int, picks: dict[str, int], div: tuple[np.ndarray, np.ndarray | None] | None,
-                  rgn: list[float] | None) -> Figure:
+def metric_figure(
+    sw: Sweep, L: int, picks: dict[str, int], div: tuple[np.ndarray, np.ndarray | None] | None, rgn: list[float] | None
+) -> Figure:
     """Top: metric (mean +- SD, seeds as dots) at block s = L - K_t, baselines as lines; bottom: the
     divergence curve (+- SE) and the RGN profile on the same blocks. Picks and the best are marked."""
     metric, higher = sw.data.get("metric", "metric"), bool(sw.data.get("higher_is_better", True))
@@ -146,8 +152,16 @@ def metric_figure(sw: Sweep, L: int, picks: dict[str, int], div: tuple[np.ndarra
     for i, prior in enumerate(priors):
         gs = sorted((g for k, g in groups.items() if k.endswith(f"@{prior}") or not prior), key=lambda g: g["k_t"])
         x = np.array([L - g["k_t"] for g in gs], float)
-        ax.errorbar(x, [g["mean"] for g in gs], yerr=[g["sd"] or 0.0 for g in gs], fmt="o-", color=F.task_color(i),
-                    capsize=3, lw=1.5, label="ViT-Split, mean +- SD over seeds" + (f" (prior {prior})" if prior else ""))
+        ax.errorbar(
+            x,
+            [g["mean"] for g in gs],
+            yerr=[g["sd"] or 0.0 for g in gs],
+            fmt="o-",
+            color=F.task_color(i),
+            capsize=3,
+            lw=1.5,
+            label="ViT-Split, mean +- SD over seeds" + (f" (prior {prior})" if prior else ""),
+        )
         for g, xi in zip(gs, x):
             ax.plot([xi] * len(g["seeds"]), g["seeds"], ".", color="grey", ms=4, alpha=0.7)
     for j, (m, s) in enumerate((sw.data.get("baselines") or {}).items()):
@@ -180,8 +194,15 @@ def metric_figure(sw: Sweep, L: int, picks: dict[str, int], div: tuple[np.ndarra
     if rgn is not None and len(rgn):
         rx = bx.twinx()
         r = np.asarray(rgn, float)
-        rx.plot(np.arange(len(r)), r / r.max() if r.max() > 0 else r, "s--", color=PICK_STYLE["RGN"][0], ms=3, lw=1,
-                label="RGN / max")
+        rx.plot(
+            np.arange(len(r)),
+            r / r.max() if r.max() > 0 else r,
+            "s--",
+            color=PICK_STYLE["RGN"][0],
+            ms=3,
+            lw=1,
+            label="RGN / max",
+        )
         if np.all(r > 0) and r.max() / r.min() > 20:
             rx.set_yscale("log")
         rx.set_ylabel("relative gradient norm / max", fontsize=8)
@@ -199,7 +220,9 @@ def cost_figure(sw: Sweep, full_params: int | None) -> Figure:
     ks = sorted({p["k_t"] for p in pts})
     fig = Figure(figsize=(6.4, 3.4))
     ax = fig.subplots()
-    params = [next((p["trainable_params"] for p in pts if p["k_t"] == k and p.get("trainable_params")), np.nan) for k in ks]
+    params = [
+        next((p["trainable_params"] for p in pts if p["k_t"] == k and p.get("trainable_params")), np.nan) for k in ks
+    ]
     ax.plot(ks, np.asarray(params, float) / 1e6, "o-", color=F.PALETTE[0], label="trainable parameters (M)")
     if full_params:
         ax.axhline(full_params / 1e6, color=F.PALETTE[0], ls=":", lw=1.2, label="full fine-tuning (M)")
@@ -220,8 +243,14 @@ def cost_figure(sw: Sweep, full_params: int | None) -> Figure:
     return fig
 
 
-def _pick_verdict(data: RunData, sw: Sweep, picks: dict[str, int], groups: dict[int, dict[str, Any]], best_mean: float,
-                  pooled: float | None) -> list[str]:
+def _pick_verdict(
+    data: RunData,
+    sw: Sweep,
+    picks: dict[str, int],
+    groups: dict[int, dict[str, Any]],
+    best_mean: float,
+    pooled: float | None,
+) -> list[str]:
     """Which pick ties the best (vitsplit.sweep.grid.tie_tolerance) and what each cost: when RGN ties for
     less, the sentence says to start with RGN."""
     sign = 1.0 if sw.data.get("higher_is_better", True) else -1.0
@@ -233,21 +262,35 @@ def _pick_verdict(data: RunData, sw: Sweep, picks: dict[str, int], groups: dict[
     per = ((data.recommendation or {}).get("per_task") or {}).get(sw.task) or {}
     rgn_s = (per.get("rgn") or {}).get("seconds")
     total = (data.config or {}).get("seconds")
-    rgn_all = sum(float((t.get("rgn") or {}).get("seconds") or 0.0)
-                  for t in ((data.recommendation or {}).get("per_task") or {}).values() if isinstance(t, dict))
+    rgn_all = sum(
+        float((t.get("rgn") or {}).get("seconds") or 0.0)
+        for t in ((data.recommendation or {}).get("per_task") or {}).values()
+        if isinstance(t, dict)
+    )
     cka_s = float(total) - rgn_all if total is not None and "CKA" in ties else None
-    cost = (f" RGN took {float(rgn_s):.1f} s; the copies' fine-tuning and CKA took {cka_s:.0f} s."
-            if rgn_s is not None and cka_s is not None else "")
+    cost = (
+        f" RGN took {float(rgn_s):.1f} s; the copies' fine-tuning and CKA took {cka_s:.0f} s."
+        if rgn_s is not None and cka_s is not None
+        else ""
+    )
     if ties.get("CKA") and ties.get("RGN"):
         cheaper = rgn_s is not None and cka_s is not None and float(rgn_s) < cka_s
-        return [f"Both picks are {rule}" + (", and RGN cost less: start with RGN (`analyze --selector rgn`), and "
-                                            "fine-tune copies for CKA only where its pick is in doubt." if cheaper else ".") + cost]
+        return [
+            f"Both picks are {rule}"
+            + (
+                ", and RGN cost less: start with RGN (`analyze --selector rgn`), and "
+                "fine-tune copies for CKA only where its pick is in doubt."
+                if cheaper
+                else "."
+            )
+            + cost
+        ]
     if ties.get("RGN") and "CKA" in ties:
         return [f"Only RGN's pick is {rule}; CKA's is not: on this sweep RGN is the better selector.{cost}"]
     if ties.get("CKA") and "RGN" in ties:
         return [f"Only CKA's pick is {rule}; RGN's is not.{cost}"]
     if len(ties) == 1:
-        (name, ok), = ties.items()
+        ((name, ok),) = ties.items()
         return [f"{name}'s pick is {'' if ok else 'not '}{rule}.{cost}"]
     return [f"Neither pick is {rule}: on this sweep, the sweep itself is the better guide.{cost}"]
 
@@ -259,21 +302,34 @@ def _sentences(data: RunData, sw: Sweep, picks: dict[str, int]) -> list[str]:
         return ["No ViT-Split point of this sweep has finished yet."]
     b = groups[best]
     seeds = {len(g["seeds"]) for g in groups.values()}
-    out = [f"The sweep's best K_t is {best}: {metric} {b['mean']:.2f}" + (f" +- {b['sd']:.2f}" if b["sd"] else "")
-           + f" over {b['n']} seed(s) ({len(groups)} K_t values, {'/'.join(map(str, sorted(seeds)))} seeds each)."]
+    out = [
+        f"The sweep's best K_t is {best}: {metric} {b['mean']:.2f}"
+        + (f" +- {b['sd']:.2f}" if b["sd"] else "")
+        + f" over {b['n']} seed(s) ({len(groups)} K_t values, {'/'.join(map(str, sorted(seeds)))} seeds each)."
+    ]
     for name, k in picks.items():
         if k not in groups:
             out.append(f"{name} picked K_t {k}, which this sweep did not train.")
             continue
         diff = groups[k]["mean"] - b["mean"]
-        sd = f"; the pooled seed SD is {pooled:.2f}, so that is {abs(diff) / pooled:.1f} SD" if pooled else \
-            " (one seed: no seed SD to compare with)"
+        sd = (
+            f"; the pooled seed SD is {pooled:.2f}, so that is {abs(diff) / pooled:.1f} SD"
+            if pooled
+            else " (one seed: no seed SD to compare with)"
+        )
         out.append(f"{name} picked K_t {k}: {metric} {groups[k]['mean']:.2f}, {diff:+.2f} against the best{sd}.")
     out += _pick_verdict(data, sw, picks, groups, b["mean"], pooled)
     for m, s in (sw.data.get("baselines") or {}).items():
-        out.append(f"Baseline {m}: {metric} {s['mean']:.2f}" + (f" +- {s['sd']:.2f}" if s.get("sd") else "") + f" ({s['n']} seed(s)).")
+        out.append(
+            f"Baseline {m}: {metric} {s['mean']:.2f}"
+            + (f" +- {s['sd']:.2f}" if s.get("sd") else "")
+            + f" ({s['n']} seed(s))."
+        )
     if sw.data.get("pending"):
-        out.append(f"{len(sw.data['pending'])} point(s) have not finished (the sweep was stopped); run the same sweep again to complete it.")
+        out.append(
+            f"{len(sw.data['pending'])} point(s) have not finished (the sweep was stopped); run the same sweep again "
+            f"to complete it."
+        )
     return out
 
 
@@ -281,7 +337,9 @@ def sweep_section(data: RunData, sweeps: list[Sweep]) -> list[dict[str, Any]] | 
     """Template entries, one per sweep: title, path, sentences, table rows and figures."""
     if not sweeps:
         return None
-    L = (data.recommendation or {}).get("num_layers") or (data.config or {}).get("models", {}).get("pretrained", {}).get("num_layers")
+    L = (data.recommendation or {}).get("num_layers") or (data.config or {}).get("models", {}).get(
+        "pretrained", {}
+    ).get("num_layers")
     out = []
     for i, sw in enumerate(sweeps):
         picks = _picks(data, sw)
@@ -295,22 +353,55 @@ def sweep_section(data: RunData, sweeps: list[Sweep]) -> list[dict[str, Any]] | 
             p0 = g["points"][0] if g["points"] else {}
             steps = [p["step_time_s"] for p in g["points"] if p.get("step_time_s")]
             mems = [p["peak_memory_mb"] for p in g["points"] if p.get("peak_memory_mb")]
-            rows.append({"k_t": key, "n": g["n"], "mean": f"{g['mean']:.2f}", "sd": "-" if g["sd"] is None else f"{g['sd']:.2f}",
-                         "params": fmt_params(p0.get("trainable_params")), "step": f"{np.mean(steps):.3f} s" if steps else "-",
-                         "memory": f"{max(mems):,.0f} MB" if mems else "-",
-                         "marks": " ".join(x for x in (("best" if g["k_t"] == sw.data.get("best_k_t") else ""), mark.get(g["k_t"], "")) if x)})
+            rows.append(
+                {
+                    "k_t": key,
+                    "n": g["n"],
+                    "mean": f"{g['mean']:.2f}",
+                    "sd": "-" if g["sd"] is None else f"{g['sd']:.2f}",
+                    "params": fmt_params(p0.get("trainable_params")),
+                    "step": f"{np.mean(steps):.3f} s" if steps else "-",
+                    "memory": f"{max(mems):,.0f} MB" if mems else "-",
+                    "marks": " ".join(
+                        x
+                        for x in (("best" if g["k_t"] == sw.data.get("best_k_t") else ""), mark.get(g["k_t"], ""))
+                        if x
+                    ),
+                }
+            )
         div = _divergence(data, sw.task)
-        figs = [_figure(F.png_bytes(metric_figure(sw, n_layers, picks, div, rgn)), f"{sw.task}: {sw.data.get('metric')} against K_t",
-                        "Top: the metric of every sweep point (grey dots: seeds; error bars: SD over seeds) at its first task-specific "
-                        "block (K_t on the top axis); dotted lines: the baselines. Bottom: the divergence curve of the analysis "
-                        "(band: +- SE where measured) and the RGN profile on the same blocks. Vertical lines: the CKA (solid) and "
-                        "RGN (dashed) picks; star: the sweep's best.", f"sweep-{i}-{slug(sw.task)}")]
+        figs = [
+            _figure(
+                F.png_bytes(metric_figure(sw, n_layers, picks, div, rgn)),
+                f"{sw.task}: {sw.data.get('metric')} against K_t",
+                "Top: the metric of every sweep point (grey dots: seeds; error bars: SD over seeds) at its first "
+                "task-specific "
+                "block (K_t on the top axis); dotted lines: the baselines. Bottom: the divergence curve of the "
+                "analysis "
+                "(band: +- SE where measured) and the RGN profile on the same blocks. Vertical lines: the CKA (solid) "
+                "and "
+                "RGN (dashed) picks; star: the sweep's best.",
+                f"sweep-{i}-{slug(sw.task)}",
+            )
+        ]
         full = next((p.get("trainable_params") for p in sw.data.get("points") or [] if p.get("method") == "full"), None)
-        figs.append(_figure(F.png_bytes(cost_figure(sw, full)), f"{sw.task}: cost against K_t",
-                            "Trainable parameters of each K_t (dotted: full fine-tuning, where the sweep trained it) and the "
-                            "measured seconds per optimisation step (mean +- SD over seeds; noisy on a shared machine).",
-                            f"sweep-{i}-cost"))
-        out.append({"title": f"{sw.task} sweep", "path": str(sw.path.resolve()), "sentences": _sentences(data, sw, picks),
-                    "rows": rows, "metric": sw.data.get("metric", "metric"), "figures": figs})
+        figs.append(
+            _figure(
+                F.png_bytes(cost_figure(sw, full)),
+                f"{sw.task}: cost against K_t",
+                "Trainable parameters of each K_t (dotted: full fine-tuning, where the sweep trained it) and the "
+                "measured seconds per optimisation step (mean +- SD over seeds; noisy on a shared machine).",
+                f"sweep-{i}-cost",
+            )
+        )
+        out.append(
+            {
+                "title": f"{sw.task} sweep",
+                "path": str(sw.path.resolve()),
+                "sentences": _sentences(data, sw, picks),
+                "rows": rows,
+                "metric": sw.data.get("metric", "metric"),
+                "figures": figs,
+            }
+        )
     return out
-

@@ -35,12 +35,27 @@ from .rundir import read_json_file
 
 LINK_KEYS = ("auto_split_run", "analysis_run", "auto_split", "split_run")
 PARAM_KEYS = ("trainable_params", "num_trainable_params", "trainable_parameters", "params_trainable")
-STEP_TIME_KEYS = ("step_time_s", "step_time", "sec_per_iter", "time_per_iter", "seconds_per_step", "step_seconds", "iter_time")
+STEP_TIME_KEYS = (
+    "step_time_s",
+    "step_time",
+    "sec_per_iter",
+    "time_per_iter",
+    "seconds_per_step",
+    "step_seconds",
+    "iter_time",
+)
 RATE_KEYS = ("it_s", "it_per_sec", "iters_per_sec", "its")  # iterations per second (metrics.jsonl rows)
 SAME_SETUP = ("task", "model", "data", "iters", "crop", "batch_size")  # what a baseline must share
 OWN_BACKBONE_METHODS = ("vit-adapter",)  # baselines compared on their own backbones (any "model")
-MEMORY_KEYS = ("peak_memory_mb", "peak_mem_mb", "peak_memory", "max_memory_mb", "peak_rss_mb", "peak_memory_bytes",
-               "peak_mem_bytes")
+MEMORY_KEYS = (
+    "peak_memory_mb",
+    "peak_mem_mb",
+    "peak_memory",
+    "max_memory_mb",
+    "peak_rss_mb",
+    "peak_memory_bytes",
+    "peak_mem_bytes",
+)
 # Final metric per task, in order of preference, with whether larger is better.
 METRIC_KEYS = {
     "seg": (("mIoU", True), ("aAcc", True)),
@@ -88,8 +103,12 @@ class TrainingRun:
         return text
 
     def _first(self, keys: Iterable[str]) -> tuple[str, Any] | None:
-        for source in (self.eval or {}, self.config, self.config.get("options") or {},
-                       self.config.get("resolved") or {}):
+        for source in (
+            self.eval or {},
+            self.config,
+            self.config.get("options") or {},
+            self.config.get("resolved") or {},
+        ):
             if not isinstance(source, dict):
                 continue
             for k in keys:
@@ -143,7 +162,9 @@ class TrainingRun:
         """(name, value, larger_is_better) from eval.json (nested "metrics" too), else the last logged."""
         sources = [self.eval or {}, (self.eval or {}).get("metrics") or {}]
         sources += [r for r in reversed(self.metrics)]
-        keys = METRIC_KEYS.get(self.task, ()) + tuple(kv for t, kvs in METRIC_KEYS.items() if t != self.task for kv in kvs)
+        keys = METRIC_KEYS.get(self.task, ()) + tuple(
+            kv for t, kvs in METRIC_KEYS.items() if t != self.task for kv in kvs
+        )
         for src in sources:
             if not isinstance(src, dict):
                 continue
@@ -200,8 +221,9 @@ def read_training_run(path: str | Path, problems: list[str] | None = None) -> Tr
     if cfg is None:
         probs.append(f"training run {p} has no readable config.json; it is left out.")
         return None
-    return TrainingRun(path=p, config=cfg, metrics=read_metrics(p / "metrics.jsonl"),
-                       eval=read_json_file(p / "eval.json", probs))
+    return TrainingRun(
+        path=p, config=cfg, metrics=read_metrics(p / "metrics.jsonl"), eval=read_json_file(p / "eval.json", probs)
+    )
 
 
 def _resolve(text: str, base: Path) -> list[Path]:
@@ -238,8 +260,9 @@ def links_to(cfg: dict[str, Any], run_dir: Path, train_dir: Path) -> bool:
     return False
 
 
-def find_training_runs(run_dir: str | Path, extra: Iterable[str | Path] | None = None,
-                       problems: list[str] | None = None) -> list[TrainingRun]:
+def find_training_runs(
+    run_dir: str | Path, extra: Iterable[str | Path] | None = None, problems: list[str] | None = None
+) -> list[TrainingRun]:
     """The training runs linked to ``run_dir`` (module docstring), each once, in a stable order."""
     run = Path(run_dir)
     seen: set[Path] = set()
@@ -268,10 +291,13 @@ def find_training_runs(run_dir: str | Path, extra: Iterable[str | Path] | None =
         add(p)
     for lp in linked:  # the baselines beside each linked run
         lcfg = dict(siblings)[lp]
-        for p, cfg in (siblings if lp.parent == parent else _run_dirs(lp.parent)):
+        for p, cfg in siblings if lp.parent == parent else _run_dirs(lp.parent):
             shared = [k for k in SAME_SETUP if not (k == "model" and cfg.get("method") in OWN_BACKBONE_METHODS)]
-            if p not in seen and cfg.get("method") not in (None, "vitsplit") and \
-                    all(cfg.get(k) == lcfg.get(k) for k in shared):
+            if (
+                p not in seen
+                and cfg.get("method") not in (None, "vitsplit")
+                and all(cfg.get(k) == lcfg.get(k) for k in shared)
+            ):
                 add(p)
     return found
 

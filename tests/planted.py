@@ -19,8 +19,8 @@ import torch
 GRID_L = (4, 12, 24)
 TUNING_AMPLITUDES = (1e-4, 1e-3, 1e-2, 0.1, 0.5)
 KINDS = ("identical", "plateau")
-PLATEAU_FRACTION = 0.1          # plateau divergence / divergence at s (constructed curves)
-RELATIVE_SE = 0.1               # SE / divergence (constructed curves); about what 8 minibatches give
+PLATEAU_FRACTION = 0.1  # plateau divergence / divergence at s (constructed curves)
+RELATIVE_SE = 0.1  # SE / divergence (constructed curves); about what 8 minibatches give
 
 # chosen before tuning: other amplitudes, a higher plateau, noisier SEs, other seeds
 HELD_OUT_AMPLITUDES = (2e-4, 5e-3, 0.25)
@@ -37,8 +37,16 @@ FRESH_RELATIVE_SE = 0.12
 FRESH_SEED = 424242
 
 
-def constructed_curve(L: int, s: int, amp: float, kind: str, rng: np.random.Generator, *,
-                      plateau: float = PLATEAU_FRACTION, rel_se: float = RELATIVE_SE) -> tuple[np.ndarray, np.ndarray]:
+def constructed_curve(
+    L: int,
+    s: int,
+    amp: float,
+    kind: str,
+    rng: np.random.Generator,
+    *,
+    plateau: float = PLATEAU_FRACTION,
+    rel_se: float = RELATIVE_SE,
+) -> tuple[np.ndarray, np.ndarray]:
     """(d, se) (L,) each: a divergence that is 0 (identical) or a low rising plateau below s, amp at s,
     then rising like (1 + l - s)^1.5 (capped at 0.95); observed values = true + N(0, se), se = rel_se * true."""
     true = np.zeros(L)
@@ -99,8 +107,9 @@ def diag_se(se: np.ndarray) -> np.ndarray:
     return m
 
 
-def fake_result(curves: dict[str, tuple[np.ndarray, np.ndarray]], L: int, pre: np.ndarray | None = None,
-                se_batches: int = 16) -> FakeResult:
+def fake_result(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], L: int, pre: np.ndarray | None = None, se_batches: int = 16
+) -> FakeResult:
     """A FakeResult with a pretrained self-CKA and one task per curve (d, se)."""
     mats = {("pretrained", "pretrained"): self_cka(L) if pre is None else pre}
     ses = {}
@@ -117,8 +126,9 @@ def tiny_vit(depth: int, seed: int = 0):
     from vitsplit.backbones import Backbone
 
     torch.manual_seed(seed)
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=0,
-                            dynamic_img_size=True)
+    vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=0, dynamic_img_size=True
+    )
     return Backbone(vit, name=f"tiny{depth}", weights_source="random").eval()
 
 

@@ -17,8 +17,9 @@ from vitsplit.progress import Progress, ProgressTask
 
 def tiny_backbone(depth: int = 4, seed: int = 0) -> Backbone:
     torch.manual_seed(seed)
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=0,
-                            dynamic_img_size=True)
+    vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=0, dynamic_img_size=True
+    )
     return Backbone(vit, name="tiny", weights_source="random").eval()
 
 
@@ -48,15 +49,21 @@ def test_planted_copy_same_layer_cka_is_one_below_k_and_less_from_k():
     assert torch.all(diag[k:] < 1 - 1e-4)
     assert res.num_images == 18 and res.num_batches == 3
     assert res.layers == {"pretrained": list(range(6)), "seg": list(range(6))}
-    torch.testing.assert_close(torch.diagonal(res.matrix("seg", "seg")), torch.ones(6, dtype=torch.float64),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        torch.diagonal(res.matrix("seg", "seg")), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-12
+    )
 
 
 def test_analyze_equals_accumulator_on_forward_layers_and_accepts_dict_batches():
     a, b = tiny_backbone(seed=0), tiny_backbone(seed=1)
     batches = images(2, batch=5)
-    res = analyze({"p": a, "q": b}, [{"image": x, "index": i} for i, x in enumerate(batches)], layers=[1, 3],
-                  features="mean", unbiased=True)
+    res = analyze(
+        {"p": a, "q": b},
+        [{"image": x, "index": i} for i, x in enumerate(batches)],
+        layers=[1, 3],
+        features="mean",
+        unbiased=True,
+    )
     acc = MinibatchCKA(unbiased=True)
     with torch.no_grad():
         for x in batches:
@@ -68,15 +75,25 @@ def test_analyze_equals_accumulator_on_forward_layers_and_accepts_dict_batches()
 
 
 def test_result_save_load_round_trip(tmp_path):
-    res = analyze({"pretrained": tiny_backbone(), "det": tiny_backbone(seed=2)}, images(2),
-                  layers={"pretrained": [0, 2], "det": [1, 2, 3]}, features="cls", unbiased=False)
+    res = analyze(
+        {"pretrained": tiny_backbone(), "det": tiny_backbone(seed=2)},
+        images(2),
+        layers={"pretrained": [0, 2], "det": [1, 2, 3]},
+        features="cls",
+        unbiased=False,
+    )
     path = res.save(tmp_path / "cka.npz")
     back = CKAResult.load(path)
     assert torch.equal(back.full, res.full) and back.full.dtype == torch.float64
     assert (back.models, back.layers, back.num_images, back.features, back.unbiased) == (
-        ["pretrained", "det"], {"pretrained": [0, 2], "det": [1, 2, 3]}, 12, "cls", False)
+        ["pretrained", "det"],
+        {"pretrained": [0, 2], "det": [1, 2, 3]},
+        12,
+        "cls",
+        False,
+    )
     assert torch.equal(back.matrix("det", "pretrained"), res.full[2:, :2])
-    with np.load(path, allow_pickle=False) as z:                   # plain arrays, no pickles
+    with np.load(path, allow_pickle=False) as z:  # plain arrays, no pickles
         assert z["full"].shape == (5, 5) and list(z["models"]) == ["pretrained", "det"]
     with pytest.raises(UserError, match="no model 'seg'"):
         back.matrix("seg", "det")
@@ -104,7 +121,7 @@ def test_analyze_se_equals_leave_one_batch_out_reruns():
     models = {"pretrained": a, "seg": perturbed_from(a, 1)}
     batches = images(5)
     res = analyze(models, batches)
-    loo = torch.stack([analyze(models, batches[:b] + batches[b + 1:]).full for b in range(5)])
+    loo = torch.stack([analyze(models, batches[:b] + batches[b + 1 :]).full for b in range(5)])
     ref = torch.sqrt(4 / 5 * ((loo - loo.mean(0)) ** 2).sum(0))
     torch.testing.assert_close(res.full_se, ref, rtol=0, atol=1e-10)
     assert float(res.se("pretrained", "seg")[3, 3]) > 1e-4
@@ -121,6 +138,7 @@ class CountingProgress(Progress):
         class T(ProgressTask):
             def advance(self, n=1, **fields):
                 outer.advanced += n
+
         return T()
 
 
@@ -145,15 +163,24 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         a = tiny_backbone(seed=0)
         b = perturbed_from(a, 2)
-        res = analyze({"p": a, "q": b}, images(5), layers=[0, 2, 3])      # 5 minibatches: ranks get 3 and 2
+        res = analyze({"p": a, "q": b}, images(5), layers=[0, 2, 3])  # 5 minibatches: ranks get 3 and 2
         acc = MinibatchCKA()
         for i, x in enumerate(images(5)):
             if i % world == rank:
                 acc.update([x, x[:, :2] ** 2, x.flip(0).roll(1, dims=1)])
         acc.all_reduce()
-        torch.save({"full": res.full, "se": res.full_se, "num_images": res.num_images, "acc": acc.compute(),
-                    "acc_se": acc.compute_se(), "num_examples": acc.num_examples, "num_batches": acc.num_batches},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "full": res.full,
+                "se": res.full_se,
+                "num_images": res.num_images,
+                "acc": acc.compute(),
+                "acc_se": acc.compute_se(),
+                "num_examples": acc.num_examples,
+                "num_batches": acc.num_batches,
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -170,7 +197,7 @@ def test_distributed_two_gloo_ranks_equal_one_process(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(got["full"], single.full, rtol=0, atol=1e-12)
         torch.testing.assert_close(got["acc"], acc.compute(), rtol=0, atol=1e-12)
-        torch.testing.assert_close(got["se"], single.full_se, rtol=0, atol=1e-12)     # the jackknife SE too
+        torch.testing.assert_close(got["se"], single.full_se, rtol=0, atol=1e-12)  # the jackknife SE too
         torch.testing.assert_close(got["acc_se"], acc.compute_se(), rtol=0, atol=1e-12)
         assert float(single.se("p", "q")[2, 2]) > 1e-4 and torch.isfinite(got["acc_se"]).all()
         assert got["num_images"] == 30 and got["num_examples"] == 30 and got["num_batches"] == 5

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cka_split.cli.app import main
 
 from cka_split.pipelines.analyze import AnalyzeConfig, parse_data_options, resolve_run_dir, update_latest, validate
-from cka_split.cli.app import main
 from vitsplit.errors import UserError
 
 
@@ -22,20 +22,27 @@ def cli_error(args, capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--tasks", "seg", "--tasks", "segm"], "unknown task 'segm'"),
-    (["--tasks", "seg", "det", "depht"], "unknown task 'depht'"),
-    (["--tasks", "seg", "--finetuned", "det=x.safetensors"], "names task 'det', which is not in --tasks"),
-    (["--tasks", "seg", "--finetuned", "seg=/nonexistent/seg.safetensors"], "no such file"),
-    (["--weights", "/nonexistent/w.pth"], "no such file"),
-    (["--probe-images", "16", "--batch-size", "32"], "smaller than one minibatch"),
-    (["--batch-size", "3", "--probe-images", "8"], "at least 4 images per minibatch"),
-    (["--features", "pooled"], "use tokens, mean or cls"),
-    (["--finetuned", "seg"], "TASK=VALUE"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--tasks", "seg", "--tasks", "segm"], "unknown task 'segm'"),
+        (["--tasks", "seg", "det", "depht"], "unknown task 'depht'"),
+        (["--tasks", "seg", "--finetuned", "det=x.safetensors"], "names task 'det', which is not in --tasks"),
+        (["--tasks", "seg", "--finetuned", "seg=/nonexistent/seg.safetensors"], "no such file"),
+        (["--weights", "/nonexistent/w.pth"], "no such file"),
+        (["--probe-images", "16", "--batch-size", "32"], "smaller than one minibatch"),
+        (["--batch-size", "3", "--probe-images", "8"], "at least 4 images per minibatch"),
+        (["--features", "pooled"], "use tokens, mean or cls"),
+        (["--finetuned", "seg"], "TASK=VALUE"),
+    ],
+)
 def test_analyze_user_errors_exit_2_with_one_line(args, needle, capsys, tmp_path):
-    err = cli_error(["analyze", "--weights", "random", "--out", str(tmp_path / "r"), *args]
-                    if "--weights" not in args else ["analyze", "--out", str(tmp_path / "r"), *args], capsys)
+    err = cli_error(
+        ["analyze", "--weights", "random", "--out", str(tmp_path / "r"), *args]
+        if "--weights" not in args
+        else ["analyze", "--out", str(tmp_path / "r"), *args],
+        capsys,
+    )
     assert needle in err
     assert not (tmp_path / "r").exists()  # nothing written before the options are valid
 
@@ -122,9 +129,34 @@ def test_planted_divergence_run_recovers_k_t_and_trains_with_it(tmp_path, capsys
     pre, ft = _planted_checkpoints(tmp_path, starts)
     run = tmp_path / "runs" / "planted"
     with pytest.raises(SystemExit) as e:
-        main(["analyze", "--model", "demo-vit", "--weights", str(pre), "--tasks", "seg", "det",
-              "--finetuned", f"seg={ft['seg']}", "--finetuned", f"det={ft['det']}", "--probe-images", "64",
-              "--batch-size", "8", "--image-size", "56", "--pca-images", "2", "--device", "cpu", "--out", str(run)])
+        main(
+            [
+                "analyze",
+                "--model",
+                "demo-vit",
+                "--weights",
+                str(pre),
+                "--tasks",
+                "seg",
+                "det",
+                "--finetuned",
+                f"seg={ft['seg']}",
+                "--finetuned",
+                f"det={ft['det']}",
+                "--probe-images",
+                "64",
+                "--batch-size",
+                "8",
+                "--image-size",
+                "56",
+                "--pca-images",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                str(run),
+            ]
+        )
     assert e.value.code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "ViT-Split recommendation" in printed
@@ -158,9 +190,31 @@ def test_planted_divergence_run_recovers_k_t_and_trains_with_it(tmp_path, capsys
     out = tmp_path / "train_seg"
     with pytest.raises(SystemExit) as e:
         # model and weights come from the run too
-        main(["train", "--auto-split", str(run), "--task", "seg", "--data", "synthetic", "--iters", "5",
-              "--batch-size", "2", "--crop", "56", "--checkpoint-every", "5", "--train-length", "10",
-              "--val-length", "2", "--out", str(out)])
+        main(
+            [
+                "train",
+                "--auto-split",
+                str(run),
+                "--task",
+                "seg",
+                "--data",
+                "synthetic",
+                "--iters",
+                "5",
+                "--batch-size",
+                "2",
+                "--crop",
+                "56",
+                "--checkpoint-every",
+                "5",
+                "--train-length",
+                "10",
+                "--val-length",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
     assert e.value.code == 0, capsys.readouterr().err
     tcfg = json.loads((out / "config.json").read_text())
     assert _find_key(tcfg, "k_t") == 6

@@ -16,11 +16,10 @@ import pytest
 import torch
 
 import vitsplit.backbones.hub as hub
-from vitsplit.backbones import demo_vit
+from vitsplit.backbones import Backbone, BackboneSpec, build_backbone, create_vit, demo_vit, resolve_name
 from vitsplit.backbones.hf import hf_spec
-from vitsplit.fileio import sha256_file
-from vitsplit.backbones import Backbone, BackboneSpec, build_backbone, create_vit, resolve_name
 from vitsplit.errors import UserError
+from vitsplit.fileio import sha256_file
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, img_size=56, num_classes=0, dynamic_img_size=True)
 
@@ -30,8 +29,9 @@ def tiny_spec(reg: bool = False, giant: bool = False, name: str = "tiny", **kw) 
     gives the SwiGLU MLP (embed 96 so that timm's packed width int(96 * 5.33334) = 512 is even)."""
     arch = "vit_{}_patch14{}_dinov2".format("giant" if giant else "small", "_reg4" if reg else "")
     kwargs = dict(TINY, **({"embed_dim": 96} if giant else {}), **kw)
-    return BackboneSpec(name=name, timm_name=arch, timm_kwargs=kwargs, hub_file=f"{name}_pretrain.pth",
-                        hf_id=f"test-org/{name}")
+    return BackboneSpec(
+        name=name, timm_name=arch, timm_kwargs=kwargs, hub_file=f"{name}_pretrain.pth", hf_id=f"test-org/{name}"
+    )
 
 
 def randomize(module: torch.nn.Module, seed: int = 1, scale: float = 0.1) -> torch.nn.Module:
@@ -65,13 +65,23 @@ def official_layout(ref: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def hf_layout(ref: torch.nn.Module) -> dict[str, torch.Tensor]:
     """timm -> Hugging Face Dinov2Model / Dinov2WithRegistersModel keys."""
-    top = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
-           "register_tokens": "embeddings.register_tokens", "pos_embed": "embeddings.position_embeddings",
-           "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
-           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
-           "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
-    inner = {"attn.proj.": "attention.output.dense.", "ls1.gamma": "layer_scale1.lambda1",
-             "ls2.gamma": "layer_scale2.lambda1", "mlp.w12.": "mlp.weights_in.", "mlp.w3.": "mlp.weights_out."}
+    top = {
+        "cls_token": "embeddings.cls_token",
+        "mask_token": "embeddings.mask_token",
+        "register_tokens": "embeddings.register_tokens",
+        "pos_embed": "embeddings.position_embeddings",
+        "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+        "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+        "norm.weight": "layernorm.weight",
+        "norm.bias": "layernorm.bias",
+    }
+    inner = {
+        "attn.proj.": "attention.output.dense.",
+        "ls1.gamma": "layer_scale1.lambda1",
+        "ls2.gamma": "layer_scale2.lambda1",
+        "mlp.w12.": "mlp.weights_in.",
+        "mlp.w3.": "mlp.weights_out.",
+    }
     out = {}
     for k, v in official_layout(ref).items():
         if not k.startswith("blocks."):
@@ -133,8 +143,11 @@ CASES = [  # layout, arch, wrapping, file type
 def test_every_layout_round_trips_bit_for_bit(tmp_path, layout, arch, wrap, suffix):
     spec = tiny_spec(reg=arch == "reg", giant=arch == "giant")
     ref = randomize(create_vit(spec))
-    sd = {"timm": lambda: dict(ref.state_dict()), "official": lambda: official_layout(ref),
-          "hf": lambda: hf_layout(ref)}[layout]()
+    sd = {
+        "timm": lambda: dict(ref.state_dict()),
+        "official": lambda: official_layout(ref),
+        "hf": lambda: hf_layout(ref),
+    }[layout]()
     if wrap == "model":
         obj = {"model": sd, "epoch": 3, "args": {"lr": 0.1}}
     elif wrap == "state_dict+module.":
@@ -143,14 +156,21 @@ def test_every_layout_round_trips_bit_for_bit(tmp_path, layout, arch, wrap, suff
         obj = dict(sd, **{"head.weight": torch.randn(10, 64), "head.bias": torch.randn(10)})
     elif wrap == "dinov2-train":  # facebookresearch/dinov2 training checkpoint: teacher and student
         student = {k: torch.randn_like(v) for k, v in sd.items()}
-        obj = {"model": {**{f"teacher.backbone.{k}": v for k, v in sd.items()},
-                         **{f"student.backbone.{k}": v for k, v in student.items()},
-                         "teacher.dino_head.last_layer.weight": torch.randn(8, 64)}, "iteration": 7}
+        obj = {
+            "model": {
+                **{f"teacher.backbone.{k}": v for k, v in sd.items()},
+                **{f"student.backbone.{k}": v for k, v in student.items()},
+                "teacher.dino_head.last_layer.weight": torch.randn(8, 64),
+            },
+            "iteration": 7,
+        }
     elif wrap == "teacher+backbone.":
         obj = {"teacher": {f"backbone.{k}": v for k, v in sd.items()}}
     elif wrap == "chunked":  # BlockChunk keys: blocks.<chunk>.<global block index>.
-        obj = {(f"blocks.{int(k.split('.')[1])}.{k[len('blocks.'):]}" if k.startswith("blocks.") else k): v
-               for k, v in sd.items()}
+        obj = {
+            (f"blocks.{int(k.split('.')[1])}.{k[len('blocks.') :]}" if k.startswith("blocks.") else k): v
+            for k, v in sd.items()
+        }
         assert "blocks.1.1.norm1.weight" in obj
     elif wrap == "dinov2.+classifier":  # Dinov2ForImageClassification
         obj = {**{f"dinov2.{k}": v for k, v in sd.items()}, "classifier.weight": torch.randn(5, 128)}
@@ -182,7 +202,9 @@ def test_hf_folder_matches_transformers(tmp_path, kind):
     transformers = pytest.importorskip("transformers")
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14)
     if kind == "registers":
-        model = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=2, **common))
+        model = transformers.Dinov2WithRegistersModel(
+            transformers.Dinov2WithRegistersConfig(num_register_tokens=2, **common)
+        )
     else:
         model = transformers.Dinov2Model(transformers.Dinov2Config(use_swiglu_ffn=kind == "swiglu", **common))
     randomize(model, seed=3)
@@ -201,13 +223,24 @@ def test_hf_folder_matches_transformers(tmp_path, kind):
 def test_hf_folder_with_sharded_weights(tmp_path):
     """model.safetensors.index.json + shards (how large HF checkpoints such as giant are stored)."""
     ref = randomize(create_vit(tiny_spec()))
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "dinov2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "patch_size": 14, "image_size": 56}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "dinov2",
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "patch_size": 14,
+                "image_size": 56,
+            }
+        )
+    )
     sd = hf_layout(ref)
     names = sorted(sd)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for fname, keys in shards.items():
         save({k: sd[k] for k in keys}, tmp_path / fname)
     assert "embeddings.patch_embeddings.projection.weight" in shards["model-00001-of-00002.safetensors"]
@@ -221,9 +254,20 @@ def test_hf_folder_with_sharded_weights(tmp_path):
 def test_hf_spec_giant_swiglu_width_and_json_kwargs(tmp_path):
     import timm
 
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "dinov2", "hidden_size": 1536, "num_hidden_layers": 1, "num_attention_heads": 24,
-        "mlp_ratio": 4, "use_swiglu_ffn": True, "image_size": 518, "patch_size": 14}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "dinov2",
+                "hidden_size": 1536,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 24,
+                "mlp_ratio": 4,
+                "use_swiglu_ffn": True,
+                "image_size": 518,
+                "patch_size": 14,
+            }
+        )
+    )
     spec = hf_spec(f"hf:{tmp_path}")
     json.dumps(spec.timm_kwargs)  # recordable as plain JSON
     with torch.device("meta"):
@@ -345,6 +389,7 @@ def test_auto_offline_fails_fast_naming_both_ways_forward(empty_caches, monkeypa
         monkeypatch.setattr(hub, "PROBE_ADDRESS", ("192.0.2.1", 443))
     elif how == "hung-probe":  # a lookup that never returns (a dead DNS server): the probe is abandoned
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
         def hung(*args, **kwargs):
             time.sleep(12)
             raise OSError("lookup timed out")
@@ -370,9 +415,20 @@ def test_hf_hub_id_from_the_hf_cache(empty_caches):
     snap.mkdir(parents=True)
     (snap.parent.parent / "refs").mkdir()
     (snap.parent.parent / "refs" / "main").write_text("feed")
-    (snap / "config.json").write_text(json.dumps({
-        "model_type": "dinov2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "mlp_ratio": 4, "patch_size": 14, "image_size": 56, "use_swiglu_ffn": False}))
+    (snap / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "dinov2",
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "mlp_ratio": 4,
+                "patch_size": 14,
+                "image_size": 56,
+                "use_swiglu_ffn": False,
+            }
+        )
+    )
     path = save(hf_layout(ref), snap / "model.safetensors")
     bb = build_backbone("hf:test-org/dinov2-tiny", "auto")
     assert bb.weights_source == f"hf test-org/dinov2-tiny (file {path} sha256:{sha256_file(path)})"
@@ -479,14 +535,29 @@ def test_seeded_random_build_leaves_the_global_rng_alone():
     assert torch.equal(a.vit.blocks[1].mlp.fc1.weight, ref.blocks[1].mlp.fc1.weight)
 
 
-@pytest.mark.parametrize("width,swiglu,expected", [(768, False, "vit_base_patch14_dinov2"),
-                                                   (1024, False, "vit_large_patch14_dinov2"),
-                                                   (384, False, "vit_small_patch14_dinov2"),
-                                                   (1536, True, "vit_giant_patch14_dinov2")])
+@pytest.mark.parametrize(
+    "width,swiglu,expected",
+    [
+        (768, False, "vit_base_patch14_dinov2"),
+        (1024, False, "vit_large_patch14_dinov2"),
+        (384, False, "vit_small_patch14_dinov2"),
+        (1536, True, "vit_giant_patch14_dinov2"),
+    ],
+)
 def test_hf_spec_names_the_timm_architecture_of_its_width(tmp_path, width, swiglu, expected):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "dinov2", "hidden_size": width, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "patch_size": 14, "image_size": 56, "use_swiglu_ffn": swiglu}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "dinov2",
+                "hidden_size": width,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "patch_size": 14,
+                "image_size": 56,
+                "use_swiglu_ffn": swiglu,
+            }
+        )
+    )
     spec = hf_spec(f"hf:{tmp_path}")
     assert spec.timm_name == expected and spec.label == f"timm {expected}"
 
@@ -494,9 +565,18 @@ def test_hf_spec_names_the_timm_architecture_of_its_width(tmp_path, width, swigl
 def test_hf_model_of_another_width_is_named_by_its_shape_in_errors(tmp_path):
     """A width-64 hf: model is built from timm's small architecture; a misfit file's error must give
     its real width, not call it a ViT-S."""
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "dinov2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "patch_size": 14, "image_size": 56}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "dinov2",
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "patch_size": 14,
+                "image_size": 56,
+            }
+        )
+    )
     other = save(randomize(create_vit(tiny_spec(embed_dim=32))).state_dict(), tmp_path / "other.safetensors")
     with pytest.raises(UserError) as e:
         build_backbone(f"hf:{tmp_path}", str(other))

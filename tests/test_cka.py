@@ -43,8 +43,11 @@ def hsic_unbiased_ref(k: torch.Tensor, l: torch.Tensor) -> float:
     kt.fill_diagonal_(0)
     lt.fill_diagonal_(0)
     one = torch.ones(n, 1, dtype=f64)
-    term = (torch.trace(kt @ lt) + (one.T @ kt @ one) * (one.T @ lt @ one) / ((n - 1) * (n - 2))
-            - 2.0 / (n - 2) * (one.T @ kt @ lt @ one))
+    term = (
+        torch.trace(kt @ lt)
+        + (one.T @ kt @ one) * (one.T @ lt @ one) / ((n - 1) * (n - 2))
+        - 2.0 / (n - 2) * (one.T @ kt @ lt @ one)
+    )
     return float(term) / (n * (n - 3))
 
 
@@ -90,7 +93,7 @@ def test_biased_and_unbiased_differ_and_match_formula_references():
 def test_minibatch_equals_explicit_per_batch_reference(unbiased):
     g = gen(5)
     batches = []
-    for _ in range(4):                                   # 4 minibatches of 12, three feature sets
+    for _ in range(4):  # 4 minibatches of 12, three feature sets
         a = torch.randn(12, 3, 5, generator=g, dtype=f64)
         b = a.reshape(12, -1) @ torch.randn(15, 8, generator=g, dtype=f64) + torch.randn(12, 8, generator=g, dtype=f64)
         c = torch.randn(12, 6, generator=g, dtype=f64) + 0.5 * b[:, :6]
@@ -180,7 +183,7 @@ def test_float32_dinov2_like_features_match_float64_reference(unbiased):
         naive = float((kxc * kyc).sum() / (kxc.norm() * kyc.norm()))
     assert not abs(naive - ref) < 2e-5
     # minibatches of float32 features against the float64 reference loop
-    batches = [[x32[i:i + 16], y32[i:i + 16]] for i in range(0, 64, 16)]
+    batches = [[x32[i : i + 16], y32[i : i + 16]] for i in range(0, 64, 16)]
     acc = MinibatchCKA(unbiased)
     for b in batches:
         acc.update(b)
@@ -192,15 +195,15 @@ def test_blocked_gram_equals_plain_float64_gram(monkeypatch):
     import cka_split.estimator.cka as cka_module
 
     monkeypatch.setattr(cka_module, "GRAM_BLOCK_ELEMENTS", 1 << 12)
-    x = 1e3 + torch.randn(5, 3 * (1 << 12) // 5 + 7, generator=gen(13))      # 4 column blocks
+    x = 1e3 + torch.randn(5, 3 * (1 << 12) // 5 + 7, generator=gen(13))  # 4 column blocks
     x64 = x.double() - x.double().mean(0)
     ws = GramWorkspace()
     got = ws(x)
     n = x.shape[0]
     h = torch.eye(n, dtype=f64) - 1.0 / n
     ref = x64 @ x64.T
-    assert (h @ got @ h - ref).abs().max() < 1e-9 * ref.abs().max()    # = mean-centred Gram once centred
-    assert (got - ref).abs().max() > 1e-3 * ref.abs().max()             # (but it is the example-0 shift)
+    assert (h @ got @ h - ref).abs().max() < 1e-9 * ref.abs().max()  # = mean-centred Gram once centred
+    assert (got - ref).abs().max() > 1e-3 * ref.abs().max()  # (but it is the example-0 shift)
     assert torch.equal(got, centered_gram(x)) and torch.equal(ws(x[:, :9]), centered_gram(x[:, :9]))
     assert len(ws.buffers) == 1
 
@@ -285,16 +288,21 @@ def test_jackknife_se_equals_direct_leave_one_out(unbiased):
     batches = []
     for _ in range(7):
         x = torch.randn(10, 12, generator=g, dtype=f64)
-        batches.append([x, x @ torch.randn(12, 5, generator=g, dtype=f64) + torch.randn(10, 5, generator=g, dtype=f64),
-                        torch.randn(10, 3, 2, generator=g, dtype=f64)])
+        batches.append(
+            [
+                x,
+                x @ torch.randn(12, 5, generator=g, dtype=f64) + torch.randn(10, 5, generator=g, dtype=f64),
+                torch.randn(10, 3, 2, generator=g, dtype=f64),
+            ]
+        )
     acc = MinibatchCKA(unbiased=unbiased)
     for b in batches:
         acc.update(b)
     se, ref = acc.compute_se(), loo_se_reference(batches, unbiased)
     assert se.shape == (3, 3) and se.dtype == f64
     torch.testing.assert_close(se, ref, rtol=0, atol=1e-10)
-    assert float(se[0, 1]) > 1e-3 and float(se[0, 2]) > 1e-3      # non-trivial values were compared
-    assert torch.all(torch.diagonal(se) < 1e-12)                    # CKA(x, x) = 1 in every leave-one-out
+    assert float(se[0, 1]) > 1e-3 and float(se[0, 2]) > 1e-3  # non-trivial values were compared
+    assert torch.all(torch.diagonal(se) < 1e-12)  # CKA(x, x) = 1 in every leave-one-out
     assert acc.batch_terms().shape == (7, 3, 3)
     torch.testing.assert_close(acc.batch_terms().sum(0), acc.hsic, rtol=1e-14, atol=0)
 
@@ -309,7 +317,7 @@ def test_se_is_nan_with_one_minibatch_and_after_loading_a_state_without_terms():
     for b in batches[:2]:
         acc.update(b)
     old = acc.state_dict()
-    del old["batch_hsic"]                                            # a state saved before the SE existed
+    del old["batch_hsic"]  # a state saved before the SE existed
     resumed = MinibatchCKA()
     resumed.load_state_dict(old)
     resumed.update(batches[2])

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from cka_split.cli.app import main
 
 
@@ -28,16 +27,25 @@ def test_usage_errors_are_one_line_exit_2(args, capsys):
     assert err.startswith("cka-split: error:") and "\n" not in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("args", [
-    ["analyze", "--model", "dinov2_vits14", "--weights", "auto"],
-    ["train", "--model", "dinov2_vits14", "--weights", "random", "--k-t", "20", "--iters", "1"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["analyze", "--model", "dinov2_vits14", "--weights", "auto"],
+        ["train", "--model", "dinov2_vits14", "--weights", "random", "--k-t", "20", "--iters", "1"],
+    ],
+)
 def test_user_errors_inside_commands_leave_exactly_one_stderr_line(tmp_path, args):
     """The progress display must not add lines before an early user error (offline weights, K_t)."""
     import os
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_HOME=str(tmp_path / "torch"), HF_HUB_CACHE=str(tmp_path / "hf"))
-    r = subprocess.run([sys.executable, "-m", "cka_split.cli", *args, "--out", str(tmp_path / "out")], capture_output=True,
-                       text=True, timeout=120, env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "cka_split.cli", *args, "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     assert r.stderr.startswith("cka-split: error:") and r.stderr.count("\n") == 1, repr(r.stderr)

@@ -106,7 +106,7 @@ def test_jackknife_equals_direct_leave_one_minibatch_out(three):
     diffs = cmp.split_differences()
     direct = {n: [] for n in models}
     for b in range(len(data)):
-        loo = compare_models(models, data[:b] + data[b + 1:])
+        loo = compare_models(models, data[:b] + data[b + 1 :])
         for n in models:
             direct[n].append(split_of(loo.matrix(n, n).numpy())[0])
     for n in models:
@@ -134,10 +134,16 @@ def hf_folders(tmp_path):
     """Two tiny transformers models saved as folders: DINOv3 (width 64, patch 16, 4 registers) and
     DINOv2 (width 96, patch 14)."""
     transformers = pytest.importorskip("transformers")
-    d3 = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
-        hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128, num_register_tokens=4))
-    d2 = transformers.Dinov2Model(transformers.Dinov2Config(
-        hidden_size=96, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=56))
+    d3 = transformers.DINOv3ViTModel(
+        transformers.DINOv3ViTConfig(
+            hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128, num_register_tokens=4
+        )
+    )
+    d2 = transformers.Dinov2Model(
+        transformers.Dinov2Config(
+            hidden_size=96, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=56
+        )
+    )
     d3.save_pretrained(tmp_path / "d3")
     d2.save_pretrained(tmp_path / "d2")
     return f"hf:{tmp_path / 'd3'}", f"hf:{tmp_path / 'd2'}"
@@ -151,8 +157,25 @@ def test_compare_command_on_three_models_of_different_widths_and_patches(tmp_pat
     d3, d2 = hf_folders(tmp_path)
     out = tmp_path / "cmp"
     with pytest.raises(SystemExit) as e:
-        main(["compare", "--models", d3, d2, "dinov3_vits16", "--weights", "dinov3_vits16=random",
-              "--probe-images", "16", "--batch-size", "8", "--image-size", "32", "--out", str(out)])
+        main(
+            [
+                "compare",
+                "--models",
+                d3,
+                d2,
+                "dinov3_vits16",
+                "--weights",
+                "dinov3_vits16=random",
+                "--probe-images",
+                "16",
+                "--batch-size",
+                "8",
+                "--image-size",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
     assert e.value.code == 0
     printed = capsys.readouterr().out
     assert "How cleanly each model splits" in printed and "report:" in printed
@@ -173,10 +196,12 @@ def test_compare_command_on_three_models_of_different_widths_and_patches(tmp_pat
 def test_compare_command_user_errors(tmp_path, capsys):
     from cka_split.cli.app import main
 
-    for args, match in ((["--models", "dinov3_vits16"], "at least two"),
-                        (["--models", "dinov3_vits16", "dinov3_vits16"], "twice"),
-                        (["--models", "dinov3_vits16", "dinov2_vits14", "--weights", "clip=random"], "not one of --models"),
-                        (["--models", "dinov3_vits16", "dinov2_vits14", "--probe-images", "8"], "fewer than 2 minibatches")):
+    for args, match in (
+        (["--models", "dinov3_vits16"], "at least two"),
+        (["--models", "dinov3_vits16", "dinov3_vits16"], "twice"),
+        (["--models", "dinov3_vits16", "dinov2_vits14", "--weights", "clip=random"], "not one of --models"),
+        (["--models", "dinov3_vits16", "dinov2_vits14", "--probe-images", "8"], "fewer than 2 minibatches"),
+    ):
         with pytest.raises(SystemExit) as e:
             main(["compare", *args, "--out", str(tmp_path / "x")])
         assert e.value.code == 2

@@ -172,7 +172,7 @@ def test_train_pipeline_keeps_label_aligned_with_image():
         same = np.ones_like(seg, bool)
         for dy in range(3):
             for dx in range(3):
-                same &= p[dy:dy + 32, dx:dx + 32] == seg
+                same &= p[dy : dy + 32, dx : dx + 32] == seg
         bright, dark = img[0][same & (seg == 1)], img[0][same & (seg == 2)]
         if len(bright) and len(dark):
             assert bright.min() > dark.max()
@@ -238,16 +238,29 @@ def test_photometric_distortion_matches_hsv_round_trip_and_stays_uint8():
 
 
 def test_collate_pads_and_denormalize_inverts():
-    a = {"image": torch.zeros(3, 4, 5), "seg": torch.ones(4, 5, dtype=torch.long), "index": 0,
-         "boxes": torch.zeros(1, 4), "labels": torch.ones(1, dtype=torch.long)}
-    b = {"image": torch.ones(3, 6, 3), "seg": torch.ones(6, 3, dtype=torch.long), "index": 1,
-         "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    a = {
+        "image": torch.zeros(3, 4, 5),
+        "seg": torch.ones(4, 5, dtype=torch.long),
+        "index": 0,
+        "boxes": torch.zeros(1, 4),
+        "labels": torch.ones(1, dtype=torch.long),
+    }
+    b = {
+        "image": torch.ones(3, 6, 3),
+        "seg": torch.ones(6, 3, dtype=torch.long),
+        "index": 1,
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.long),
+    }
     batch = collate([a, b])
     assert batch["image"].shape == (2, 3, 6, 5) and batch["seg"][0, 5, 0] == 255 and batch["seg"][1, 0, 4] == 255
     assert isinstance(batch["boxes"], list) and batch["index"].tolist() == [0, 1]
     x01 = torch.rand(3, 5, 5)
-    assert torch.allclose(denormalize(torch.from_numpy(T.normalize((x01 * 255).round().byte().permute(1, 2, 0).numpy()))),
-                          (x01 * 255).round() / 255, atol=1e-5)
+    assert torch.allclose(
+        denormalize(torch.from_numpy(T.normalize((x01 * 255).round().byte().permute(1, 2, 0).numpy()))),
+        (x01 * 255).round() / 255,
+        atol=1e-5,
+    )
 
 
 # ------------------------------------------------------------------ folder layouts
@@ -358,19 +371,49 @@ def _coco(tmp_path):
     crowd = mask_utils.encode(np.asfortranarray(crowd_mask))
     crowd["counts"] = crowd["counts"].decode()
     data = {
-        "images": [{"id": 1, "file_name": "a.png", "height": 40, "width": 60},
-                   {"id": 2, "file_name": "b.png", "height": 40, "width": 60},
-                   {"id": 3, "file_name": "c.png", "height": 40, "width": 60}],
+        "images": [
+            {"id": 1, "file_name": "a.png", "height": 40, "width": 60},
+            {"id": 2, "file_name": "b.png", "height": 40, "width": 60},
+            {"id": 3, "file_name": "c.png", "height": 40, "width": 60},
+        ],
         "categories": [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 7, "iscrowd": 0, "area": 100.0, "bbox": [5, 5, 10, 10],
-             "segmentation": [[5, 5, 15, 5, 15, 15, 5, 15]]},
-            {"id": 2, "image_id": 1, "category_id": 3, "iscrowd": 0, "area": 200.0, "bbox": [30, 10, 20, 10],
-             "segmentation": rle},
-            {"id": 3, "image_id": 1, "category_id": 3, "iscrowd": 1, "area": 50.0, "bbox": [0, 30, 10, 5],
-             "segmentation": crowd},
-            {"id": 4, "image_id": 2, "category_id": 3, "iscrowd": 1, "area": 50.0, "bbox": [0, 30, 10, 5],
-             "segmentation": rle},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 7,
+                "iscrowd": 0,
+                "area": 100.0,
+                "bbox": [5, 5, 10, 10],
+                "segmentation": [[5, 5, 15, 5, 15, 15, 5, 15]],
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 3,
+                "iscrowd": 0,
+                "area": 200.0,
+                "bbox": [30, 10, 20, 10],
+                "segmentation": rle,
+            },
+            {
+                "id": 3,
+                "image_id": 1,
+                "category_id": 3,
+                "iscrowd": 1,
+                "area": 50.0,
+                "bbox": [0, 30, 10, 5],
+                "segmentation": crowd,
+            },
+            {
+                "id": 4,
+                "image_id": 2,
+                "category_id": 3,
+                "iscrowd": 1,
+                "area": 50.0,
+                "bbox": [0, 30, 10, 5],
+                "segmentation": rle,
+            },
         ],
     }
     ann = tmp_path / "ann.json"

@@ -12,8 +12,14 @@ import pytest
 def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     env = dict(os.environ, CKA_SPLIT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "cka_split.cli", "demo", "--quick", "--out", str(out)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "cka_split.cli", "demo", "--quick", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "demo.json").read_text())
     assert set(summary["results"]) == {"vitsplit", "linear", "full"}
@@ -31,7 +37,9 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     assert p["vitsplit"] == rec["per_task"]["seg"]["trainable_params"]
     assert set(rec["per_task"]) == {"seg", "det"}
     vcfg = json.loads((out / "training" / "vitsplit" / "config.json").read_text())
-    assert vcfg["k_t"] == rec["per_task"]["seg"]["k_t"] and vcfg["prior_layers"] == rec["per_task"]["seg"]["prior_layers"]
+    assert (
+        vcfg["k_t"] == rec["per_task"]["seg"]["k_t"] and vcfg["prior_layers"] == rec["per_task"]["seg"]["prior_layers"]
+    )
     assert summary["weights_source"].startswith("demo-vit pretrained by cka-split (recipe ")
     assert (out / "finetuned" / "seg.safetensors").is_file() and (out / "finetuned" / "det.safetensors").is_file()
     photos = json.loads((out / "pca" / "photos" / "index.json").read_text())

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
+from cka_split.decision.recommend import layer_groups
 from cka_split.estimator.analysis import analyze
 from cka_split.pipelines.demo import DEMO_DATA, FULL_PLAN, verdict
-from cka_split.decision.recommend import layer_groups
 from vitsplit.backbones import build_backbone
 from vitsplit.backbones import demo_vit as dv
 from vitsplit.data import build_dataset
@@ -66,14 +66,21 @@ def test_the_shipped_backbone_has_a_layer_hierarchy():
     assert len(groups) >= MIN_GROUPS
     # and it is graded: the last third of the blocks is further from block 0 than the first third
     third = len(m) // 3
-    assert m[0, -third:].mean() < m[0, 1:third + 1].mean()
+    assert m[0, -third:].mean() < m[0, 1 : third + 1].mean()
 
 
 def test_pretrain_demo_writes_the_recipe_file_and_compares_it_with_the_shipped_one(tmp_path, monkeypatch, capsys):
     from cka_split.cli.app import main
 
-    tiny = dataclasses.replace(dv.DEMO_RECIPE, steps=2, batch_size=4, image_size=56, dataset_length=8, view_size=28,
-                               arch=(("embed_dim", 32), ("depth", 2), ("num_heads", 2)))
+    tiny = dataclasses.replace(
+        dv.DEMO_RECIPE,
+        steps=2,
+        batch_size=4,
+        image_size=56,
+        dataset_length=8,
+        view_size=28,
+        arch=(("embed_dim", 32), ("depth", 2), ("num_heads", 2)),
+    )
     monkeypatch.setattr(dv, "DEMO_RECIPE", tiny)
     out = tmp_path / "w.safetensors"
     with pytest.raises(SystemExit) as e:
@@ -90,9 +97,15 @@ def test_pretrain_demo_writes_the_recipe_file_and_compares_it_with_the_shipped_o
 
 
 def test_the_verdict_says_when_the_recommended_split_trains_more_than_full_fine_tuning():
-    small = {"vitsplit": {"mIoU": 50.0, "trainable_params": 2_000_000}, "linear": {"mIoU": 20.0, "trainable_params": 900},
-             "full": {"mIoU": 40.0, "trainable_params": 5_470_000}}
-    assert verdict(small) == "ViT-Split reached the best mIoU on the synthetic validation scenes (vitsplit 50.0, linear 20.0, full 40.0)."
+    small = {
+        "vitsplit": {"mIoU": 50.0, "trainable_params": 2_000_000},
+        "linear": {"mIoU": 20.0, "trainable_params": 900},
+        "full": {"mIoU": 40.0, "trainable_params": 5_470_000},
+    }
+    assert (
+        verdict(small)
+        == "ViT-Split reached the best mIoU on the synthetic validation scenes (vitsplit 50.0, linear 20.0, full 40.0)."
+    )
     big = {**small, "vitsplit": {"mIoU": 30.0, "trainable_params": 6_140_000}}
     text = verdict(big)
     assert text.startswith("ViT-Split did not beat the full baseline")

@@ -31,9 +31,17 @@ ATOL = 1e-5  # float32 round-off over two blocks of a width-64 model (outputs ar
 
 def hf_model(gated: bool = False, qkv_bias: bool = True, seed: int = 0):
     cfg = transformers.DINOv3ViTConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96 if gated else 256,
-        use_gated_mlp=gated, hidden_act="silu" if gated else "gelu", num_register_tokens=4, image_size=64,
-        query_bias=qkv_bias, value_bias=qkv_bias)
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=96 if gated else 256,
+        use_gated_mlp=gated,
+        hidden_act="silu" if gated else "gelu",
+        num_register_tokens=4,
+        image_size=64,
+        query_bias=qkv_bias,
+        value_bias=qkv_bias,
+    )
     model = transformers.DINOv3ViTModel(cfg).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -61,12 +69,17 @@ def hf_to_official(model) -> dict[str, torch.Tensor]:
     mlp = {"gate_proj": "w1", "up_proj": "w2", "down_proj": "w3"} if gated else {"up_proj": "fc1", "down_proj": "fc2"}
     g = torch.Generator().manual_seed(7)
     c = cfg.hidden_size
-    out = {"cls_token": sd["embeddings.cls_token"], "storage_tokens": sd["embeddings.register_tokens"],
-           "mask_token": sd["embeddings.mask_token"][0],
-           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
-           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
-           "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"],
-           "local_cls_norm.weight": torch.randn(c, generator=g), "local_cls_norm.bias": torch.randn(c, generator=g)}
+    out = {
+        "cls_token": sd["embeddings.cls_token"],
+        "storage_tokens": sd["embeddings.register_tokens"],
+        "mask_token": sd["embeddings.mask_token"][0],
+        "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
+        "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
+        "norm.weight": sd["norm.weight"],
+        "norm.bias": sd["norm.bias"],
+        "local_cls_norm.weight": torch.randn(c, generator=g),
+        "local_cls_norm.bias": torch.randn(c, generator=g),
+    }
     head_dim = c // cfg.num_attention_heads
     periods = cfg.rope_theta ** (4 * torch.arange(head_dim // 4, dtype=torch.float32) / head_dim)
     out["rope_embed.periods"] = periods.bfloat16().float()  # what the release's files hold
@@ -76,8 +89,9 @@ def hf_to_official(model) -> dict[str, torch.Tensor]:
         out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q["q"], q["k"], q["v"]])
         if cfg.query_bias:
             garbage = torch.randn(c, generator=g)  # masked off by bias_mask, as in the release
-            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([sd[f"{p}attention.q_proj.bias"], garbage,
-                                                          sd[f"{p}attention.v_proj.bias"]])
+            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat(
+                [sd[f"{p}attention.q_proj.bias"], garbage, sd[f"{p}attention.v_proj.bias"]]
+            )
             out[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat([torch.ones(c), torch.zeros(c), torch.ones(c)])
         for hf, rel in (("attention.o_proj.", "attn.proj."), ("norm1.", "norm1."), ("norm2.", "norm2.")):
             for kind in ("weight", "bias"):
@@ -111,8 +125,9 @@ def test_hf_transformers4_key_names_are_read_too():
     assert not any(k.startswith("model.") for k in state)
     vit = timm_from(hf.config.to_dict(), state, hf_dinov3_to_timm)
     with torch.no_grad():
-        torch.testing.assert_close(vit.forward_features(images()), hf(pixel_values=images()).last_hidden_state,
-                                   rtol=0, atol=ATOL)
+        torch.testing.assert_close(
+            vit.forward_features(images()), hf(pixel_values=images()).last_hidden_state, rtol=0, atol=ATOL
+        )
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["mlp", "swiglu"])
@@ -122,8 +137,9 @@ def test_official_layout_reproduces_transformers_outputs(gated):
     assert is_official_dinov3(official) and not is_hf_dinov3(official)
     vit = timm_from(hf.config.to_dict(), official, official_dinov3_to_timm)
     with torch.no_grad():
-        torch.testing.assert_close(vit.forward_features(images()), hf(pixel_values=images()).last_hidden_state,
-                                   rtol=0, atol=ATOL)
+        torch.testing.assert_close(
+            vit.forward_features(images()), hf(pixel_values=images()).last_hidden_state, rtol=0, atol=ATOL
+        )
 
 
 def test_official_layout_round_trip_keeps_the_masked_key_bias_out():
@@ -145,13 +161,16 @@ def test_zero_qkv_biases_are_dropped_nonzero_ones_are_refused():
     no_bias_cfg = dict(hf.config.to_dict(), query_bias=False, value_bias=False)
     with pytest.raises(UserError, match="_qkvb"):
         timm_from(no_bias_cfg, hf.state_dict(), hf_dinov3_to_timm)
-    state = {k: (torch.zeros_like(v) if k.endswith(("q_proj.bias", "v_proj.bias")) else v)
-             for k, v in hf.state_dict().items()}
+    state = {
+        k: (torch.zeros_like(v) if k.endswith(("q_proj.bias", "v_proj.bias")) else v)
+        for k, v in hf.state_dict().items()
+    }
     vit = timm_from(no_bias_cfg, state, hf_dinov3_to_timm)  # zero biases: nothing is lost
     with torch.no_grad():
         hf.load_state_dict(state)
-        torch.testing.assert_close(vit.forward_features(images()), hf(pixel_values=images()).last_hidden_state,
-                                   rtol=0, atol=ATOL)
+        torch.testing.assert_close(
+            vit.forward_features(images()), hf(pixel_values=images()).last_hidden_state, rtol=0, atol=ATOL
+        )
 
 
 def test_rope_periods_are_checked():
@@ -175,10 +194,15 @@ def test_unknown_keys_pass_through_for_strict_loading_to_name():
     assert "cls_norm.weight" in official_dinov3_to_timm(official, vit)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("key_bias", True, "key_bias"), ("layer_norm_eps", 1e-6, "layer_norm_eps"),
-    ("hidden_act", "relu", "hidden_act"), ("value_bias", False, "value_bias"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("key_bias", True, "key_bias"),
+        ("layer_norm_eps", 1e-6, "layer_norm_eps"),
+        ("hidden_act", "relu", "hidden_act"),
+        ("value_bias", False, "value_bias"),
+    ],
+)
 def test_hf_config_that_timm_cannot_express_is_refused(field, value, match):
     cfg = dict(hf_model().config.to_dict(), **{field: value})
     with pytest.raises(UserError, match=match):
@@ -195,18 +219,31 @@ def test_hf_config_of_the_real_sizes_builds_timms_architectures():
         "vit_huge_plus_patch16_dinov3_qkvb": (1280, 32, 20, 5120, True),
     }
     for name, (c, depth, heads, hidden, gated) in sizes.items():
-        cfg = dict(hidden_size=c, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=hidden,
-                   use_gated_mlp=gated, hidden_act="silu" if gated else "gelu", num_register_tokens=4)
+        cfg = dict(
+            hidden_size=c,
+            num_hidden_layers=depth,
+            num_attention_heads=heads,
+            intermediate_size=hidden,
+            use_gated_mlp=gated,
+            hidden_act="silu" if gated else "gelu",
+            num_register_tokens=4,
+        )
         with torch.device("meta"):
             ours = timm.create_model("vit_small_patch16_dinov3", pretrained=False, **hf_dinov3_kwargs(cfg, name))
             theirs = timm.create_model(name, pretrained=False, num_classes=0)
-        assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
-            {k: tuple(v.shape) for k, v in theirs.state_dict().items()}, name
+        assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+            k: tuple(v.shape) for k, v in theirs.state_dict().items()
+        }, name
 
 
 # ================================================================ through the loader (build_backbone)
-from vitsplit.backbones import Backbone, BackboneSpec, build_backbone, resolve_name  # noqa: E402
-from vitsplit.backbones import hub  # noqa: E402
+from vitsplit.backbones import (  # noqa: E402
+    Backbone,
+    BackboneSpec,
+    build_backbone,
+    hub,  # noqa: E402
+    resolve_name,
+)
 from vitsplit.backbones.dinov3 import NAMES, RELEASES  # noqa: E402
 
 
@@ -219,8 +256,11 @@ def empty_caches(tmp_path, monkeypatch):
 
 
 def spec_of(hf, name: str = "tiny-dinov3") -> BackboneSpec:
-    return BackboneSpec(name=name, timm_name="vit_small_patch16_dinov3",
-                        timm_kwargs=hf_dinov3_kwargs(hf.config.to_dict(), "config.json"))
+    return BackboneSpec(
+        name=name,
+        timm_name="vit_small_patch16_dinov3",
+        timm_kwargs=hf_dinov3_kwargs(hf.config.to_dict(), "config.json"),
+    )
 
 
 def assert_matches_hf(bb: Backbone, hf) -> None:
@@ -267,8 +307,11 @@ def test_strict_loading_refuses_another_size(tmp_path):
     hf = hf_model()
     path = tmp_path / "w.pth"
     torch.save(hf_to_official(hf), path)
-    other = BackboneSpec(name="wider", timm_name="vit_small_patch16_dinov3",
-                         timm_kwargs=dict(hf_dinov3_kwargs(hf.config.to_dict(), "c"), embed_dim=96, num_heads=3))
+    other = BackboneSpec(
+        name="wider",
+        timm_name="vit_small_patch16_dinov3",
+        timm_kwargs=dict(hf_dinov3_kwargs(hf.config.to_dict(), "c"), embed_dim=96, num_heads=3),
+    )
     with pytest.raises(UserError, match="does not fit 'wider'.*shape mismatch"):
         build_backbone(other, str(path))
 
@@ -276,8 +319,14 @@ def test_strict_loading_refuses_another_size(tmp_path):
 def test_dinov3_names():
     import timm
 
-    assert NAMES == ("dinov3_vits16", "dinov3_vitsplus16", "dinov3_vitb16", "dinov3_vitl16", "dinov3_vithplus16",
-                     "dinov3_vit7b16")
+    assert NAMES == (
+        "dinov3_vits16",
+        "dinov3_vitsplus16",
+        "dinov3_vitb16",
+        "dinov3_vitl16",
+        "dinov3_vithplus16",
+        "dinov3_vit7b16",
+    )
     for name, release in zip(NAMES, RELEASES.values()):
         spec = resolve_name(name)
         assert spec.timm_name == release.timm_name and spec.timm_name in timm.list_models()
@@ -290,13 +339,24 @@ def test_dinov3_names():
 
 
 def test_dinov3_real_sizes_on_the_meta_device():
-    want = {"dinov3_vits16": (12, 384), "dinov3_vitsplus16": (12, 384), "dinov3_vitb16": (12, 768),
-            "dinov3_vitl16": (24, 1024), "dinov3_vithplus16": (32, 1280), "dinov3_vit7b16": (40, 4096)}
+    want = {
+        "dinov3_vits16": (12, 384),
+        "dinov3_vitsplus16": (12, 384),
+        "dinov3_vitb16": (12, 768),
+        "dinov3_vitl16": (24, 1024),
+        "dinov3_vithplus16": (32, 1280),
+        "dinov3_vit7b16": (40, 4096),
+    }
     for name, (depth, width) in want.items():
         with torch.device("meta"):
             bb = build_backbone(name, "random")
-        assert (bb.num_layers, bb.embed_dim, bb.patch_size, bb.num_prefix_tokens, bb.num_registers) == \
-            (depth, width, 16, 5, 4), name
+        assert (bb.num_layers, bb.embed_dim, bb.patch_size, bb.num_prefix_tokens, bb.num_registers) == (
+            depth,
+            width,
+            16,
+            5,
+            4,
+        ), name
 
 
 def test_auto_offline_says_the_weights_are_gated(empty_caches):
@@ -312,8 +372,11 @@ def test_refused_download_says_the_weights_are_gated(empty_caches, monkeypatch):
 
     def refuse(repo, filename):
         raise PermissionError(f"403 gated repo {repo}")
+
     monkeypatch.setattr(hub, "hf_download", refuse)
-    with pytest.raises(UserError, match=r"PermissionError.*licence on https://huggingface.co/timm/vit_small_patch16_dinov3"):
+    with pytest.raises(
+        UserError, match=r"PermissionError.*licence on https://huggingface.co/timm/vit_small_patch16_dinov3"
+    ):
         build_backbone("dinov3_vits16", "auto")
 
 
@@ -321,8 +384,15 @@ def test_auto_finds_the_official_file_and_the_transformers_cache(empty_caches):
     """The release file in torch.hub's folder, else the transformers repo in the HF cache."""
     hf = hf_model()
     real = resolve_name("dinov3_vits16")
-    spec = BackboneSpec(name="dinov3_vits16", timm_name=real.timm_name, timm_kwargs=spec_of(hf).timm_kwargs,
-                        hub_file=real.hub_file, hf_id=real.hf_id, hf_alt_ids=real.hf_alt_ids, gated=True)
+    spec = BackboneSpec(
+        name="dinov3_vits16",
+        timm_name=real.timm_name,
+        timm_kwargs=spec_of(hf).timm_kwargs,
+        hub_file=real.hub_file,
+        hf_id=real.hf_id,
+        hf_alt_ids=real.hf_alt_ids,
+        gated=True,
+    )
     snap = empty_caches / "hf" / "models--facebook--dinov3-vits16-pretrain-lvd1689m" / "snapshots" / "abc"
     snap.mkdir(parents=True)
     (snap.parent.parent / "refs").mkdir()

@@ -136,11 +136,22 @@ class Oracle(torch.nn.Module):
         items = [self.dataset[self.next + i] for i in range(images.shape[0])]
         self.next += images.shape[0]
         if self.task == "seg":
-            return torch.nn.functional.one_hot(torch.stack([it["seg"] for it in items]), self.dataset.num_classes).permute(0, 3, 1, 2).float()
+            return (
+                torch.nn.functional.one_hot(torch.stack([it["seg"] for it in items]), self.dataset.num_classes)
+                .permute(0, 3, 1, 2)
+                .float()
+            )
         if self.task == "depth":
             return torch.stack([it["depth"] for it in items])[:, None]
-        return [{"boxes": it["boxes"], "labels": it["labels"], "scores": torch.ones(len(it["labels"])),
-                 "masks": it["masks"][:, None].float()} for it in items]
+        return [
+            {
+                "boxes": it["boxes"],
+                "labels": it["labels"],
+                "scores": torch.ones(len(it["labels"])),
+                "masks": it["masks"][:, None].float(),
+            }
+            for it in items
+        ]
 
 
 @pytest.mark.parametrize("task", ["seg", "det", "depth"])
@@ -169,8 +180,14 @@ def test_evaluate_checkpoint_uses_the_runs_precision(monkeypatch, precision, exp
             return self
 
     seen = {}
-    cfg = {"task": "seg", "data": "synthetic:size=16,classes=2", "crop": 16, "seed": 0, "val_length": 1,
-           "precision": precision}
+    cfg = {
+        "task": "seg",
+        "data": "synthetic:size=16,classes=2",
+        "crop": 16,
+        "seed": 0,
+        "val_length": 1,
+        "precision": precision,
+    }
     monkeypatch.setattr(ev, "load_trained", lambda path: (Stub(), cfg))
     monkeypatch.setattr(ev, "resolve_device", lambda pref: torch.device("cuda"))
     monkeypatch.setattr(ev, "evaluate_model", lambda *a, **kw: seen.update(kw) or {})

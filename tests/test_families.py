@@ -9,17 +9,23 @@ import pytest
 import torch
 from tiny_vits import TINY, tiny_backbone
 
-from vitsplit.ops.imagenet import IMAGENET_MEAN as INPUT_MEAN, IMAGENET_STD as INPUT_STD
 from vitsplit.backbones.families import size_kwargs
 from vitsplit.errors import UserError
+from vitsplit.ops.imagenet import IMAGENET_MEAN as INPUT_MEAN
+from vitsplit.ops.imagenet import IMAGENET_STD as INPUT_STD
 
 FAMILIES = list(TINY)
 # (prefix tokens, class token, registers, patch size, family class name)
 EXPECTED = {
-    "dinov2": (5, True, 4, 14, "vit"), "dinov3": (5, True, 4, 16, "eva"), "dinov3_swiglu": (5, True, 4, 16, "eva"),
+    "dinov2": (5, True, 4, 14, "vit"),
+    "dinov3": (5, True, 4, 16, "eva"),
+    "dinov3_swiglu": (5, True, 4, 16, "eva"),
     "dinov3_qkvb": (5, True, 4, 16, "eva"),
-    "eva02": (1, True, 0, 14, "eva"), "clip": (1, True, 0, 16, "vit"), "siglip": (0, False, 0, 16, "vit"),
-    "mae": (1, True, 0, 16, "vit"), "sam": (0, False, 0, 16, "sam"),
+    "eva02": (1, True, 0, 14, "eva"),
+    "clip": (1, True, 0, 16, "vit"),
+    "siglip": (0, False, 0, 16, "vit"),
+    "mae": (1, True, 0, 16, "vit"),
+    "sam": (0, False, 0, 16, "sam"),
 }
 
 
@@ -32,8 +38,10 @@ def timm_reference(bb, x: torch.Tensor) -> torch.Tensor:
     """timm's own forward on the re-normalised, padded input: last block's tokens, final-normed
     (SAM: the last block's (B, C, h, w) intermediate, flattened; SAM has no final norm)."""
     vit = bb.vit
-    xm = ((x * torch.tensor(INPUT_STD).view(1, 3, 1, 1) + torch.tensor(INPUT_MEAN).view(1, 3, 1, 1))
-          - torch.tensor(bb.pixel_mean).view(1, 3, 1, 1)) / torch.tensor(bb.pixel_std).view(1, 3, 1, 1)
+    xm = (
+        (x * torch.tensor(INPUT_STD).view(1, 3, 1, 1) + torch.tensor(INPUT_MEAN).view(1, 3, 1, 1))
+        - torch.tensor(bb.pixel_mean).view(1, 3, 1, 1)
+    ) / torch.tensor(bb.pixel_std).view(1, 3, 1, 1)
     xm = bb.pad(xm)
     if bb.family.name == "sam":
         out = vit.forward_intermediates(xm, indices=[bb.num_layers - 1], intermediates_only=True)[0]
@@ -46,8 +54,13 @@ def timm_reference(bb, x: torch.Tensor) -> torch.Tensor:
 def test_tokens_equal_timms_forward_and_layout(family):
     bb = tiny_backbone(family)
     prefix, cls, regs, p, fam = EXPECTED[family]
-    assert (bb.num_prefix_tokens, bb.has_class_token, bb.num_registers, bb.patch_size, bb.family.name) == \
-        (prefix, cls, regs, p, fam)
+    assert (bb.num_prefix_tokens, bb.has_class_token, bb.num_registers, bb.patch_size, bb.family.name) == (
+        prefix,
+        cls,
+        regs,
+        p,
+        fam,
+    )
     x = images()
     hw = bb.grid_size(*x.shape[-2:])
     assert hw == (-(-50 // p), -(-37 // p))
@@ -101,8 +114,10 @@ def test_forward_layers_stops_early():
         bb.forward_layers(images(), [4])
 
 
-@pytest.mark.parametrize("family,renorm", [("clip", True), ("siglip", True), ("eva02", True), ("dinov3", False),
-                                           ("mae", False), ("sam", False)])
+@pytest.mark.parametrize(
+    "family,renorm",
+    [("clip", True), ("siglip", True), ("eva02", True), ("dinov3", False), ("mae", False), ("sam", False)],
+)
 def test_models_trained_with_other_statistics_are_renormalised(family, renorm):
     bb = tiny_backbone(family)
     assert bb._renormalize is renorm
@@ -129,15 +144,18 @@ def test_unsupported_architectures_are_refused():
         Backbone(timm.create_model("resnet18", pretrained=False, num_classes=0), name="r", weights_source="random")
 
 
-@pytest.mark.parametrize("name,family,stats", [
-    ("vit_base_patch16_224.mae", "vit", (0.485, 0.456, 0.406)),          # MAE: ImageNet statistics
-    ("vit_base_patch16_224", "vit", (0.5, 0.5, 0.5)),                    # its default tag (augreg) differs
-    ("vit_base_patch16_clip_224.openai", "vit", (0.48145466, 0.4578275, 0.40821073)),
-    ("vit_base_patch16_siglip_224.v2_webli", "vit", (0.5, 0.5, 0.5)),
-    ("eva02_base_patch14_224.mim_in22k", "eva", (0.48145466, 0.4578275, 0.40821073)),
-    ("samvit_base_patch16", "sam", (0.485, 0.456, 0.406)),
-    ("dinov3_vitb16", "eva", (0.485, 0.456, 0.406)),
-])
+@pytest.mark.parametrize(
+    "name,family,stats",
+    [
+        ("vit_base_patch16_224.mae", "vit", (0.485, 0.456, 0.406)),  # MAE: ImageNet statistics
+        ("vit_base_patch16_224", "vit", (0.5, 0.5, 0.5)),  # its default tag (augreg) differs
+        ("vit_base_patch16_clip_224.openai", "vit", (0.48145466, 0.4578275, 0.40821073)),
+        ("vit_base_patch16_siglip_224.v2_webli", "vit", (0.5, 0.5, 0.5)),
+        ("eva02_base_patch14_224.mim_in22k", "eva", (0.48145466, 0.4578275, 0.40821073)),
+        ("samvit_base_patch16", "sam", (0.485, 0.456, 0.406)),
+        ("dinov3_vitb16", "eva", (0.485, 0.456, 0.406)),
+    ],
+)
 def test_timm_names_of_every_family_build_with_the_tags_statistics(name, family, stats):
     """Built on the meta device (no memory): the pretrained tag decides the input statistics."""
     from vitsplit.backbones import build_backbone, resolve_name

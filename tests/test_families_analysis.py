@@ -45,9 +45,16 @@ def probe(num: int = 3, b: int = 6, size: int = 64) -> list[torch.Tensor]:
     return [torch.randn(b, 3, size, size, generator=g) for _ in range(num)]
 
 
-@pytest.mark.parametrize("family,features", [
-    ("dinov3", "tokens"), ("dinov3", "cls"), ("siglip", "tokens"), ("siglip", "mean"), ("sam", "tokens"),
-])
+@pytest.mark.parametrize(
+    "family,features",
+    [
+        ("dinov3", "tokens"),
+        ("dinov3", "cls"),
+        ("siglip", "tokens"),
+        ("siglip", "mean"),
+        ("sam", "tokens"),
+    ],
+)
 def test_planted_copies_recover_k_t_exactly(family, features):
     bb = tiny_deep(family)
     for s in (2, 4):

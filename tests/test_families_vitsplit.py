@@ -17,17 +17,23 @@ FAMILIES = list(TINY)
 
 def seg_batch(b: int = 2, h: int = 34, w: int = 40, k: int = 3) -> dict:
     g = torch.Generator().manual_seed(0)
-    return {"image": torch.randn(b, 3, h, w, generator=g), "seg": torch.randint(0, k, (b, h, w), generator=g),
-            "depth": torch.rand(b, h, w, generator=g) * 5 + 0.5}
+    return {
+        "image": torch.randn(b, 3, h, w, generator=g),
+        "seg": torch.randint(0, k, (b, h, w), generator=g),
+        "depth": torch.rand(b, h, w, generator=g) * 5 + 0.5,
+    }
 
 
 def det_batch() -> dict:
     masks = torch.zeros(2, 56, 70, dtype=torch.uint8)
     masks[0, 5:40, 6:30] = 1
     masks[1, 20:50, 10:60] = 1
-    return {"image": torch.randn(2, 3, 56, 70, generator=torch.Generator().manual_seed(1)),
-            "boxes": [torch.tensor([[6.0, 5.0, 30.0, 40.0]]), torch.tensor([[10.0, 20.0, 60.0, 50.0]])],
-            "labels": [torch.tensor([1]), torch.tensor([2])], "masks": [masks[:1], masks[1:]]}
+    return {
+        "image": torch.randn(2, 3, 56, 70, generator=torch.Generator().manual_seed(1)),
+        "boxes": [torch.tensor([[6.0, 5.0, 30.0, 40.0]]), torch.tensor([[10.0, 20.0, 60.0, 50.0]])],
+        "labels": [torch.tensor([1]), torch.tensor([2])],
+        "masks": [masks[:1], masks[1:]],
+    }
 
 
 def one_step(model, batch) -> float:

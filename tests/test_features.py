@@ -20,12 +20,15 @@ def tiny_backbone(**kw) -> Backbone:
 
 
 def test_tokens_mean_cls_match_forward_layers():
-    bb = tiny_backbone(reg_tokens=2)                     # 1 cls + 2 registers + 16 patches
+    bb = tiny_backbone(reg_tokens=2)  # 1 cls + 2 registers + 16 patches
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         ref = bb.forward_layers(x, [0, 2])
-        for mode, expect in [("tokens", lambda t: t[:, 3:].reshape(3, -1)), ("mean", lambda t: t[:, 3:].mean(1)),
-                             ("cls", lambda t: t[:, 0])]:
+        for mode, expect in [
+            ("tokens", lambda t: t[:, 3:].reshape(3, -1)),
+            ("mean", lambda t: t[:, 3:].mean(1)),
+            ("cls", lambda t: t[:, 0]),
+        ]:
             with BlockFeatures(bb, [2, 0], mode) as bf:
                 out = bf(x)
             assert list(out) == [2, 0]
@@ -65,7 +68,10 @@ def test_token_subsample_is_fixed_seeded_and_shared_by_models():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ta, tb = a.forward_layers(x, [1])[1], b.forward_layers(x, [1])[1]
-        with BlockFeatures(a, [1], token_subsample=5, seed=0) as fa, BlockFeatures(b, [1], token_subsample=5, seed=0) as fb:
+        with (
+            BlockFeatures(a, [1], token_subsample=5, seed=0) as fa,
+            BlockFeatures(b, [1], token_subsample=5, seed=0) as fb,
+        ):
             oa, ob = fa(x)[1], fb(x)[1]
     torch.testing.assert_close(oa, ta[:, 1:][:, p1].reshape(2, -1), rtol=0, atol=0)
     torch.testing.assert_close(ob, tb[:, 1:][:, p1].reshape(2, -1), rtol=0, atol=0)
@@ -86,7 +92,7 @@ def test_transform_replaces_features_inside_the_hook():
     bb = tiny_backbone()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad(), BlockFeatures(bb, [1], "tokens", transform=lambda f: f.shape) as bf:
-        assert bf(x)[1] == (4, 16, 32)          # unflattened (B, P, C) when a transform follows
+        assert bf(x)[1] == (4, 16, 32)  # unflattened (B, P, C) when a transform follows
 
 
 def test_user_errors():

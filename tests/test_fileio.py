@@ -45,8 +45,14 @@ def test_safetensors_bytes_are_the_same_every_time_and_read_back_exactly(tmp_pat
     import torch
     from safetensors.torch import load_file
 
-    tensors = {"w": torch.randn(3, 5), "a": torch.arange(7), "h": torch.randn(4).bfloat16(), "s": torch.tensor(2.5),
-               "m": torch.tensor([True, False]), "e": torch.zeros(0, 3)}
+    tensors = {
+        "w": torch.randn(3, 5),
+        "a": torch.arange(7),
+        "h": torch.randn(4).bfloat16(),
+        "s": torch.tensor(2.5),
+        "m": torch.tensor([True, False]),
+        "e": torch.zeros(0, 3),
+    }
     meta = {f"key{i}": f"value {i}" for i in range(8)}
     files = {fileio.safetensors_bytes(tensors, meta) for _ in range(5)}
     assert len(files) == 1
@@ -59,5 +65,8 @@ def test_safetensors_bytes_are_the_same_every_time_and_read_back_exactly(tmp_pat
         assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t)
     assert torch.equal(load_file(str(path))["w"], tensors["w"])
     # a different value or key order of the *input* changes nothing but what it should
-    assert fileio.safetensors_bytes(dict(reversed(list(tensors.items()))), dict(reversed(list(meta.items())))) == path.read_bytes()
+    assert (
+        fileio.safetensors_bytes(dict(reversed(list(tensors.items()))), dict(reversed(list(meta.items()))))
+        == path.read_bytes()
+    )
     assert fileio.safetensors_bytes(tensors, {**meta, "key0": "other"}) != path.read_bytes()

@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from cka_split.cli.app import main
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_MODULE = "cka_split.cli"
@@ -92,8 +91,18 @@ def re_search(pattern: str, text: str) -> bool:
 def hf_dir(tmp_path_factory) -> Path:
     """A 4-block, width-32 DINOv2-architecture ViT (``hf:DIR`` with ``--weights random``): builds in ms."""
     d = tmp_path_factory.mktemp("hfvit")
-    (d / "config.json").write_text(json.dumps({"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 4,
-                                               "num_attention_heads": 2, "image_size": 28, "patch_size": 14}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "dinov2",
+                "hidden_size": 32,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 2,
+                "image_size": 28,
+                "patch_size": 14,
+            }
+        )
+    )
     return d
 
 
@@ -101,15 +110,65 @@ DATA = "synthetic:size=28,classes=2"
 
 
 def train_args(hf_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", f"hf:{hf_dir}", "--weights", "random", "--method", "linear", "--data", DATA,
-            "--crop", "28", "--iters", "2", "--batch-size", "2", "--train-length", "4", "--val-length", "2",
-            "--device", "cpu", "--log-every", "1", "--checkpoint-every", "1", "--out", str(out), *extra]
+    return [
+        "train",
+        "--model",
+        f"hf:{hf_dir}",
+        "--weights",
+        "random",
+        "--method",
+        "linear",
+        "--data",
+        DATA,
+        "--crop",
+        "28",
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--train-length",
+        "4",
+        "--val-length",
+        "2",
+        "--device",
+        "cpu",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def analyze_args(hf_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["analyze", "--model", f"hf:{hf_dir}", "--weights", "random", "--tasks", "seg", "--data", DATA,
-            "--finetune-steps", "1", "--probe-images", "4", "--batch-size", "4", "--image-size", "28",
-            "--pca-images", "0", "--device", "cpu", "--out", str(out), *extra]
+    return [
+        "analyze",
+        "--model",
+        f"hf:{hf_dir}",
+        "--weights",
+        "random",
+        "--tasks",
+        "seg",
+        "--data",
+        DATA,
+        "--finetune-steps",
+        "1",
+        "--probe-images",
+        "4",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "28",
+        "--pca-images",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +194,11 @@ def unwritable(tmp_path: Path) -> Path:
 
 def bad_outs(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "afile").write_text("not a folder")
-    return {"existing file": tmp_path / "afile", "under a file": tmp_path / "afile" / "out",
-            "unwritable": unwritable(tmp_path)}
+    return {
+        "existing file": tmp_path / "afile",
+        "under a file": tmp_path / "afile" / "out",
+        "unwritable": unwritable(tmp_path),
+    }
 
 
 OUT_CASES = ["existing file", "under a file", "unwritable"]
@@ -173,8 +235,11 @@ def test_resume_never_runs_code_from_last_pt(writer, tmp_path, capsys, hf_dir, t
 def test_weights_file_payload_never_runs(tmp_path, capsys, hf_dir):
     marker = tmp_path / "PAYLOAD-RAN"
     torch.save({"state_dict": Payload(marker)}, tmp_path / "evil.pth")
-    refused(capsys, r"refused to load .*evil\.pth.*could run code", *train_args(hf_dir, tmp_path / "o", "--weights",
-                                                                                  str(tmp_path / "evil.pth")))
+    refused(
+        capsys,
+        r"refused to load .*evil\.pth.*could run code",
+        *train_args(hf_dir, tmp_path / "o", "--weights", str(tmp_path / "evil.pth")),
+    )
     assert not marker.exists()
     assert not (tmp_path / "o" / "config.json").exists()
 
@@ -201,13 +266,26 @@ def _train_case(option: str, value: str):
 
 
 NUMERIC_CASES = [
-    _train_case("--lr", "-1"), _train_case("--lr", "0"), _train_case("--lr", "inf"), _train_case("--lr", "nan"),
-    _train_case("--weight-decay", "-1"), _train_case("--weight-decay", "nan"),
-    _train_case("--num-workers", "-1"), _train_case("--warmup-iters", "-5"),
-    _train_case("--iters", "0"), _train_case("--batch-size", "0"), _train_case("--crop", "0"),
-    _train_case("--checkpoint-every", "0"), _train_case("--train-length", "0"), _train_case("--lora-rank", "0"),
-    pytest.param(["recommend", "RUN", "--max-trainable-params", "nan"], "--max-trainable-params", id="recommend budget nan"),
-    pytest.param(["recommend", "RUN", "--max-trainable-params", "-3"], "--max-trainable-params", id="recommend budget -3"),
+    _train_case("--lr", "-1"),
+    _train_case("--lr", "0"),
+    _train_case("--lr", "inf"),
+    _train_case("--lr", "nan"),
+    _train_case("--weight-decay", "-1"),
+    _train_case("--weight-decay", "nan"),
+    _train_case("--num-workers", "-1"),
+    _train_case("--warmup-iters", "-5"),
+    _train_case("--iters", "0"),
+    _train_case("--batch-size", "0"),
+    _train_case("--crop", "0"),
+    _train_case("--checkpoint-every", "0"),
+    _train_case("--train-length", "0"),
+    _train_case("--lora-rank", "0"),
+    pytest.param(
+        ["recommend", "RUN", "--max-trainable-params", "nan"], "--max-trainable-params", id="recommend budget nan"
+    ),
+    pytest.param(
+        ["recommend", "RUN", "--max-trainable-params", "-3"], "--max-trainable-params", id="recommend budget -3"
+    ),
     pytest.param(["analyze", "--max-trainable-params", "inf"], "--max-trainable-params", id="analyze budget inf"),
     pytest.param(["analyze", "--probe-images", "0"], "--probe-images", id="analyze probe 0"),
     pytest.param(["analyze", "--image-size", "-28"], "--image-size", id="analyze image size -28"),
@@ -225,15 +303,20 @@ NUMERIC_CASES = [
 @pytest.mark.parametrize("args,option", NUMERIC_CASES)
 def test_numeric_options_are_checked_at_parse_time(args, option, tmp_path, capsys, tripwire):
     args = [str(tmp_path / "run") if a == "RUN" else a for a in args]
-    line = refused(capsys, option, *args, *(["--out", str(tmp_path / "o")] if args[0] not in ("evaluate", "recommend") else []))
+    line = refused(
+        capsys, option, *args, *(["--out", str(tmp_path / "o")] if args[0] not in ("evaluate", "recommend") else [])
+    )
     assert "Invalid value" in line or "must be" in line
     assert not (tmp_path / "o").exists()  # no config.json left behind
 
 
 @pytest.mark.parametrize("layers,problem", [("2,2,5,8", "twice"), ("2,,5", "empty"), ("-1,3", "")])
 def test_prior_layers_duplicate_or_empty_are_refused(layers, problem, tmp_path, capsys, hf_dir, tripwire):
-    refused(capsys, rf"--prior-layers.*{problem}", *train_args(hf_dir, tmp_path / "o", "--method", "vitsplit",
-                                                                "--k-t", "1", "--prior-layers", layers))
+    refused(
+        capsys,
+        rf"--prior-layers.*{problem}",
+        *train_args(hf_dir, tmp_path / "o", "--method", "vitsplit", "--k-t", "1", "--prior-layers", layers),
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -254,8 +337,16 @@ def test_analyze_out_that_cannot_be_written_is_refused_first(case, tmp_path, cap
 def test_evaluate_out_that_cannot_be_written_is_refused_first(case, tmp_path, capsys, trained, tripwire):
     """``evaluate --out FILE`` (an existing file is simply replaced, as asked)."""
     out = {**bad_outs(tmp_path), "existing folder": tmp_path}[case]
-    refused(capsys, r"--out .*(folder|directory|cannot|not writable|permitted|Permission|No such)",
-            "evaluate", trained, "--device", "cpu", "--out", out)
+    refused(
+        capsys,
+        r"--out .*(folder|directory|cannot|not writable|permitted|Permission|No such)",
+        "evaluate",
+        trained,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    )
 
 
 @pytest.mark.parametrize("case", OUT_CASES)
@@ -289,10 +380,16 @@ def test_integer_tensor_weights_are_refused(tmp_path, capsys, hf_dir):
 
     from vitsplit.backbones import build_backbone
 
-    state = {k: (v * 100).to(torch.int32) for k, v in build_backbone(f"hf:{hf_dir}", "random", seed=0).vit.state_dict().items()}
+    state = {
+        k: (v * 100).to(torch.int32)
+        for k, v in build_backbone(f"hf:{hf_dir}", "random", seed=0).vit.state_dict().items()
+    }
     save_file(state, str(tmp_path / "int.safetensors"))
-    refused(capsys, r"int\.safetensors.*(int32|integer)", *train_args(hf_dir, tmp_path / "o", "--weights",
-                                                                       str(tmp_path / "int.safetensors")))
+    refused(
+        capsys,
+        r"int\.safetensors.*(int32|integer)",
+        *train_args(hf_dir, tmp_path / "o", "--weights", str(tmp_path / "int.safetensors")),
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -306,8 +403,12 @@ def _png_header(path: Path, width: int, height: int) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("reader", ["read_image", "read_label"])
@@ -327,7 +428,9 @@ def test_decompression_bomb_in_a_dataset_stops_training_with_one_line(tmp_path, 
         for i in range(2):
             (data / "images" / split).mkdir(parents=True, exist_ok=True)
             (data / "masks" / split).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(data / "images" / split / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(
+                data / "images" / split / f"{i}.png"
+            )
             Image.fromarray(np.full((28, 28), i, np.uint8)).save(data / "masks" / split / f"{i}.png")
     _png_header(data / "images" / "train" / "1.png", 30000, 30000)
     args = train_args(hf_dir, tmp_path / "o")
@@ -349,8 +452,13 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     assert (rgb == 255).mean() < 0.01  # PIL's convert("RGB") clips 99.6 % of this ramp to white
 
 
-@pytest.mark.parametrize("mode,array", [("I", np.arange(16, dtype=np.int32).reshape(4, 4) * 1000),
-                                        ("F", np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4))])
+@pytest.mark.parametrize(
+    "mode,array",
+    [
+        ("I", np.arange(16, dtype=np.int32).reshape(4, 4) * 1000),
+        ("F", np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)),
+    ],
+)
 def test_images_without_a_defined_range_are_refused(mode, array, tmp_path):
     from vitsplit.data.readers import read_image
     from vitsplit.errors import UserError
@@ -364,8 +472,15 @@ def _coco(tmp_path: Path, breakage: str) -> str:
     img = tmp_path / "imgs"
     img.mkdir()
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(img / "a.png")
-    ann = {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 16.0, "bbox": [2, 2, 4, 4],
-           "segmentation": [[2, 2, 6, 2, 6, 6, 2, 6]]}
+    ann = {
+        "id": 1,
+        "image_id": 1,
+        "category_id": 1,
+        "iscrowd": 0,
+        "area": 16.0,
+        "bbox": [2, 2, 4, 4],
+        "segmentation": [[2, 2, 6, 2, 6, 6, 2, 6]],
+    }
     image = {"id": 1, "file_name": "a.png", "height": 28, "width": 28}
     if breakage == "annotation without bbox":
         del ann["bbox"]
@@ -373,14 +488,20 @@ def _coco(tmp_path: Path, breakage: str) -> str:
         del image["id"]
     elif breakage == "bbox with nan":
         ann["bbox"] = [2, 2, float("nan"), 4]
-    (tmp_path / "ann.json").write_text(json.dumps({"images": [image], "annotations": [ann],
-                                                   "categories": [{"id": 1, "name": "thing"}]}))
+    (tmp_path / "ann.json").write_text(
+        json.dumps({"images": [image], "annotations": [ann], "categories": [{"id": 1, "name": "thing"}]})
+    )
     return f"coco:{tmp_path / 'ann.json'}:{img}"
 
 
-@pytest.mark.parametrize("breakage,pattern", [("annotation without bbox", r"annotation 1 in .*ann\.json has no 'bbox'"),
-                                               ("image without id", r"image #0 in .*ann\.json lacks an integer 'id'"),
-                                               ("bbox with nan", r"annotation 1 in .*ann\.json has no 'bbox'")])
+@pytest.mark.parametrize(
+    "breakage,pattern",
+    [
+        ("annotation without bbox", r"annotation 1 in .*ann\.json has no 'bbox'"),
+        ("image without id", r"image #0 in .*ann\.json lacks an integer 'id'"),
+        ("bbox with nan", r"annotation 1 in .*ann\.json has no 'bbox'"),
+    ],
+)
 def test_coco_files_missing_fields_are_refused(breakage, pattern, tmp_path, capsys, hf_dir):
     args = train_args(hf_dir, tmp_path / "o", "--task", "det")
     args[args.index(DATA)] = _coco(tmp_path, breakage)
@@ -397,8 +518,14 @@ def test_evaluate_broken_metadata_json(tmp_path, capsys, trained):
     meta, _ = read_safetensors(trained / "model.safetensors")
     meta["train_config"] = meta["train_config"][:-5]  # cut short
     save_file(load_file(str(trained / "model.safetensors")), str(tmp_path / "model.safetensors"), metadata=meta)
-    refused(capsys, r"model\.safetensors.*(metadata|train_config)", "evaluate", tmp_path / "model.safetensors",
-            "--device", "cpu")
+    refused(
+        capsys,
+        r"model\.safetensors.*(metadata|train_config)",
+        "evaluate",
+        tmp_path / "model.safetensors",
+        "--device",
+        "cpu",
+    )
 
 
 def test_evaluate_class_count_mismatch(capsys, trained):
@@ -415,8 +542,25 @@ def test_evaluate_stride_zero_is_not_the_default(capsys, trained):
 def test_nan_loss_stops_training_naming_step_and_checkpoint(tmp_path, capsys, hf_dir):
     """lr 1e6 (finite, so parse-time checks pass) makes step 2's loss NaN for ViT-Split on this model."""
     out = tmp_path / "o"
-    code, err = cli(capsys, *train_args(hf_dir, out, "--lr", "1e6", "--warmup-iters", "0", "--iters", "4",
-                                        "--method", "vitsplit", "--k-t", "1", "--prior-layers", "0,1,2"))
+    code, err = cli(
+        capsys,
+        *train_args(
+            hf_dir,
+            out,
+            "--lr",
+            "1e6",
+            "--warmup-iters",
+            "0",
+            "--iters",
+            "4",
+            "--method",
+            "vitsplit",
+            "--k-t",
+            "1",
+            "--prior-layers",
+            "0,1,2",
+        ),
+    )
     line = error_line(err)
     assert code == 2 and re_search(r"(nan|inf|overflow).* step \d", line), line
     assert re_search(rf"{out / 'last.pt'} \(step \d\)", line), line
@@ -443,8 +587,11 @@ def test_resume_with_another_checkpoint_every_is_allowed(tmp_path, capsys, hf_di
 
 
 def test_finetuned_folder_says_it_is_a_folder(tmp_path, capsys, hf_dir, tripwire):
-    line = refused(capsys, r"--finetuned seg=.* is a folder", *analyze_args(hf_dir, tmp_path / "o", "--finetuned",
-                                                                            f"seg={tmp_path}"))
+    line = refused(
+        capsys,
+        r"--finetuned seg=.* is a folder",
+        *analyze_args(hf_dir, tmp_path / "o", "--finetuned", f"seg={tmp_path}"),
+    )
     assert "no such file" not in line
 
 
@@ -452,8 +599,17 @@ def test_finetuned_folder_says_it_is_a_folder(tmp_path, capsys, hf_dir, tripwire
 def _analysis_run(tmp_path: Path, k_t) -> Path:
     run = tmp_path / "run"
     run.mkdir()
-    per = {"seg": {"k_t": k_t, "task_head_layers": [9, 10, 11], "prior_layers": [2, 5, 8, 11], "b": 2, "k_p": 4,
-                   "divergence_start": 9, "evidence": []}}
+    per = {
+        "seg": {
+            "k_t": k_t,
+            "task_head_layers": [9, 10, 11],
+            "prior_layers": [2, 5, 8, 11],
+            "b": 2,
+            "k_p": 4,
+            "divergence_start": 9,
+            "evidence": [],
+        }
+    }
     (run / "recommendation.json").write_text(json.dumps({"model": "demo-vit", "num_layers": 12, "per_task": per}))
     return run
 
@@ -483,19 +639,35 @@ def _lock_of_live_process(folder: Path, command: str) -> subprocess.Popen:
 
     proc = subprocess.Popen(["sleep", "60"])
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / LOCK_NAME).write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "started": "today",
-                                                "command": command, "token": "other", "proc_start": _proc_start(proc.pid)}))
+    (folder / LOCK_NAME).write_text(
+        json.dumps(
+            {
+                "pid": proc.pid,
+                "host": socket.gethostname(),
+                "started": "today",
+                "command": command,
+                "token": "other",
+                "proc_start": _proc_start(proc.pid),
+            }
+        )
+    )
     return proc
 
 
 @pytest.mark.parametrize("command", ["train", "analyze", "evaluate", "sweep", "recommend"])
-def test_second_job_on_a_run_directory_is_refused_naming_the_owner(command, tmp_path, capsys, hf_dir, trained, tripwire):
+def test_second_job_on_a_run_directory_is_refused_naming_the_owner(
+    command, tmp_path, capsys, hf_dir, trained, tripwire
+):
     folder = trained if command == "evaluate" else tmp_path / "o"
     other = _lock_of_live_process(folder, "cka-split train --out X")
     try:
-        args = {"train": train_args(hf_dir, folder), "analyze": analyze_args(hf_dir, folder),
-                "evaluate": ["evaluate", folder, "--device", "cpu"], "sweep": ["sweep", *train_args(hf_dir, folder)[1:]],
-                "recommend": ["recommend", folder]}[command]
+        args = {
+            "train": train_args(hf_dir, folder),
+            "analyze": analyze_args(hf_dir, folder),
+            "evaluate": ["evaluate", folder, "--device", "cpu"],
+            "sweep": ["sweep", *train_args(hf_dir, folder)[1:]],
+            "recommend": ["recommend", folder],
+        }[command]
         refused(capsys, rf"in use by pid {other.pid} .*cka-split train --out X", *args)
     finally:
         other.kill()
@@ -555,8 +727,14 @@ def test_two_concurrent_trains_on_one_out(tmp_path, hf_dir):
     first = _spawn_cli(train_args(hf_dir, out, "--iters", "200"))
     try:
         _wait_for(lambda: (out / ".cka-split.lock").exists(), first)
-        second = subprocess.run([sys.executable, "-m", CLI_MODULE, *train_args(hf_dir, out, "--seed", "1")],
-                                cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)
+        second = subprocess.run(
+            [sys.executable, "-m", CLI_MODULE, *train_args(hf_dir, out, "--seed", "1")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
         assert second.returncode == 2, second.stderr
         assert re_search(rf"in use by pid {first.pid}", second.stderr) and second.stderr.count("\n") == 1
         _wait_for(lambda: (out / "last.pt").exists(), first)
@@ -581,8 +759,15 @@ def _default_sigint() -> None:
 
 def _spawn_cli(args: list[str]) -> subprocess.Popen:
     """The CLI in a child process that answers Ctrl-C (stderr piped, stdout dropped)."""
-    return subprocess.Popen([sys.executable, "-m", CLI_MODULE, *args], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    return subprocess.Popen(
+        [sys.executable, "-m", CLI_MODULE, *args],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -604,8 +789,9 @@ def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(tmp_pat
     assert proc.returncode == 130, err
     line = [ln for ln in err.splitlines() if ln.startswith("cka-split:")]
     assert len(line) == 1 and "Traceback" not in err, err
-    found = re_search(rf"cka-split: interrupted: train .*step \d+.*{out / 'last.pt'} \(step \d+\).*resume with: cka-split ",
-                      line[0])
+    found = re_search(
+        rf"cka-split: interrupted: train .*step \d+.*{out / 'last.pt'} \(step \d+\).*resume with: cka-split ", line[0]
+    )
     assert found, line[0]
     resume = shlex.split(line[0].split("resume with: ", 1)[1])
     assert resume == ["cka-split", *args, "--resume"]  # the exact command; resuming itself: tests/test_resume.py
@@ -615,16 +801,23 @@ def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(tmp_pat
 def test_interrupted_line_gives_the_command_that_resumes():
     """train resumes with --resume added; a sweep resumes by running the same command again."""
     from cka_split.cli.interrupt import Interrupted, interrupted_line
+
     from vitsplit.errors import RunInterrupted
 
     run = RunInterrupted("train vitsplit seg", 7, 40, "runs/s/k3-s0/last.pt", 6)
     line = interrupted_line(["sweep", "--k-t", "1-3", "--out", "runs/s"], Interrupted(run, resume_flag=None))
-    assert line == ("cka-split: interrupted: train vitsplit seg stopped at step 7 of 40; the last checkpoint is "
-                    "runs/s/k3-s0/last.pt (step 6); resume with: cka-split sweep --k-t 1-3 --out runs/s")
-    assert interrupted_line(["train", "--out", "o x"], Interrupted(run)).endswith("cka-split train --out 'o x' --resume")
+    assert line == (
+        "cka-split: interrupted: train vitsplit seg stopped at step 7 of 40; the last checkpoint is "
+        "runs/s/k3-s0/last.pt (step 6); resume with: cka-split sweep --k-t 1-3 --out runs/s"
+    )
+    assert interrupted_line(["train", "--out", "o x"], Interrupted(run)).endswith(
+        "cka-split train --out 'o x' --resume"
+    )
     fresh = RunInterrupted("train linear seg", 0, 40, None, None)
-    assert interrupted_line(["train"], Interrupted(fresh)) == ("cka-split: interrupted: train linear seg stopped at "
-                                                               "step 0 of 40, before its first checkpoint: nothing to resume")
+    assert interrupted_line(["train"], Interrupted(fresh)) == (
+        "cka-split: interrupted: train linear seg stopped at "
+        "step 0 of 40, before its first checkpoint: nothing to resume"
+    )
     assert interrupted_line(["analyze", "--tasks", "seg"], None) == "cka-split: interrupted: analyze"
 
 

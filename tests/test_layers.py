@@ -20,7 +20,9 @@ def _both(x, off, w, **kw):
 
 
 @pytest.mark.parametrize("scale", [0.5, 3.0, 20.0])  # small, large, and mostly out-of-bounds offsets
-@pytest.mark.parametrize("kw", [dict(padding=1), dict(padding=0), dict(padding=2, dilation=2), dict(padding=1, stride=2)])
+@pytest.mark.parametrize(
+    "kw", [dict(padding=1), dict(padding=0), dict(padding=2, dilation=2), dict(padding=1, stride=2)]
+)
 def test_fast_equals_torchvision_float64(scale, kw):
     x = torch.randn(2, 5, 9, 11, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 5, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -53,7 +55,9 @@ def test_zero_offsets_is_plain_conv():
     x = torch.randn(2, 4, 8, 8)
     w = torch.randn(6, 4, 3, 3)
     off = torch.zeros(2, 18, 8, 8)
-    torch.testing.assert_close(deform_conv2d_fast(x, off, w, padding=1), F.conv2d(x, w, padding=1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        deform_conv2d_fast(x, off, w, padding=1), F.conv2d(x, w, padding=1), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_integer_offset_shifts_sampling():

@@ -10,18 +10,46 @@ from vitsplit.model import ViTSplit, count_trainable, load_trainable, prior_laye
 from vitsplit.model.heads import DetHead, FixedStrideAnchorGenerator
 
 SPEC = {  # size: (K_t, prior layers, {component: published count in M}, total)
-    "s": (3, [2, 5, 8, 11], dict(task=5.33, prior=0.59, offsets=0.12, deform=2.65, fusion=0.30, up=1.18, linear=0.06), 10_231_098),
-    "b": (3, [2, 5, 8, 11], dict(task=21.27, prior=2.36, offsets=0.25, deform=10.62, fusion=1.18, up=4.73, linear=0.12), 40_516_026),
-    "l": (4, [2, 5, 8, 11, 14, 17, 20, 23], dict(task=50.39, prior=8.39, offsets=0.33, deform=18.87, fusion=2.10, up=8.40, linear=0.15), 88_639_674),
-    "g": (8, [27, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39],
-          dict(task=226.69, prior=33.03, offsets=0.50, deform=42.47, fusion=4.72, up=18.89, linear=0.23), 326_530_234),
+    "s": (
+        3,
+        [2, 5, 8, 11],
+        dict(task=5.33, prior=0.59, offsets=0.12, deform=2.65, fusion=0.30, up=1.18, linear=0.06),
+        10_231_098,
+    ),
+    "b": (
+        3,
+        [2, 5, 8, 11],
+        dict(task=21.27, prior=2.36, offsets=0.25, deform=10.62, fusion=1.18, up=4.73, linear=0.12),
+        40_516_026,
+    ),
+    "l": (
+        4,
+        [2, 5, 8, 11, 14, 17, 20, 23],
+        dict(task=50.39, prior=8.39, offsets=0.33, deform=18.87, fusion=2.10, up=8.40, linear=0.15),
+        88_639_674,
+    ),
+    "g": (
+        8,
+        [27, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39],
+        dict(task=226.69, prior=33.03, offsets=0.50, deform=42.47, fusion=4.72, up=18.89, linear=0.23),
+        326_530_234,
+    ),
 }
 
 
 def tiny_backbone(seed: int = 0, depth: int = 4, dim: int = 64) -> Backbone:
     torch.manual_seed(seed)
-    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=depth, embed_dim=dim, num_heads=2,
-                            num_classes=0, dynamic_img_size=True, img_size=56, init_values=1.0)
+    vit = timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        depth=depth,
+        embed_dim=dim,
+        num_heads=2,
+        num_classes=0,
+        dynamic_img_size=True,
+        img_size=56,
+        init_values=1.0,
+    )
     return Backbone(vit, name="tiny", weights_source=f"random (seed {seed})").eval()
 
 
@@ -29,11 +57,14 @@ def _components(m: ViTSplit) -> dict[str, float]:
     s = m.split
     n = count_trainable
     return dict(
-        task=n(s.task_head), prior=n(s.prior_head.reduce),
+        task=n(s.task_head),
+        prior=n(s.prior_head.reduce),
         offsets=n(s.prior_head.deform.offset) + n(s.fusion.deform.offset),
-        deform=n(s.prior_head.deform.conv) + n(s.fusion.deform.conv), fusion=n(s.fusion.reduce),
+        deform=n(s.prior_head.deform.conv) + n(s.fusion.deform.conv),
+        fusion=n(s.fusion.reduce),
         # the table's "seg head up + norms" row includes the fusion's unused BatchNorm (C*2 params)
-        up=n(s.head.up) + n(s.head.bn) + n(s.fusion.unused_norm), linear=n(s.head.cls),
+        up=n(s.head.up) + n(s.head.bn) + n(s.fusion.unused_norm),
+        linear=n(s.head.cls),
     )
 
 
@@ -101,7 +132,11 @@ def test_frozen_pass_stops_at_deepest_needed_block():
 
 
 def _seg_batch(b=2, h=50, w=62, k=3):
-    return {"image": torch.randn(b, 3, h, w), "seg": torch.randint(0, k, (b, h, w)), "depth": torch.rand(b, h, w) * 5 + 0.5}
+    return {
+        "image": torch.randn(b, 3, h, w),
+        "seg": torch.randint(0, k, (b, h, w)),
+        "depth": torch.rand(b, h, w) * 5 + 0.5,
+    }
 
 
 def test_only_trainable_parts_learn_and_backbone_is_untouched():
@@ -175,19 +210,25 @@ def test_seg_and_depth_shapes_and_losses():
     gt = batch["depth"]
     log_pred = torch.log(gt * 3.0).unsqueeze(1)
     assert DepthHead.loss(log_pred, gt, variance_focus=1.0).item() < 1e-3
-    assert DepthHead.loss(log_pred, gt).item() == pytest.approx((1 - 0.85) ** 0.5 * abs(torch.log(torch.tensor(3.0)).item()), rel=1e-4)
+    assert DepthHead.loss(log_pred, gt).item() == pytest.approx(
+        (1 - 0.85) ** 0.5 * abs(torch.log(torch.tensor(3.0)).item()), rel=1e-4
+    )
     masked = gt.clone()
     masked[:, :10] = 0  # invalid pixels are ignored
     silog = DepthHead.loss(torch.log(masked.clamp_min(1e-3) * 3).unsqueeze(1), masked).item()
-    assert silog == pytest.approx(0.15 ** 0.5 * torch.log(torch.tensor(3.0)).item(), rel=1e-4)
+    assert silog == pytest.approx(0.15**0.5 * torch.log(torch.tensor(3.0)).item(), rel=1e-4)
 
 
 def _det_batch():
     masks = torch.zeros(2, 56, 70, dtype=torch.uint8)
     masks[0, 5:40, 6:30] = 1
     masks[1, 20:50, 10:60] = 1
-    return {"image": torch.randn(2, 3, 56, 70), "boxes": [torch.tensor([[6.0, 5.0, 30.0, 40.0]]), torch.tensor([[10.0, 20.0, 60.0, 50.0]])],
-            "labels": [torch.tensor([1]), torch.tensor([2])], "masks": [masks[:1], masks[1:]]}
+    return {
+        "image": torch.randn(2, 3, 56, 70),
+        "boxes": [torch.tensor([[6.0, 5.0, 30.0, 40.0]]), torch.tensor([[10.0, 20.0, 60.0, 50.0]])],
+        "labels": [torch.tensor([1]), torch.tensor([2])],
+        "masks": [masks[:1], masks[1:]],
+    }
 
 
 @pytest.mark.parametrize("masks", [True, False])
@@ -196,7 +237,9 @@ def test_det_train_step_and_prediction(masks):
     m = ViTSplit(bb, 2, [0, 1], "det", 2, masks=masks)
     m.train()
     parts = m.loss(_det_batch())
-    expected = {"loss", "loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"} | ({"loss_mask"} if masks else set())
+    expected = {"loss", "loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"} | (
+        {"loss_mask"} if masks else set()
+    )
     assert set(parts) == expected
     total = sum(v for k, v in parts.items() if k != "loss")
     assert parts["loss"].item() == pytest.approx(total.item(), rel=1e-6)
@@ -246,13 +289,21 @@ def test_det_targets_and_detections_move_through_the_padding():
         if targets is not None:
             return [], {"loss_classifier": torch.tensor(0.0)}
         boxes = torch.tensor([[14.0, 8.0, 24.0, 18.0], [0.0, 0.0, 3.0, 2.0]])  # padded frame; 2nd in padding
-        return [{"boxes": boxes, "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.8]),
-                 "masks": torch.ones(2, 1, 28, 28)}], {}
+        return [
+            {
+                "boxes": boxes,
+                "labels": torch.tensor([1, 2]),
+                "scores": torch.tensor([0.9, 0.8]),
+                "masks": torch.ones(2, 1, 28, 28),
+            }
+        ], {}
 
     head.roi_heads.forward = fake_roi_heads
     mask = torch.zeros(1, 50, 62, dtype=torch.uint8)
     mask[0, 0, 0] = 1
-    head.loss(fused, [{"boxes": torch.tensor([[1.0, 2.0, 11.0, 12.0]]), "labels": torch.tensor([1]), "masks": mask}], (50, 62))
+    head.loss(
+        fused, [{"boxes": torch.tensor([[1.0, 2.0, 11.0, 12.0]]), "labels": torch.tensor([1]), "masks": mask}], (50, 62)
+    )
     t = seen["targets"][0]
     assert seen["sizes"] == [(56, 70)]
     assert t["boxes"].tolist() == [[5.0, 5.0, 15.0, 15.0]]  # + (left, top)
@@ -338,8 +389,22 @@ def test_trained_run_refuses_a_different_backbone(tmp_path):
     weights = tmp_path / "backbone.safetensors"
     save_file(build_backbone("demo-vit", "random", seed=0).vit.state_dict(), str(weights))
     out = tmp_path / "run"
-    train(TrainConfig(model="demo-vit", weights=str(weights), data="synthetic:size=28,classes=2", crop=28, iters=1,
-                      batch_size=1, k_t=1, prior_layers=[11], lr=1e-3, evaluate=False, out=str(out), device="cpu"))
+    train(
+        TrainConfig(
+            model="demo-vit",
+            weights=str(weights),
+            data="synthetic:size=28,classes=2",
+            crop=28,
+            iters=1,
+            batch_size=1,
+            k_t=1,
+            prior_layers=[11],
+            lr=1e-3,
+            evaluate=False,
+            out=str(out),
+            device="cpu",
+        )
+    )
     model, cfg = load_trained(out)
     assert cfg["weights"] == str(weights) and model.k_t == 1
     save_file(build_backbone("demo-vit", "random", seed=1).vit.state_dict(), str(weights))  # replaced since

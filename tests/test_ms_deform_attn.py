@@ -23,18 +23,22 @@ def reference(value, shapes, loc, attw):
     out = torch.zeros(b, q, m, d, dtype=value.dtype)
     start = 0
     for lvl, (h, w) in enumerate(shapes):
-        v = value[:, start:start + h * w]  # (B, HW, M, D)
+        v = value[:, start : start + h * w]  # (B, HW, M, D)
         start += h * w
         x = loc[:, :, :, lvl, :, 0] * w - 0.5  # (B, Q, M, P) pixel coordinates
         y = loc[:, :, :, lvl, :, 1] * h - 0.5
         x0, y0 = torch.floor(x), torch.floor(y)
         fx, fy = x - x0, y - y0
         x0, y0 = x0.long(), y0.long()
-        corners = [(y0, x0, (1 - fy) * (1 - fx)), (y0, x0 + 1, (1 - fy) * fx),
-                   (y0 + 1, x0, fy * (1 - fx)), (y0 + 1, x0 + 1, fy * fx)]
+        corners = [
+            (y0, x0, (1 - fy) * (1 - fx)),
+            (y0, x0 + 1, (1 - fy) * fx),
+            (y0 + 1, x0, fy * (1 - fx)),
+            (y0 + 1, x0 + 1, fy * fx),
+        ]
         for yi, xi, wt in corners:
             inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
-            flat = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1))  # (B, Q, M, P)
+            flat = yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)  # (B, Q, M, P)
             # gather v[b, flat[b, q, m, p], m, :]
             idx = flat.permute(0, 2, 1, 3).reshape(b, m, q * p)  # (B, M, Q*P)
             vv = v.permute(0, 2, 1, 3)  # (B, M, HW, D)
@@ -81,7 +85,9 @@ def test_matches_reference_formula_values_and_gradients(dtype, tol):
 def test_gradcheck_float64():
     value, loc, attw = inputs(torch.float64, b=1, q=2, m=2, d=2, p=2, seed=3)
     fn = lambda v, l, a: ms_deform_attn(v, SHAPES, l, a)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (value.requires_grad_(), loc.requires_grad_(), attw.requires_grad_()), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(
+        fn, (value.requires_grad_(), loc.requires_grad_(), attw.requires_grad_()), eps=1e-6, atol=1e-7
+    )
 
 
 def test_known_values_on_one_pixel_grid():

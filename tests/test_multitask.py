@@ -11,8 +11,17 @@ from vitsplit.model import MultiTaskViTSplit, ViTSplit, count_trainable
 
 def tiny_backbone(seed: int = 0) -> Backbone:
     torch.manual_seed(seed)
-    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=4, embed_dim=64, num_heads=2,
-                            num_classes=0, dynamic_img_size=True, img_size=56, init_values=1.0)
+    vit = timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        depth=4,
+        embed_dim=64,
+        num_heads=2,
+        num_classes=0,
+        dynamic_img_size=True,
+        img_size=56,
+        init_values=1.0,
+    )
     return Backbone(vit, name="tiny", weights_source=f"random (seed {seed})").eval()
 
 
@@ -56,7 +65,11 @@ def test_multitask_loss_is_sum_of_task_losses():
     del models["det"]
     multi = MultiTaskViTSplit.from_models(models).train()
     assert not bb.training
-    batch = {"image": torch.randn(2, 3, 42, 42), "seg": torch.randint(0, 3, (2, 42, 42)), "depth": torch.rand(2, 42, 42) + 0.5}
+    batch = {
+        "image": torch.randn(2, 3, 42, 42),
+        "seg": torch.randint(0, 3, (2, 42, 42)),
+        "depth": torch.rand(2, 42, 42) + 0.5,
+    }
     parts = multi.loss(batch)
     single = {k: m.loss(batch)["loss"] for k, m in models.items()}
     assert parts["loss"].item() == pytest.approx(single["seg"].item() + single["depth"].item(), rel=1e-6)
@@ -68,12 +81,19 @@ def test_multitask_loss_is_sum_of_task_losses():
 
 def test_multitask_from_configs_and_errors():
     bb = tiny_backbone()
-    multi = MultiTaskViTSplit(bb, {"a": {"k_t": 2, "prior_layers": [0, 1], "task": "seg", "num_classes": 4},
-                                   "b": {"k_t": 1, "prior_layers": [3], "task": "depth"}})
+    multi = MultiTaskViTSplit(
+        bb,
+        {
+            "a": {"k_t": 2, "prior_layers": [0, 1], "task": "seg", "num_classes": 4},
+            "b": {"k_t": 1, "prior_layers": [3], "task": "depth"},
+        },
+    )
     assert multi.needed_layers == [0, 1, 2, 3]
     out = multi.eval()(torch.randn(1, 3, 28, 28))
     assert out["a"].shape == (1, 4, 28, 28) and out["b"].shape == (1, 1, 28, 28)
     with pytest.raises(UserError, match="share one backbone"):
-        MultiTaskViTSplit.from_models({"x": ViTSplit(bb, 2, [0], "seg", 3), "y": ViTSplit(tiny_backbone(1), 2, [0], "seg", 3)})
+        MultiTaskViTSplit.from_models(
+            {"x": ViTSplit(bb, 2, [0], "seg", 3), "y": ViTSplit(tiny_backbone(1), 2, [0], "seg", 3)}
+        )
     with pytest.raises(UserError, match="K_t"):
         MultiTaskViTSplit(bb, {"a": {"k_t": 9, "prior_layers": [0], "task": "seg", "num_classes": 2}})

@@ -13,7 +13,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["analyze", "recommend", "train", "sweep", "evaluate", "report", "compare", "demo", "pretrain-demo"]  # in `cka-split --help`'s order
+COMMANDS = [
+    "analyze",
+    "recommend",
+    "train",
+    "sweep",
+    "evaluate",
+    "report",
+    "compare",
+    "demo",
+    "pretrain-demo",
+]  # in `cka-split --help`'s order
 
 
 def outside(tmp_path: Path) -> dict:
@@ -30,7 +40,10 @@ def listed_commands(help_text: str) -> list[str]:
 
 
 def test_listed_commands_reads_the_panel_not_the_description():
-    text = "Usage: x\n Find where layers split, and train ViT-Split.\n╭─ Commands ─╮\n│ analyze  Collect.\n│         train more.\n│ demo  Run.\n"
+    text = (
+        "Usage: x\n Find where layers split, and train ViT-Split.\n╭─ Commands ─╮\n"
+        "│ analyze  Collect.\n│         train more.\n│ demo  Run.\n"
+    )
     assert listed_commands(text) == ["analyze", "demo"]
 
 
@@ -46,14 +59,16 @@ def test_cli_runs_from_outside_the_checkout(tmp_path, how):
 
 def test_distribution_has_no_generic_top_level_names(tmp_path):
     # in a subprocess outside the checkout: there the checkout's own cka_split.egg-info is not on the path
-    probe = ("import importlib.metadata as m, importlib.util as u, importlib.resources as r\n"
-             "d = m.distribution('cka-split')\n"
-             "print('top_level', ','.join(sorted(d.read_text('top_level.txt').split())))\n"
-             "print('files', ','.join(sorted({f.parts[0] for f in d.files or []})))\n"
-             "for name in ('cli', 'reports', 'cka_split.cli', 'cka_split.reports'):\n"
-             "    s = u.find_spec(name)\n"
-             "    print(name, s.origin if s else None)\n"
-             "print('template', r.files('cka_split.reports').joinpath('templates/report.html').is_file())\n")
+    probe = (
+        "import importlib.metadata as m, importlib.util as u, importlib.resources as r\n"
+        "d = m.distribution('cka-split')\n"
+        "print('top_level', ','.join(sorted(d.read_text('top_level.txt').split())))\n"
+        "print('files', ','.join(sorted({f.parts[0] for f in d.files or []})))\n"
+        "for name in ('cli', 'reports', 'cka_split.cli', 'cka_split.reports'):\n"
+        "    s = u.find_spec(name)\n"
+        "    print(name, s.origin if s else None)\n"
+        "print('template', r.files('cka_split.reports').joinpath('templates/report.html').is_file())\n"
+    )
     r = subprocess.run([sys.executable, "-c", probe], **outside(tmp_path))
     assert r.returncode == 0, r.stderr
     found = dict(line.split(" ", 1) for line in r.stdout.splitlines())
@@ -71,15 +86,21 @@ def installed_tree(dest: Path) -> None:
     (import-linter walks package folders; an editable install keeps cli/ and reports/ outside cka_split/)."""
     for name in ("cka_split", "vitsplit", "cka_split.cli", "cka_split.reports"):
         folder = Path(importlib.util.find_spec(name).submodule_search_locations[0])
-        shutil.copytree(folder, dest.joinpath(*name.split(".")), dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            folder, dest.joinpath(*name.split(".")), dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
 
 
 def lint_imports(tree: Path, *contracts: str) -> subprocess.CompletedProcess:
     args = [a for c in contracts for a in ("--contract", c)]
     code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
-    return subprocess.run([sys.executable, "-c", code, "--no-cache", *args, str(ROOT / "pyproject.toml")],
-                          cwd=tree, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, "--no-cache", *args, str(ROOT / "pyproject.toml")],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_layering_contract_sees_cli_and_reports(tmp_path):

@@ -14,8 +14,9 @@ from vitsplit.backbones import Backbone
 
 def tiny_backbone(seed: int = 0) -> Backbone:
     torch.manual_seed(seed)
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0,
-                            dynamic_img_size=True)
+    vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0, dynamic_img_size=True
+    )
     return Backbone(vit, name="tiny", weights_source="random").eval()
 
 

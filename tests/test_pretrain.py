@@ -11,18 +11,25 @@ import pytest
 import torch
 
 from vitsplit import pretrain as pt
-from vitsplit.backbones import demo_vit as dv
 from vitsplit.backbones import Backbone, sha256_file
+from vitsplit.backbones import demo_vit as dv
+from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write_safetensors as write_safetensors
 from vitsplit.fileio import read_safetensors
 from vitsplit.pretrain import loop as pretrain_loop
 from vitsplit.progress import NULL_PROGRESS
-from vitsplit.errors import UserError
 
 # A ViT small enough for a test (4 blocks, width 32, 4x4 patches of 14 px on 56 px images).
 TINY = dv.DemoRecipe(
-    steps=60, batch_size=8, image_size=56, lr=3e-3, warmup_steps=4, dataset_length=32,
-    decoder_dim=32, decoder_depth=1, decoder_heads=2,
+    steps=60,
+    batch_size=8,
+    image_size=56,
+    lr=3e-3,
+    warmup_steps=4,
+    dataset_length=32,
+    decoder_dim=32,
+    decoder_depth=1,
+    decoder_heads=2,
     arch=(("embed_dim", 32), ("depth", 4), ("num_heads", 2)),
 )
 
@@ -40,10 +47,30 @@ def test_recipe_id_is_stable_and_changes_with_every_field():
     assert again == TINY and again.recipe_id == TINY.recipe_id
     assert TINY.recipe_id == "5c2d17d79957"  # the same in every process and on every machine
     changed = {
-        "steps": 41, "batch_size": 4, "image_size": 42, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 5,
-        "grad_clip": 0.0, "layer_scale_init": 1e-5, "seed": 1, "pretext": "simclr", "mask_ratio": 0.5, "decoder_dim": 64,
-        "decoder_depth": 2, "decoder_heads": 4, "view_size": 28, "crop_min": 0.5, "temperature": 0.1, "proj_hidden": 64,
-        "proj_dim": 16, "data": "folder:x", "dataset_length": 64, "arch": (("depth", 3),), "threads": 2, "version": 3,
+        "steps": 41,
+        "batch_size": 4,
+        "image_size": 42,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "warmup_steps": 5,
+        "grad_clip": 0.0,
+        "layer_scale_init": 1e-5,
+        "seed": 1,
+        "pretext": "simclr",
+        "mask_ratio": 0.5,
+        "decoder_dim": 64,
+        "decoder_depth": 2,
+        "decoder_heads": 4,
+        "view_size": 28,
+        "crop_min": 0.5,
+        "temperature": 0.1,
+        "proj_hidden": 64,
+        "proj_dim": 16,
+        "data": "folder:x",
+        "dataset_length": 64,
+        "arch": (("depth", 3),),
+        "threads": 2,
+        "version": 3,
     }
     assert set(changed) == {f.name for f in dataclasses.fields(dv.DemoRecipe)}  # every field is covered
     ids = {dataclasses.replace(TINY, **{k: v}).recipe_id for k, v in changed.items()}
@@ -76,7 +103,7 @@ def test_patchify_matches_patch_token_order():
     patches = pt.patchify(x, 14)  # (2, 2*3, 588)
     assert patches.shape == (2, 6, 14 * 14 * 3)
     r, c = 1, 2  # patch 1*3 + 2 = 5
-    expected = x[1, :, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14].permute(1, 2, 0).reshape(-1)
+    expected = x[1, :, r * 14 : (r + 1) * 14, c * 14 : (c + 1) * 14].permute(1, 2, 0).reshape(-1)
     assert torch.equal(patches[1, 5], expected)
 
 
@@ -216,8 +243,17 @@ def test_pretraining_puts_back_the_callers_flush_denormal_setting(before):
 
 
 # ------------------------------------------------------------------------------ SimCLR (the demo's)
-TINY_SIMCLR = dataclasses.replace(TINY, pretext="simclr", steps=60, batch_size=8, dataset_length=32, view_size=28,
-                                  warmup_steps=2, temperature=0.1, grad_clip=3.0)
+TINY_SIMCLR = dataclasses.replace(
+    TINY,
+    pretext="simclr",
+    steps=60,
+    batch_size=8,
+    dataset_length=32,
+    view_size=28,
+    warmup_steps=2,
+    temperature=0.1,
+    grad_clip=3.0,
+)
 
 
 def test_full_area_crops_are_the_image_or_its_mirror_and_views_repeat_with_the_generator():
@@ -239,7 +275,9 @@ def test_full_area_crops_are_the_image_or_its_mirror_and_views_repeat_with_the_g
         if torch.allclose(out[0], out[1]) and torch.allclose(out[1], out[2]):
             continue  # turned grey
         for c in range(3):  # every output channel is gain * (one input channel) + offset
-            corr = max(abs(torch.corrcoef(torch.stack([out[c].flatten(), img[k].flatten()]))[0, 1].item()) for k in range(3))
+            corr = max(
+                abs(torch.corrcoef(torch.stack([out[c].flatten(), img[k].flatten()]))[0, 1].item()) for k in range(3)
+            )
             assert corr > 0.9999
 
 
@@ -253,8 +291,10 @@ def test_tiny_simclr_pretraining_learns_beyond_chance():
     # times the step-to-step scatter below it.
     assert sum(res.losses[:3]) / 3 > 0.95 * chance
     assert sum(res.losses[-10:]) / 10 < 0.92 * chance
-    assert isinstance(pt.pretext_model(Backbone(dv.create_demo_vit(TINY_SIMCLR), name="demo-vit", weights_source="x"),
-                                       TINY_SIMCLR), pt.SimCLR)
+    assert isinstance(
+        pt.pretext_model(Backbone(dv.create_demo_vit(TINY_SIMCLR), name="demo-vit", weights_source="x"), TINY_SIMCLR),
+        pt.SimCLR,
+    )
 
 
 def test_pretraining_writes_the_same_bytes_twice_and_pins_its_thread_count(tmp_path):

@@ -7,15 +7,31 @@ import json
 
 import numpy as np
 import pytest
+from planted import (
+    FRESH_AMPLITUDES,
+    FRESH_L,
+    FRESH_PLATEAU_FRACTION,
+    FRESH_RELATIVE_SE,
+    FRESH_SEED,
+    GRID_L,
+    HELD_OUT_AMPLITUDES,
+    HELD_OUT_PLATEAU_FRACTION,
+    HELD_OUT_RELATIVE_SE,
+    KINDS,
+    TUNING_AMPLITUDES,
+    constructed_curve,
+    fake_result,
+    planted_copy,
+    plateau_scale,
+    probe_batches,
+    self_cka,
+    tiny_vit,
+)
 
 from cka_split.decision.divergence import NUMERIC_FLOOR, STEP_RATIO, divergence_start, step_ratios
 from cka_split.decision.recommend import SplitRecommendation, default_k_p, default_k_t, layer_groups, recommend_split
 from vitsplit.errors import UserError
 from vitsplit.model.configs import prior_layers_uniform
-
-from planted import (FRESH_AMPLITUDES, FRESH_L, FRESH_PLATEAU_FRACTION, FRESH_RELATIVE_SE, FRESH_SEED, GRID_L, HELD_OUT_AMPLITUDES, HELD_OUT_PLATEAU_FRACTION, HELD_OUT_RELATIVE_SE, KINDS,
-                     TUNING_AMPLITUDES, constructed_curve, fake_result, planted_copy, plateau_scale, probe_batches,
-                     self_cka, tiny_vit)
 
 
 def planted_grid_failures(L: int, kind: str, amplitudes, seed: int, **curve_kw) -> tuple[int, list]:
@@ -50,8 +66,14 @@ def test_held_out_planted_grid_on_constructed_curves(L, kind):
     frozen."""
     total, wrong = 0, []
     for seed in range(3):
-        n, bad = planted_grid_failures(L, kind, HELD_OUT_AMPLITUDES, seed=777 + seed * 31 + L,
-                                       plateau=HELD_OUT_PLATEAU_FRACTION, rel_se=HELD_OUT_RELATIVE_SE)
+        n, bad = planted_grid_failures(
+            L,
+            kind,
+            HELD_OUT_AMPLITUDES,
+            seed=777 + seed * 31 + L,
+            plateau=HELD_OUT_PLATEAU_FRACTION,
+            rel_se=HELD_OUT_RELATIVE_SE,
+        )
         total, wrong = total + n, wrong + bad
     if kind == "identical":
         assert wrong == []
@@ -68,8 +90,14 @@ def test_fresh_held_out_grid_on_constructed_curves(L):
     for kind in KINDS:
         total, wrong = 0, []
         for seed in range(3):
-            n, bad = planted_grid_failures(L, kind, FRESH_AMPLITUDES, seed=FRESH_SEED + seed * 7919 + L,
-                                           plateau=FRESH_PLATEAU_FRACTION, rel_se=FRESH_RELATIVE_SE)
+            n, bad = planted_grid_failures(
+                L,
+                kind,
+                FRESH_AMPLITUDES,
+                seed=FRESH_SEED + seed * 7919 + L,
+                plateau=FRESH_PLATEAU_FRACTION,
+                rel_se=FRESH_RELATIVE_SE,
+            )
             total, wrong = total + n, wrong + bad
         assert total == 3 * (L - 1) * len(FRESH_AMPLITUDES)
         if kind == "identical":
@@ -94,13 +122,13 @@ def test_small_amplitude_case_of_the_issue_is_not_called_flat():
     assert (tr.divergence_start, tr.k_t, tr.divergence_kind) == (s, L - s, "step")
     text = " ".join(tr.evidence)
     assert "flat" not in text and "steps up at block 7" in text
-    assert "0.0005 \u00b1 5e-05" in text                      # value +- SE in the evidence
+    assert "0.0005 \u00b1 5e-05" in text  # value +- SE in the evidence
 
 
 def test_flat_means_nothing_beyond_numerical_precision_and_noise_and_gives_the_numbers():
     for L, k in [(12, 3), (24, 4), (8, 2)]:
         d, se = np.zeros(L), np.zeros(L)
-        d[5], se[5] = 2e-10, 1e-10              # a trace of rounding: 2e-10 * exp(-3 x 0.5) = 4.5e-11 < 1e-10
+        d[5], se[5] = 2e-10, 1e-10  # a trace of rounding: 2e-10 * exp(-3 x 0.5) = 4.5e-11 < 1e-10
         tr = recommend_split(fake_result({"seg": (d, se)}, L)).per_task["seg"]
         assert tr.divergence_start is None and tr.k_t == k == default_k_t(L) and tr.divergence_kind == "flat"
         text = " ".join(tr.evidence)
@@ -110,7 +138,7 @@ def test_flat_means_nothing_beyond_numerical_precision_and_noise_and_gives_the_n
 
 def test_copy_equal_to_pretrained_is_flat():
     L = 12
-    d, se = np.full(L, 1e-15), np.full(L, 2e-16)      # float64 rounding of CKA = 1
+    d, se = np.full(L, 1e-15), np.full(L, 2e-16)  # float64 rounding of CKA = 1
     tr = recommend_split(fake_result({"seg": (d, se)}, L)).per_task["seg"]
     assert tr.divergence_kind == "flat" and tr.k_t == 3
     assert "equals the pretrained model to numerical precision" in " ".join(tr.evidence)
@@ -123,10 +151,10 @@ def test_noise_bands_are_on_the_log_scale_and_decide_a_step():
     np.testing.assert_allclose(lo, [0.0, 0.01 * np.exp(-0.3), 0.03 * np.exp(-0.1)], rtol=1e-12)
     np.testing.assert_allclose(hi, [0.0, 0.01 * np.exp(0.3), 0.03 * np.exp(0.1)], rtol=1e-12)
     d = np.array([0.01, 0.03])
-    assert divergence_start(d, np.array([0.001, 0.001])).kind == "step"       # ratio 0.03e^-0.1 / 0.01e^0.3 = 2.01
-    noisy = divergence_start(d, np.array([0.003, 0.003]))                     # ratio 0.03e^-0.3 / 0.01e^0.9 = 0.90
+    assert divergence_start(d, np.array([0.001, 0.001])).kind == "step"  # ratio 0.03e^-0.1 / 0.01e^0.3 = 2.01
+    noisy = divergence_start(d, np.array([0.003, 0.003]))  # ratio 0.03e^-0.3 / 0.01e^0.9 = 0.90
     assert (noisy.kind, noisy.start) == ("gradual", 0)
-    assert divergence_start(d).ratio == pytest.approx(3.0)                     # no SE: only the values
+    assert divergence_start(d).ratio == pytest.approx(3.0)  # no SE: only the values
 
 
 def test_gradual_rise_from_block_zero_gives_L_minus_1():
@@ -149,13 +177,15 @@ def test_largest_ratio_wins_over_an_earlier_weaker_step():
     ev = " ".join(tr.evidence)
     assert tr.k_t == 3 and f"also accepts a start at block 1 (ratio {r[1]:.3g}, K_t 8)" in ev
     # a curve with one accepted start has no such sentence
-    one = recommend_split(fake_result({"seg": (np.r_[np.zeros(6), 0.02, 0.03, 0.04], np.full(9, 1e-3))}, 9)).per_task["seg"]
+    one = recommend_split(fake_result({"seg": (np.r_[np.zeros(6), 0.02, 0.03, 0.04], np.full(9, 1e-3))}, 9)).per_task[
+        "seg"
+    ]
     assert one.k_t == 3 and "also accepts" not in " ".join(one.evidence)
 
 
 def test_layer_subset_start_is_block_after_last_point_before_the_step():
     layers = [0, 2, 4, 6, 8, 10]
-    d = np.array([0.0, 0.0, 0.0, 0.3, 0.5, 0.7])     # changed somewhere in 5..6
+    d = np.array([0.0, 0.0, 0.0, 0.3, 0.5, 0.7])  # changed somewhere in 5..6
     assert divergence_start(d, 0.05 * d, layers).start == 5
     assert NUMERIC_FLOOR < 1e-4
 
@@ -174,11 +204,12 @@ def _tiny_vit_grid(L: int, every_scale: bool) -> tuple[list, list]:
         for s in range(1, L):
             for k, big in enumerate(scales):
                 if every_scale or k == s % len(scales):
-                    copies[f"{kind}_s{s}_{k}"] = planted_copy(pre, s, big, plateau_scale(big, s) if kind == "plateau" else 0.0,
-                                                              seed=s * 10 + k)
+                    copies[f"{kind}_s{s}_{k}"] = planted_copy(
+                        pre, s, big, plateau_scale(big, s) if kind == "plateau" else 0.0, seed=s * 10 + k
+                    )
     names = list(copies)
     for chunk in range(0, len(names), 16):
-        part = names[chunk:chunk + 16]
+        part = names[chunk : chunk + 16]
         res = analyze({"pretrained": pre} | {n: copies[n] for n in part}, batches)
         rec = recommend_split(res, tasks=part)
         for n in part:
@@ -196,7 +227,7 @@ def test_planted_grid_on_tiny_vits(L, every_scale):
     amplitude at every s for L = 4; for L = 12 the amplitude cycles with s, to keep the test short)."""
     failures, seen = _tiny_vit_grid(L, every_scale=every_scale)
     assert failures == []
-    assert min(seen) < 3e-4 and max(seen) > 0.3          # the amplitudes the grid claims
+    assert min(seen) < 3e-4 and max(seen) > 0.3  # the amplitudes the grid claims
 
 
 @pytest.mark.slow
@@ -281,14 +312,16 @@ def test_budget_lowers_k_t_and_says_so_one_number_or_per_task():
 
 
 def test_larger_than_full_fine_tuning_is_never_silent():
-    res = _budget_result(s=2)                                   # K_t = 10 from CKA
+    res = _budget_result(s=2)  # K_t = 10 from CKA
     count = lambda task, k_t, prior: 500_000 + 100_000 * k_t  # noqa: E731
     full = lambda task: 1_200_000  # noqa: E731
     tr = recommend_split(res, param_count=count, full_count=full, tasks=["seg"]).per_task["seg"]
     assert tr.k_t == 10 and tr.trainable_params == 1_500_000 and tr.larger_than_full is True
     assert tr.largest_k_t_below_full == 7 and tr.full_finetune_params == 1_200_000
     assert tr.params_vs_full == pytest.approx(1.25)
-    assert any("more parameters than full fine-tuning" in e and "largest K_t that does not is 7" in e for e in tr.evidence)
+    assert any(
+        "more parameters than full fine-tuning" in e and "largest K_t that does not is 7" in e for e in tr.evidence
+    )
     small = recommend_split(_budget_result(s=9), param_count=count, full_count=full, tasks=["seg"]).per_task["seg"]
     assert small.k_t == 3 and small.larger_than_full is False and small.largest_k_t_below_full == 3
     assert any("0.67x the 1.200M parameters of full fine-tuning" in e for e in small.evidence)
@@ -304,7 +337,10 @@ def test_cost_fields_step_time_and_divergence_share():
     assert tr.step_time_ratio_estimate == pytest.approx((12 + 12) / 36)
     assert tr.divergence_share_last[:4] == pytest.approx([0.6, 0.8, 0.9, 1.0])
     text = " ".join(tr.evidence)
-    assert "last 1: 60%, last 2: 80%, last 3: 90%, last 4: 100%" in text and "avoids 67% of the backbone's backward" in text
+    assert (
+        "last 1: 60%, last 2: 80%, last 3: 90%, last 4: 100%" in text
+        and "avoids 67% of the backbone's backward" in text
+    )
 
 
 def test_unreliable_and_unknown_se_are_stated():
@@ -325,15 +361,26 @@ def test_errors_and_json_round_trip(tmp_path):
     with pytest.raises(UserError, match="no model 'base'"):
         recommend_split(res, pretrained="base")
     rec = recommend_split(res, model="tiny")
-    text = json.dumps(rec.to_json(), allow_nan=False)              # strict JSON: no NaN anywhere
+    text = json.dumps(rec.to_json(), allow_nan=False)  # strict JSON: no NaN anywhere
     back = SplitRecommendation.from_json(json.loads(text))
     assert back == rec
     d = rec.to_json()
-    assert set(d["per_task"]["seg"]) >= {"k_t", "task_head_layers", "prior_layers", "b", "k_p", "divergence_start", "evidence",
-                                         "divergence_se", "step_ratio", "backward_avoided", "divergence_share_last"}
+    assert set(d["per_task"]["seg"]) >= {
+        "k_t",
+        "task_head_layers",
+        "prior_layers",
+        "b",
+        "k_p",
+        "divergence_start",
+        "evidence",
+        "divergence_se",
+        "step_ratio",
+        "backward_avoided",
+        "divergence_share_last",
+    }
     assert d["model"] == "tiny" and d["num_layers"] == 8
     old = json.loads(text)
-    for key in ("divergence_se", "divergence_kind", "step_ratio", "backward_avoided"):   # an older file still loads
+    for key in ("divergence_se", "divergence_kind", "step_ratio", "backward_avoided"):  # an older file still loads
         del old["per_task"]["seg"][key]
     assert SplitRecommendation.from_json(old).per_task["seg"].k_t == 4
     with pytest.raises(UserError, match="does not exist"):

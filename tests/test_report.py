@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from cka_split.estimator.result import CKAResult
 from cka_split.reports import build_report
 from cka_split.reports.rundir import load_cka
 from cka_split.reports.training import find_training_runs
+from PIL import Image
+
+from cka_split.estimator.result import CKAResult
 
 L = 12
 STARTS = {"seg": 9, "det": 7}  # planted divergence starts: K_t = L - s = 3 and 5
@@ -41,15 +41,23 @@ def planted_cka() -> CKAResult:
     for a, na in enumerate(names):
         for b, nb in enumerate(names):
             blk = base * np.outer(c(na), c(nb)) if na != nb else base
-            full[a * L:(a + 1) * L, b * L:(b + 1) * L] = blk
+            full[a * L : (a + 1) * L, b * L : (b + 1) * L] = blk
     full[L + 3, 2 * L + 3] = full[2 * L + 3, L + 3] = np.nan  # an undefined cell must not break the figure
     # per-minibatch HSIC terms whose sum is `full` (its diagonal is 1, so CKA(full) = full): the SE is known
     rng = np.random.default_rng(0)
     noise = rng.normal(0, 0.02, (8, 3 * L, 3 * L))
     noise = noise + noise.transpose(0, 2, 1) - (noise + noise.transpose(0, 2, 1)).mean(0)
     terms = full[None] / 8 * (1 + noise)
-    return CKAResult(models=names, layers={n: list(range(L)) for n in names}, full=torch.from_numpy(full),
-                     num_images=64, features="tokens", unbiased=True, num_batches=8, batch_hsic=torch.from_numpy(terms))
+    return CKAResult(
+        models=names,
+        layers={n: list(range(L)) for n in names},
+        full=torch.from_numpy(full),
+        num_images=64,
+        features="tokens",
+        unbiased=True,
+        num_batches=8,
+        batch_hsic=torch.from_numpy(terms),
+    )
 
 
 def recommendation() -> dict:
@@ -57,24 +65,54 @@ def recommendation() -> dict:
     per = {}
     for t, s in STARTS.items():
         k = L - s
-        per[t] = {"k_t": k, "task_head_layers": list(range(s, L)), "prior_layers": prior, "b": 2, "k_p": 4,
-                  "divergence_start": s, "k_t_from_cka": k, "divergence": [0.0 if l < s else 0.12 * (l - s + 1) for l in range(L)],
-                  "divergence_threshold": 0.05, "pretrained_groups": [[i, i + 1] for i in range(0, L, 2)],
-                  "trainable_params": {"seg": 10_234_567, "det": 14_500_001}[t], "divergence_kind": "step",
-                  "params_vs_full": {"seg": 0.4629, "det": 1.25}[t], "larger_than_full": t == "det",
-                  "backward_avoided": (L - k) / L, "step_time_ratio_estimate": (L + 3 * k) / (3 * L),
-                  "evidence": [f"The curve leaves the plateau at block {s} for {t} & stays <above>.",
-                               f"K_t = L - {s} = {k}.",
-                               "Prior layers by the uniform rule from block 2 to 11: [2, 5, 8, 11]."]}
-    return {"model": "dinov2_vits14", "num_layers": L, "pretrained": "pretrained", "tasks": list(STARTS),
-            "settings": {"abs_tol": 0.005, "rel_tol": 0.1}, "max_trainable_params": None, "per_task": per}
+        per[t] = {
+            "k_t": k,
+            "task_head_layers": list(range(s, L)),
+            "prior_layers": prior,
+            "b": 2,
+            "k_p": 4,
+            "divergence_start": s,
+            "k_t_from_cka": k,
+            "divergence": [0.0 if l < s else 0.12 * (l - s + 1) for l in range(L)],
+            "divergence_threshold": 0.05,
+            "pretrained_groups": [[i, i + 1] for i in range(0, L, 2)],
+            "trainable_params": {"seg": 10_234_567, "det": 14_500_001}[t],
+            "divergence_kind": "step",
+            "params_vs_full": {"seg": 0.4629, "det": 1.25}[t],
+            "larger_than_full": t == "det",
+            "backward_avoided": (L - k) / L,
+            "step_time_ratio_estimate": (L + 3 * k) / (3 * L),
+            "evidence": [
+                f"The curve leaves the plateau at block {s} for {t} & stays <above>.",
+                f"K_t = L - {s} = {k}.",
+                "Prior layers by the uniform rule from block 2 to 11: [2, 5, 8, 11].",
+            ],
+        }
+    return {
+        "model": "dinov2_vits14",
+        "num_layers": L,
+        "pretrained": "pretrained",
+        "tasks": list(STARTS),
+        "settings": {"abs_tol": 0.005, "rel_tol": 0.1},
+        "max_trainable_params": None,
+        "per_task": per,
+    }
 
 
 def write_pca(pca: Path, models: list[str], layers: list[int], n_images: int = 2) -> None:
     pca.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    index = {"models": models, "layers": layers, "num_images": n_images, "grid_hw": [2, 2], "patch_size": 14,
-             "grid_rows": models, "grid_cols": layers, "explained_variance": {}, "images": []}
+    index = {
+        "models": models,
+        "layers": layers,
+        "num_images": n_images,
+        "grid_hw": [2, 2],
+        "patch_size": 14,
+        "grid_rows": models,
+        "grid_cols": layers,
+        "explained_variance": {},
+        "images": [],
+    }
     for i in range(n_images):
         Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(pca / f"input_{i}.png")
         maps = {}
@@ -89,44 +127,95 @@ def write_pca(pca: Path, models: list[str], layers: list[int], n_images: int = 2
     (pca / "index.json").write_text(json.dumps(index))
 
 
-def write_training_run(out: Path, method: str, miou: float, *, split_source: str | None = None, params: int = 1000,
-                       losses=(2.0, 1.5, 1.1, 0.9), iters: int = 40, peak_mb: float | None = None,
-                       model: str = "dinov2_vits14", head: str = "linear") -> None:
+def write_training_run(
+    out: Path,
+    method: str,
+    miou: float,
+    *,
+    split_source: str | None = None,
+    params: int = 1000,
+    losses=(2.0, 1.5, 1.1, 0.9),
+    iters: int = 40,
+    peak_mb: float | None = None,
+    model: str = "dinov2_vits14",
+    head: str = "linear",
+) -> None:
     """A training run as vitsplit.train writes it: config.json (TrainConfig fields + trainable_params),
     metrics.jsonl rows (iter, loss parts, lr, it_s, time), eval.json (metrics, iters, train_seconds)."""
     out.mkdir(parents=True)
-    cfg = {"task": "seg", "method": method, "head": head, "model": model, "data": "synthetic", "iters": iters, "crop": 56,
-           "batch_size": 4, "k_t": 3 if method == "vitsplit" else None, "auto_split": "runs/latest" if split_source else None,
-           "split_source": split_source, "trainable_params": params, "weights_source": "random (seed 0)"}
+    cfg = {
+        "task": "seg",
+        "method": method,
+        "head": head,
+        "model": model,
+        "data": "synthetic",
+        "iters": iters,
+        "crop": 56,
+        "batch_size": 4,
+        "k_t": 3 if method == "vitsplit" else None,
+        "auto_split": "runs/latest" if split_source else None,
+        "split_source": split_source,
+        "trainable_params": params,
+        "weights_source": "random (seed 0)",
+    }
     (out / "config.json").write_text(json.dumps(cfg))
-    rows = [{"iter": 10 * (i + 1), "loss": v, "loss_ce": v, "lr": 1e-4, "it_s": r, "time": 2.5 * (i + 1)}
-            for i, (v, r) in enumerate(zip(losses, (4.0, 3.9, 3.7, 3.5)))]
-    (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"iter\": 5")  # torn last line
+    rows = [
+        {"iter": 10 * (i + 1), "loss": v, "loss_ce": v, "lr": 1e-4, "it_s": r, "time": 2.5 * (i + 1)}
+        for i, (v, r) in enumerate(zip(losses, (4.0, 3.9, 3.7, 3.5)))
+    ]
+    (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + '\n{"iter": 5')  # torn last line
     ev = {"mIoU": miou, "aAcc": 80.0, "iters": iters, "train_seconds": 12.0}
     if peak_mb is not None:
         ev["peak_memory_mb"] = peak_mb
     (out / "eval.json").write_text(json.dumps(ev))
 
 
-def make_run(root: Path, *, weights_source: str = "random (seed 0)", model: str = "dinov2_vits14",
-             training: bool = True) -> Path:
+def make_run(
+    root: Path, *, weights_source: str = "random (seed 0)", model: str = "dinov2_vits14", training: bool = True
+) -> Path:
     run = root / "runs" / "20260101-000000"
     run.mkdir(parents=True)
     planted_cka().save(run / "cka.npz")
     (run / "recommendation.json").write_text(json.dumps(recommendation()))
-    cfg = {"command": "analyze",
-           "options": {"model": model, "weights": "random" if weights_source.startswith("random") else "/w/dinov2.pth",
-                       "tasks": ["seg", "det"], "probe_images": 64, "batch_size": 32, "features": "tokens",
-                       "image_size": 56, "precision": "fp32", "seed": 7, "unbiased": True},
-           "resolved": {"device": "cpu", "probe_spec": "synthetic", "probe_images_used": 64,
-                        "data": {"seg": "synthetic", "det": "synthetic"}, "num_classes": {"seg": 5, "det": 4}},
-           "seed": 7, "versions": {"python": "3.11.2", "torch": "2.5.0", "cka-split": "0.1.0", "platform": "Linux-x"},
-           "weights_source": weights_source,
-           "models": {"pretrained": {"name": model, "weights_source": weights_source, "num_layers": L, "embed_dim": 384,
-                                     "patch_size": 14, "state_sha256": "ab" * 32},
-                      "seg": {"origin": "fine-tuned by analyze (method full)", "steps": 30, "data": "synthetic"},
-                      "det": {"origin": "fine-tuned by analyze (method full)", "steps": 30, "data": "synthetic"}},
-           "started": "2026-01-01T00:00:00", "seconds": 83.4}
+    cfg = {
+        "command": "analyze",
+        "options": {
+            "model": model,
+            "weights": "random" if weights_source.startswith("random") else "/w/dinov2.pth",
+            "tasks": ["seg", "det"],
+            "probe_images": 64,
+            "batch_size": 32,
+            "features": "tokens",
+            "image_size": 56,
+            "precision": "fp32",
+            "seed": 7,
+            "unbiased": True,
+        },
+        "resolved": {
+            "device": "cpu",
+            "probe_spec": "synthetic",
+            "probe_images_used": 64,
+            "data": {"seg": "synthetic", "det": "synthetic"},
+            "num_classes": {"seg": 5, "det": 4},
+        },
+        "seed": 7,
+        "versions": {"python": "3.11.2", "torch": "2.5.0", "cka-split": "0.1.0", "platform": "Linux-x"},
+        "weights_source": weights_source,
+        "models": {
+            "pretrained": {
+                "name": model,
+                "weights_source": weights_source,
+                "num_layers": L,
+                "embed_dim": 384,
+                "patch_size": 14,
+                "state_sha256": "ab" * 32,
+            },
+            "seg": {"origin": "fine-tuned by analyze (method full)", "steps": 30, "data": "synthetic"},
+            "det": {"origin": "fine-tuned by analyze (method full)", "steps": 30, "data": "synthetic"},
+        },
+        "started": "2026-01-01T00:00:00",
+        "seconds": 83.4,
+    }
     (run / "config.json").write_text(json.dumps(cfg))
     write_pca(run / "pca", ["pretrained", "seg", "det"], list(range(L)))
     if training:
@@ -134,13 +223,20 @@ def make_run(root: Path, *, weights_source: str = "random (seed 0)", model: str 
         # always shown: under RUN/training/
         write_training_run(run / "training" / "vitsplit", "vitsplit", 23.4, params=10_234_567, peak_mb=1536.0)
         # linked by split_source (the resolved recommendation file), and its baseline beside it
-        write_training_run(runs / "train-auto", "vitsplit", 21.0, split_source=f"recommendation {run / 'recommendation.json'}",
-                           params=10_234_567)
+        write_training_run(
+            runs / "train-auto",
+            "vitsplit",
+            21.0,
+            split_source=f"recommendation {run / 'recommendation.json'}",
+            params=10_234_567,
+        )
         write_training_run(runs / "linear-seg", "linear", 19.85, params=5_000, losses=(2.2, 1.9, 1.7, 1.6))
         # not shown: a ViT-Split run from another analysis, a baseline with another setup
         other = runs / "20250101-000000"
         other.mkdir()
-        write_training_run(runs / "train-other", "vitsplit", 98.0, split_source=f"recommendation {other / 'recommendation.json'}")
+        write_training_run(
+            runs / "train-other", "vitsplit", 98.0, split_source=f"recommendation {other / 'recommendation.json'}"
+        )
         write_training_run(runs / "full-long", "full", 99.0, iters=400)
     return run
 
@@ -226,8 +322,16 @@ def test_random_weights_banner_and_header(built):
     _, _, html = built
     head = html.split('<h2 id="run">', 1)[0]
     assert 'class="banner danger"' in head and "Random weights" in head and "random (seed 0)" in head
-    for text in ("dinov2_vits14 (12 blocks, width 384, patch 14)", "ab" * 32, "unbiased HSIC", "32 images per minibatch",
-                 "64 at 56 px", "1 min 23 s", "torch 2.5.0", "tokens (patch tokens"):
+    for text in (
+        "dinov2_vits14 (12 blocks, width 384, patch 14)",
+        "ab" * 32,
+        "unbiased HSIC",
+        "32 images per minibatch",
+        "64 at 56 px",
+        "1 min 23 s",
+        "torch 2.5.0",
+        "tokens (patch tokens",
+    ):
         assert text in html, text
 
 
@@ -242,22 +346,45 @@ def test_pretrained_weights_have_no_banner_demo_has_one(tmp_path):
     run = _facts_only(make_run(tmp_path / "a", weights_source="/w/dinov2.pth (sha256 0123abcd)", training=False))
     html = build_report(run).read_text()
     assert 'class="banner' not in html and "/w/dinov2.pth (sha256 0123abcd)" in html
-    run = _facts_only(make_run(tmp_path / "b", weights_source="demo cache /c/demo-vit.safetensors", model="demo-vit",
-                               training=False))
+    run = _facts_only(
+        make_run(tmp_path / "b", weights_source="demo cache /c/demo-vit.safetensors", model="demo-vit", training=False)
+    )
     html = build_report(run).read_text()
     assert 'class="banner warn"' in html and "not a real foundation model" in html and "Random weights" not in html
 
 
 def test_recommendation_numbers_and_evidence(built):
     _, _, html = built
-    assert cell_row(html, "seg") == ["seg", "3", "9-11", "2", "4", "2, 5, 8, 11", "9 (step)", "10.23 M (10,234,567)",
-                                     "0.46x", "75%", "0.58x"]
-    assert cell_row(html, "det") == ["det", "5", "7-11", "2", "4", "2, 5, 8, 11", "7 (step)", "14.50 M (14,500,001)",
-                                     "1.25x (larger than full fine-tuning)", "58%", "0.75x"]
+    assert cell_row(html, "seg") == [
+        "seg",
+        "3",
+        "9-11",
+        "2",
+        "4",
+        "2, 5, 8, 11",
+        "9 (step)",
+        "10.23 M (10,234,567)",
+        "0.46x",
+        "75%",
+        "0.58x",
+    ]
+    assert cell_row(html, "det") == [
+        "det",
+        "5",
+        "7-11",
+        "2",
+        "4",
+        "2, 5, 8, 11",
+        "7 (step)",
+        "14.50 M (14,500,001)",
+        "1.25x (larger than full fine-tuning)",
+        "58%",
+        "0.75x",
+    ]
     # same-block CKA +- SE table: the pretrained model's adjacent blocks, then each copy; values from the file
     table = html.split('id="se-table"', 1)[1].split("</table>", 1)[0]
     assert "pretrained vs seg" in table and "pretrained: block l-1 vs l" in table
-    assert "1.0000 \u00b1 " in table and "0.6400 \u00b1 " in table       # seg block 11: 1 - 0.12 x 3
+    assert "1.0000 \u00b1 " in table and "0.6400 \u00b1 " in table  # seg block 11: 1 - 0.12 x 3
     assert "jackknife SE over 8 minibatches" in html
     # evidence sentences, HTML-escaped
     assert "The curve leaves the plateau at block 9 for seg &amp; stays &lt;above&gt;." in html
@@ -284,8 +411,11 @@ def test_training_runs_linked_and_tabled(built):
 def test_find_training_runs_keys(tmp_path):
     run = make_run(tmp_path)
     runs = find_training_runs(run)
-    assert sorted((r.method, r.path.name) for r in runs) == [("linear", "linear-seg"), ("vitsplit", "train-auto"),
-                                                             ("vitsplit", "vitsplit")]
+    assert sorted((r.method, r.path.name) for r in runs) == [
+        ("linear", "linear-seg"),
+        ("vitsplit", "train-auto"),
+        ("vitsplit", "vitsplit"),
+    ]
     lin = next(r for r in runs if r.method == "linear")
     assert lin.step_time == pytest.approx(1 / 3.7)
     assert lin.peak_memory_mb is None and lin.final_metric == ("mIoU", 19.85, True)

@@ -12,13 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from cka_split.reports import build_report
+from PIL import Image
 from test_report import make_run, parse
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--hide-scrollbars", "--mute-audio"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--mute-audio",
+]
 
 # Appended to a copy of the report (the report itself has no script): after load, write what each
 # image decoded to into the DOM, where --dump-dom reads it back.
@@ -45,14 +53,21 @@ def find_chromium() -> str | None:
 
 
 CHROMIUM = find_chromium()
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary found (install the Debian package "
-                                                          "'chromium', or set CHROMIUM=/path/to/chrome)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium binary found (install the Debian package 'chromium', or set CHROMIUM=/path/to/chrome)",
+)
 
 
 def chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
-    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "HOME": str(tmp)})
+    return subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HOME": str(tmp)},
+    )
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from vitsplit.errors import UserError
-from vitsplit.engine import TrainConfig, train
-from vitsplit.engine.train import MEASURED
 from tiny_vits import plain_tiny_backbone as tiny_backbone
 
+from vitsplit.engine import TrainConfig, train
+from vitsplit.engine.train import MEASURED
+from vitsplit.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # float reductions split the same way in every run
 
@@ -25,9 +24,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # float reductions split the
 def cfg(out, **kw) -> TrainConfig:
     # 5 training scenes and 8 steps of 2 images: the data order crosses three epoch boundaries;
     # grad_accum 2 exercises accumulation; warm-up 2 steps so the schedule changes during the run.
-    base = dict(task="seg", method="vitsplit", data="synthetic:size=32,classes=3", iters=8, batch_size=2, grad_accum=2,
-                crop=32, lr=1e-3, k_t=2, prior_layers=[0, 1, 2], seed=3, checkpoint_every=3, log_every=1,
-                train_length=5, val_length=2, out=str(out), warmup_iters=2)
+    base = dict(
+        task="seg",
+        method="vitsplit",
+        data="synthetic:size=32,classes=3",
+        iters=8,
+        batch_size=2,
+        grad_accum=2,
+        crop=32,
+        lr=1e-3,
+        k_t=2,
+        prior_layers=[0, 1, 2],
+        seed=3,
+        checkpoint_every=3,
+        log_every=1,
+        train_length=5,
+        val_length=2,
+        out=str(out),
+        warmup_iters=2,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -37,7 +52,9 @@ def weights(out) -> dict[str, torch.Tensor]:
 
 
 def losses(out) -> list[tuple[int, float]]:
-    return [(r["iter"], r["loss"], r["lr"]) for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())]
+    return [
+        (r["iter"], r["loss"], r["lr"]) for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
+    ]
 
 
 def assert_same(a, b):
@@ -48,12 +65,23 @@ def assert_same(a, b):
     assert losses(a) == losses(b)
 
 
-@pytest.mark.parametrize("method,task,head", [("vitsplit", "seg", "linear"), ("vitsplit", "depth", "linear"),
-                                              ("full", "seg", "linear"), ("lora", "seg", "linear"),
-                                              ("vit-adapter", "seg", "linear")])
+@pytest.mark.parametrize(
+    "method,task,head",
+    [
+        ("vitsplit", "seg", "linear"),
+        ("vitsplit", "depth", "linear"),
+        ("full", "seg", "linear"),
+        ("lora", "seg", "linear"),
+        ("vit-adapter", "seg", "linear"),
+    ],
+)
 def test_stop_after_checkpoint_then_resume_is_bit_identical(tmp_path, method, task, head):
     bb = tiny_backbone()
-    kw = dict(method=method, task=task) if method == "vitsplit" else dict(method=method, task=task, k_t=None, prior_layers=None)
+    kw = (
+        dict(method=method, task=task)
+        if method == "vitsplit"
+        else dict(method=method, task=task, k_t=None, prior_layers=None)
+    )
     kw["head"] = head
     if method == "vit-adapter":  # at crop 32 its 1/32 level is 1x1: BatchNorm needs micro-batches of 2
         kw["grad_accum"] = 1
@@ -64,7 +92,9 @@ def test_stop_after_checkpoint_then_resume_is_bit_identical(tmp_path, method, ta
     assert len(losses(tmp_path / "b")) == 5  # logged past the checkpoint ...
     resumed = train(cfg(tmp_path / "b", resume=True, **kw), backbone=bb)
     assert_same(tmp_path / "a", tmp_path / "b")  # ... and trimmed back on resume
-    assert {k: v for k, v in resumed.items() if k not in MEASURED} == {k: v for k, v in straight.items() if k not in MEASURED}
+    assert {k: v for k, v in resumed.items() if k not in MEASURED} == {
+        k: v for k, v in straight.items() if k not in MEASURED
+    }
     assert set(MEASURED) <= set(resumed)  # step time and peak memory are recorded
     # the weights did move (so equality above is not trivial): a run with a 100x smaller lr differs
     train(cfg(tmp_path / "c", lr=1e-5, **kw), backbone=bb)
@@ -96,7 +126,9 @@ train(cfg({out!r}, iters=40, checkpoint_every=2, resume={resume}), backbone=tiny
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     out = tmp_path / "killed"
-    script = SCRIPT.format(tests=str(Path(__file__).parent), threads=torch.get_num_threads(), out=str(out), resume=False)
+    script = SCRIPT.format(
+        tests=str(Path(__file__).parent), threads=torch.get_num_threads(), out=str(out), resume=False
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120

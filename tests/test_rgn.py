@@ -14,7 +14,6 @@ from cka_split.probes.rgn import check_rgn_options, measure_rgn, rgn_k_t, rgn_re
 from vitsplit.backbones import Backbone
 from vitsplit.errors import UserError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -83,8 +82,9 @@ class Cut(nn.Module):
 
 def cut_backbone(s: int, depth: int = 12) -> Backbone:
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=0,
-                            dynamic_img_size=True)
+    vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=0, dynamic_img_size=True
+    )
     vit.blocks[s] = Cut(vit.blocks[s])
     return Backbone(vit, name="tiny", weights_source="random (seed 0)").eval()
 
@@ -102,8 +102,16 @@ def test_measured_rgn_on_a_vit_whose_early_blocks_get_no_gradient(s):
 
 
 def test_rgn_recommendation_round_trips_through_recommendation_json():
-    entry = {"k_t": 4, "scores": [0.1] * 8 + [1.0] * 4, "se": [0.0] * 12, "batches": 5, "batch_size": 8, "ratio": 10.0,
-             "evidence": ["step"], "seconds": 1.0}
+    entry = {
+        "k_t": 4,
+        "scores": [0.1] * 8 + [1.0] * 4,
+        "se": [0.0] * 12,
+        "batches": 5,
+        "batch_size": 8,
+        "ratio": 10.0,
+        "evidence": ["step"],
+        "seconds": 1.0,
+    }
     rec = rgn_recommendation({"seg": entry}, model="dinov2_vits14", num_layers=12, param_count=lambda t, k, p: 1000 * k)
     s = rec.per_task["seg"]
     assert (s.k_t, s.task_head_layers, s.prior_layers, s.trainable_params) == (4, [8, 9, 10, 11], [2, 5, 8, 11], 4000)
@@ -114,13 +122,40 @@ def test_rgn_recommendation_round_trips_through_recommendation_json():
 @pytest.mark.slow
 def test_analyze_selector_rgn_makes_no_copies_and_recommend_keeps_the_rgn_entry(tmp_path, capsys):
     from cka_split.cli.app import main
+
     from cka_split.pipelines.analyze import recommend_run
 
     run = tmp_path / "runs" / "rgn"
     with pytest.raises(SystemExit) as e:
-        main(["analyze", "--model", "demo-vit", "--weights", "random", "--tasks", "seg", "--selector", "rgn",
-              "--rgn-batches", "2", "--data", "synthetic:size=28,classes=2", "--image-size", "28", "--probe-images", "8",
-              "--batch-size", "4", "--pca-images", "0", "--device", "cpu", "--out", str(run)])
+        main(
+            [
+                "analyze",
+                "--model",
+                "demo-vit",
+                "--weights",
+                "random",
+                "--tasks",
+                "seg",
+                "--selector",
+                "rgn",
+                "--rgn-batches",
+                "2",
+                "--data",
+                "synthetic:size=28,classes=2",
+                "--image-size",
+                "28",
+                "--probe-images",
+                "8",
+                "--batch-size",
+                "4",
+                "--pca-images",
+                "0",
+                "--device",
+                "cpu",
+                "--out",
+                str(run),
+            ]
+        )
     assert e.value.code == 0, capsys.readouterr().err
     rec = json.loads((run / "recommendation.json").read_text())
     seg = rec["per_task"]["seg"]

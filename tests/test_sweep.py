@@ -7,13 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from cka_split.cli.app import main as cli_main
-from vitsplit.sweep.grid import SweepConfig, SweepPoint, parse_k_t, pooled_sd, resolve_sweep, run_sweep, stats, summarize
+from safetensors.torch import load_file
+from tiny_vits import plain_tiny_backbone as tiny_backbone
+
 from vitsplit.engine import TrainConfig, train
 from vitsplit.errors import UserError
-from tiny_vits import plain_tiny_backbone as tiny_backbone
+from vitsplit.sweep.grid import (
+    SweepConfig,
+    SweepPoint,
+    parse_k_t,
+    pooled_sd,
+    resolve_sweep,
+    run_sweep,
+    stats,
+    summarize,
+)
 
 MEASURED_POINT = ("step_time_s", "peak_memory_mb")
 
@@ -23,8 +32,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # float reductions split the
 
 def base(**kw) -> TrainConfig:
     # 7 steps with a checkpoint every 3: a point stopped at step 5 resumes from step 3
-    cfg = dict(task="seg", data="synthetic:size=32,classes=3", iters=7, batch_size=2, crop=32, lr=1e-3, seed=0,
-               checkpoint_every=3, log_every=1, train_length=6, val_length=2, warmup_iters=2)
+    cfg = dict(
+        task="seg",
+        data="synthetic:size=32,classes=3",
+        iters=7,
+        batch_size=2,
+        crop=32,
+        lr=1e-3,
+        seed=0,
+        checkpoint_every=3,
+        log_every=1,
+        train_length=6,
+        val_length=2,
+        warmup_iters=2,
+    )
     cfg.update(kw)
     return TrainConfig(**cfg)
 
@@ -46,7 +67,9 @@ def without_measured(d: dict) -> dict:
     return d
 
 
-@pytest.mark.parametrize("spec,want", [("1-3", [1, 2, 3]), ("3,1,2,2", [1, 2, 3]), ("1,3-4", [1, 3, 4]), ("all", [1, 2, 3, 4])])
+@pytest.mark.parametrize(
+    "spec,want", [("1-3", [1, 2, 3]), ("3,1,2,2", [1, 2, 3]), ("1,3-4", [1, 3, 4]), ("all", [1, 2, 3, 4])]
+)
 def test_parse_k_t(spec, want):
     assert parse_k_t(spec, 5) == want
 
@@ -65,8 +88,10 @@ def test_cli_rejects_bad_k_t_with_one_line(capsys):
 
 
 def test_summary_stats_and_best():
-    pts = [{"method": "vitsplit", "k_t": k, "prior_layers": [0, 1], "metric": m}
-           for k, m in [(1, 10.0), (1, 12.0), (2, 20.0), (2, 22.0), (3, 20.0), (3, 22.0)]]
+    pts = [
+        {"method": "vitsplit", "k_t": k, "prior_layers": [0, 1], "metric": m}
+        for k, m in [(1, 10.0), (1, 12.0), (2, 20.0), (2, 22.0), (3, 20.0), (3, 22.0)]
+    ]
     pts.append({"method": "linear", "k_t": None, "prior_layers": None, "metric": 5.0})
     s = summarize(pts)
     assert s["summary"]["2"] == {"mean": 21.0, "sd": pytest.approx(math.sqrt(2)), "n": 2}
@@ -74,25 +99,44 @@ def test_summary_stats_and_best():
     assert s["pooled_sd"] == pytest.approx(math.sqrt(2))
     assert s["baselines"]["linear"] == {"mean": 5.0, "sd": None, "n": 1}
     assert summarize(pts, higher_is_better=False)["best_k_t"] == 1
-    assert pooled_sd([stats([1.0, 3.0]), stats([0.0, 0.0, 6.0]), stats([7.0])]) == pytest.approx(math.sqrt((2 + 24) / 3))
+    assert pooled_sd([stats([1.0, 3.0]), stats([0.0, 0.0, 6.0]), stats([7.0])]) == pytest.approx(
+        math.sqrt((2 + 24) / 3)
+    )
 
 
 def test_head_applies_to_the_baselines_that_take_it():
     """--head upernet: full/lora/vit-adapter points get UperNet, ViT-Split and the linear probe keep
     their linear heads, and the baselines are named by method and head."""
     b = base(head="upernet")
-    heads = {m: SweepPoint(m, 0, k_t=1 if m == "vitsplit" else None).config(b, Path("sw")).head
-             for m in ("vitsplit", "linear", "full", "lora", "vit-adapter")}
-    assert heads == {"vitsplit": "linear", "linear": "linear", "full": "upernet", "lora": "upernet", "vit-adapter": "upernet"}
-    cfg, _, _ = resolve_sweep(SweepConfig(base=b, k_t=[1], methods=["vitsplit", "vit-adapter"], out="sw"), tiny_backbone())
+    heads = {
+        m: SweepPoint(m, 0, k_t=1 if m == "vitsplit" else None).config(b, Path("sw")).head
+        for m in ("vitsplit", "linear", "full", "lora", "vit-adapter")
+    }
+    assert heads == {
+        "vitsplit": "linear",
+        "linear": "linear",
+        "full": "upernet",
+        "lora": "upernet",
+        "vit-adapter": "upernet",
+    }
+    cfg, _, _ = resolve_sweep(
+        SweepConfig(base=b, k_t=[1], methods=["vitsplit", "vit-adapter"], out="sw"), tiny_backbone()
+    )
     assert cfg.base.head == "upernet" and cfg.base.method == "vitsplit"
-    pts = [{"method": "full", "head": "upernet", "metric": 3.0}, {"method": "full", "head": "upernet", "metric": 5.0},
-           {"method": "linear", "head": "linear", "metric": 1.0}]
-    assert summarize(pts)["baselines"] == {"full + upernet": {"mean": 4.0, "sd": pytest.approx(math.sqrt(2)), "n": 2},
-                                           "linear": {"mean": 1.0, "sd": None, "n": 1}}
+    pts = [
+        {"method": "full", "head": "upernet", "metric": 3.0},
+        {"method": "full", "head": "upernet", "metric": 5.0},
+        {"method": "linear", "head": "linear", "metric": 1.0},
+    ]
+    assert summarize(pts)["baselines"] == {
+        "full + upernet": {"mean": 4.0, "sd": pytest.approx(math.sqrt(2)), "n": 2},
+        "linear": {"mean": 1.0, "sd": None, "n": 1},
+    }
     with pytest.raises(UserError, match="segmentation"):  # a head or method the task cannot take fails before training
-        resolve_sweep(SweepConfig(base=base(task="depth", head="upernet"), k_t=[1], methods=["vitsplit", "full"], out="sw"),
-                      tiny_backbone())
+        resolve_sweep(
+            SweepConfig(base=base(task="depth", head="upernet"), k_t=[1], methods=["vitsplit", "full"], out="sw"),
+            tiny_backbone(),
+        )
 
 
 @pytest.mark.slow
@@ -130,8 +174,14 @@ def test_stopped_sweep_resumes_skips_finished_points_and_matches_an_uninterrupte
 @pytest.mark.slow
 def test_seeds_and_prior_layer_choices_name_and_group_the_points(tmp_path):
     bb = tiny_backbone()
-    cfg = SweepConfig(base=base(iters=2, checkpoint_every=2), k_t="1", seeds=2, prior_layers=[[0, 3], [1, 2]],
-                      methods=["vitsplit"], out=str(tmp_path))
+    cfg = SweepConfig(
+        base=base(iters=2, checkpoint_every=2),
+        k_t="1",
+        seeds=2,
+        prior_layers=[[0, 3], [1, 2]],
+        methods=["vitsplit"],
+        out=str(tmp_path),
+    )
     res = run_sweep(cfg, backbone=bb)
     assert [p["name"] for p in res["points"]] == ["kt01-p0.3-s0", "kt01-p1.2-s0", "kt01-p0.3-s1", "kt01-p1.2-s1"]
     assert set(res["summary"]) == {"1@0,3", "1@1,2"} and all(s["n"] == 2 for s in res["summary"].values())
@@ -147,10 +197,42 @@ def test_torchrun_sweep_trains_each_point_with_ddp_and_writes_once(tmp_path):
 
     out = tmp_path / "sweep"
     script = shutil.which("cka-split", path=str(Path(sys.executable).parent))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, "sweep",
-           "--k-t", "1,2", "--model", "demo-vit", "--weights", "random", "--data", "synthetic:size=28,classes=2",
-           "--crop", "28", "--iters", "2", "--batch-size", "4", "--checkpoint-every", "2", "--log-every", "1",
-           "--val-length", "2", "--train-length", "8", "--device", "cpu", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        script,
+        "sweep",
+        "--k-t",
+        "1,2",
+        "--model",
+        "demo-vit",
+        "--weights",
+        "random",
+        "--data",
+        "synthetic:size=28,classes=2",
+        "--crop",
+        "28",
+        "--iters",
+        "2",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--log-every",
+        "1",
+        "--val-length",
+        "2",
+        "--train-length",
+        "8",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("PYTHONPATH", None)
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -169,8 +251,12 @@ def test_auto_split_links_the_analysis_and_takes_its_prior_layers(tmp_path):
 
     run = tmp_path / "runs" / "analysis"
     run.mkdir(parents=True)
-    rec = {"model": "tiny", "weights": "random", "num_layers": 4,
-           "per_task": {"seg": {"k_t": 2, "prior_layers": [1, 3], "rgn": {"k_t": 1}}}}
+    rec = {
+        "model": "tiny",
+        "weights": "random",
+        "num_layers": 4,
+        "per_task": {"seg": {"k_t": 2, "prior_layers": [1, 3], "rgn": {"k_t": 1}}},
+    }
     (run / "recommendation.json").write_text(json.dumps(rec))
     cfg = SweepConfig(base=base(auto_split=str(run)), k_t="all", out=str(tmp_path / "runs" / "sweep"))
     resolved, L, link = resolve_sweep(cfg, backbone=tiny_backbone())
@@ -179,8 +265,9 @@ def test_auto_split_links_the_analysis_and_takes_its_prior_layers(tmp_path):
     assert resolved.base.auto_split is None  # the points are plain runs with explicit options
     assert [p.name for p in resolved.plan()] == ["kt01-s0", "kt02-s0", "kt03-s0"]
     assert [p.config(resolved.base, tmp_path).prior_layers for p in resolved.plan()] == [[1, 3]] * 3
-    only_link = resolve_sweep(SweepConfig(base=base(), k_t=[1], analysis=str(run), out=str(tmp_path / "s2")),
-                              backbone=tiny_backbone())
+    only_link = resolve_sweep(
+        SweepConfig(base=base(), k_t=[1], analysis=str(run), out=str(tmp_path / "s2")), backbone=tiny_backbone()
+    )
     assert only_link[0].base.prior_layers is None and only_link[2]["picks"] == {"cka": 2, "rgn": 1}
     with pytest.raises(UserError, match="K_t 4 is outside 1..3"):
         resolve_sweep(SweepConfig(base=base(), k_t=[4], out=str(tmp_path / "s3")), backbone=tiny_backbone())

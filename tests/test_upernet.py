@@ -33,7 +33,7 @@ def test_parameter_counts_follow_the_mmseg_layer_list():
 def test_forward_shapes_and_top_down_path():
     torch.manual_seed(0)
     head = UPerHead([8, 8, 8, 8], num_classes=5, channels=16).eval()
-    feats = [torch.randn(2, 8, 32 // 2 ** i, 24 // 2 ** i) for i in range(4)]
+    feats = [torch.randn(2, 8, 32 // 2**i, 24 // 2**i) for i in range(4)]
     with torch.no_grad():
         out = head(feats)
     assert out.shape == (2, 5, 32, 24)
@@ -50,7 +50,7 @@ def test_loss_is_decode_plus_weighted_auxiliary_cross_entropy():
     head = UperNetSegHead([8] * 4, 3, channels=16, aux_channels=8).eval()  # eval: no dropout, so calls agree
     for conv in (head.decode.cls[1], head.aux.cls[1]):
         torch.nn.init.normal_(conv.weight, std=1.0)  # away from the near-uniform init
-    feats = [torch.randn(2, 8, 16 // 2 ** i, 16 // 2 ** i) for i in range(4)]
+    feats = [torch.randn(2, 8, 16 // 2**i, 16 // 2**i) for i in range(4)]
     label = torch.randint(0, 3, (2, 64, 64))
     label[0, :8] = 255
     parts = head.loss(feats, label)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vitsplit.model.adapter_blocks import InteractionBlock
+from vitsplit.backbones import Backbone, create_vit, resolve_name
 from vitsplit.model import build_model, count_trainable
+from vitsplit.model.adapter_blocks import InteractionBlock
 from vitsplit.model.plain_pyramid import PlainPyramid, pyramid_layers
 from vitsplit.model.upernet import UperNetSegHead
 from vitsplit.model.vit_adapter import PUBLISHED_ADAPTERS, ViTAdapter, adapter_config, interaction_groups
-from vitsplit.backbones import Backbone, create_vit, resolve_name
 from vitsplit.ops.ms_deform_attn import MSDeformAttn, reference_points
 
 
@@ -61,7 +61,9 @@ def test_b_and_l_totals_differ_from_the_224px_backbones_by_the_position_embeddin
     assert ADAPTER_ROWS[3][1] - total_224 == (577 - 197) * 1024
 
 
-@pytest.mark.parametrize("name,exact,published", [("dinov2_vitb14", 120_721_196, 120.7), ("dinov2_vitl14", 341_196_076, 341.2)])
+@pytest.mark.parametrize(
+    "name,exact,published", [("dinov2_vitb14", 120_721_196, 120.7), ("dinov2_vitl14", 341_196_076, 341.2)]
+)
 def test_dinov2_full_upernet_totals(name, exact, published):
     """Full fine-tuning (every backbone parameter) + UperNet with its auxiliary head, on a
     parameter-free four-level neck."""
@@ -72,8 +74,9 @@ def test_dinov2_full_upernet_totals(name, exact, published):
     assert total == exact and round(total / 1e6, 1) == published
 
 
-@pytest.mark.parametrize("name,exact", [("dinov2_vits14", 57_996_220), ("dinov2_vitb14", 134_399_500),
-                                        ("dinov2_vitl14", 364_429_804)])
+@pytest.mark.parametrize(
+    "name,exact", [("dinov2_vits14", 57_996_220), ("dinov2_vitb14", 134_399_500), ("dinov2_vitl14", 364_429_804)]
+)
 def test_vit_adapter_on_dinov2_totals(name, exact):
     """ViT-Adapter-S/B/L on DINOv2 (patch 14, 37 x 37 + 1 position rows, layer scale): the adapter
     and head are the same as on DeiT/AugReg; the backbone part differs."""
@@ -93,8 +96,17 @@ def test_published_configs_and_rule():
 
 def tiny_backbone(patch=16, depth=4, dim=32, prefix_cls=True):
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=64, patch_size=patch, embed_dim=dim, depth=depth, num_heads=2, num_classes=0,
-                            dynamic_img_size=True, class_token=prefix_cls, global_pool="token" if prefix_cls else "avg")
+    vit = VisionTransformer(
+        img_size=64,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=2,
+        num_classes=0,
+        dynamic_img_size=True,
+        class_token=prefix_cls,
+        global_pool="token" if prefix_cls else "avg",
+    )
     return Backbone(vit, name="tiny", weights_source="random (seed 0)").eval()
 
 
@@ -122,7 +134,7 @@ def test_tokens_use_patch_positions_only():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         tokens, grid = ad._tokens(x)
-        ref = bb.embed(x)[:, bb.num_prefix_tokens:]
+        ref = bb.embed(x)[:, bb.num_prefix_tokens :]
     assert grid == (4, 4) and torch.equal(tokens, ref)
     frozen = {n for n, p in ad.named_parameters() if not p.requires_grad}
     assert frozen == {"backbone.vit.cls_token", "backbone.vit.norm.weight", "backbone.vit.norm.bias"}
@@ -133,8 +145,16 @@ def test_zero_gamma_injector_leaves_the_vit_path_unchanged():
     blocks' output, whatever the spatial features; with gamma != 0 they are not."""
     torch.manual_seed(0)
     bb = tiny_backbone()
-    blk = InteractionBlock(32, num_heads=2, n_points=4, deform_ratio=1.0, cffn_ratio=0.25, drop_path=0.0,
-                           init_values=0.0, extra_extractors=True).eval()
+    blk = InteractionBlock(
+        32,
+        num_heads=2,
+        n_points=4,
+        deform_ratio=1.0,
+        cffn_ratio=0.25,
+        drop_path=0.0,
+        init_values=0.0,
+        extra_extractors=True,
+    ).eval()
     shapes = [(8, 8), (4, 4), (2, 2)]
     x, c = torch.randn(1, 16, 32), torch.randn(1, 84, 32)
     args = ([bb.vit.blocks[0], bb.vit.blocks[1]], (4, 4), shapes, reference_points([(4, 4)]), reference_points(shapes))
@@ -190,8 +210,16 @@ def test_rope_backbones_are_refused_and_the_spatial_prior_sees_the_models_normal
 
     from vitsplit.errors import UserError
 
-    eva = Eva(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0, use_rot_pos_emb=True,
-              dynamic_img_size=True)
+    eva = Eva(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        num_classes=0,
+        use_rot_pos_emb=True,
+        dynamic_img_size=True,
+    )
     with pytest.raises(UserError, match="VisionTransformer"):
         ViTAdapter(Backbone(eva, name="eva-tiny", weights_source="random"))
     bb = tiny_backbone()

@@ -19,14 +19,14 @@ from vitsplit.evaluation import evaluate_model
 from vitsplit.model import load_trainable
 from vitsplit.model.adapter_baseline import LAYER_DECAY, ViTAdapterBaseline
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_backbone() -> Backbone:
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0,
-                            dynamic_img_size=True)
+    vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0, dynamic_img_size=True
+    )
     return Backbone(vit, name="tiny", weights_source="random (seed 0)").eval()
 
 
@@ -73,8 +73,20 @@ def test_one_training_step_then_reload(tmp_path, method, head):
     """One optimizer step through ``train`` moves the weights; the saved file rebuilds the model
     (config + backbone hash) and scores exactly what eval.json says."""
     out = tmp_path / "run"
-    cfg = TrainConfig(task="seg", method=method, head=head, data="synthetic:size=32,classes=2", iters=1, batch_size=2,
-                      crop=32, lr=1e-3, checkpoint_every=1, log_every=1, val_length=2, out=str(out))
+    cfg = TrainConfig(
+        task="seg",
+        method=method,
+        head=head,
+        data="synthetic:size=32,classes=2",
+        iters=1,
+        batch_size=2,
+        crop=32,
+        lr=1e-3,
+        checkpoint_every=1,
+        log_every=1,
+        val_length=2,
+        out=str(out),
+    )
     result = train(cfg, backbone=tiny_backbone())
     conf = json.loads((out / "config.json").read_text())
     assert conf["head"] == head and conf["model_config"]["head"] == head and conf["model_config"]["method"] == method
@@ -88,21 +100,31 @@ def test_one_training_step_then_reload(tmp_path, method, head):
     if method == "vit-adapter":
         assert any(k.startswith("adapter.spm.") for k in moved)
     model = load_trainable(out / "model.safetensors", tiny_backbone())
-    again = evaluate_model(model, build_dataset(cfg.data, "val", task="seg", crop=32, augment=False, length=2, seed=0),
-                           "seg", crop=32)
+    again = evaluate_model(
+        model, build_dataset(cfg.data, "val", task="seg", crop=32, augment=False, length=2, seed=0), "seg", crop=32
+    )
     assert again["IoU"] == result["IoU"]
 
 
 def test_options_that_do_not_fit_are_refused():
-    for kw, match in [(dict(method="linear", head="upernet"), "upernet"), (dict(method="vitsplit", head="upernet"), "own"),
-                      (dict(method="full", head="upernet", task="det"), "segmentation head"),
-                      (dict(method="vit-adapter", task="depth"), "segmentation"), (dict(method="full", head="fpn"), "unknown head")]:
+    for kw, match in [
+        (dict(method="linear", head="upernet"), "upernet"),
+        (dict(method="vitsplit", head="upernet"), "own"),
+        (dict(method="full", head="upernet", task="det"), "segmentation head"),
+        (dict(method="vit-adapter", task="depth"), "segmentation"),
+        (dict(method="full", head="fpn"), "unknown head"),
+    ]:
         with pytest.raises(UserError, match=match):
             resolve_config(TrainConfig(**kw))
 
 
 def test_default_lr_is_the_adapter_release_for_vit_adapter():
     assert default_lr("seg", tiny_backbone(), "vit-adapter") == 6e-5
-    deep = Backbone(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=24, num_heads=2, num_classes=0,
-                                      dynamic_img_size=True), name="deep", weights_source="random")
+    deep = Backbone(
+        VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=32, depth=24, num_heads=2, num_classes=0, dynamic_img_size=True
+        ),
+        name="deep",
+        weights_source="random",
+    )
     assert default_lr("seg", deep, "vit-adapter") == 2e-5 and default_lr("seg", deep, "full") == 3e-4

@@ -58,6 +58,7 @@ def plain_tiny_backbone() -> Backbone:
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0,
-                            dynamic_img_size=True)
+    vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0, dynamic_img_size=True
+    )
     return Backbone(vit, name="tiny", weights_source="random (seed 0)").eval()

@@ -58,8 +58,9 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> list[Path]:
         path.mkdir(parents=True, exist_ok=True)
         os.unlink(_create_temp(path / ".write-test"))
     except OSError as e:
-        raise UserError(f"{what} {path} is not writable ({e.strerror or type(e).__name__}); "
-                        "give a folder you can write to") from None
+        raise UserError(
+            f"{what} {path} is not writable ({e.strerror or type(e).__name__}); give a folder you can write to"
+        ) from None
     return missing[::-1]
 
 
@@ -80,10 +81,14 @@ def existing_path(path: str | os.PathLike, what: str) -> Path:
     except FileNotFoundError:
         raise UserError(f"{what} {p} does not exist") from None
     except RuntimeError:  # Python < 3.13 reports a symlink loop this way
-        raise UserError(f"{what} {p} is a symlink loop (it leads back to itself); give the file it should point at") from None
+        raise UserError(
+            f"{what} {p} is a symlink loop (it leads back to itself); give the file it should point at"
+        ) from None
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise UserError(f"{what} {p} is a symlink loop (it leads back to itself); give the file it should point at") from None
+            raise UserError(
+                f"{what} {p} is a symlink loop (it leads back to itself); give the file it should point at"
+            ) from None
         raise UserError(f"{what} {p} cannot be read ({e.strerror or type(e).__name__})") from None
 
 
@@ -123,8 +128,16 @@ def _json_default(o: Any) -> Any:
 
 # safetensors dtype names (the format's specification) of the torch dtypes a checkpoint holds.
 _SAFETENSORS_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
 }
 
 
@@ -164,8 +177,9 @@ def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None =
     return len(text).to_bytes(8, "little") + text + b"".join(chunks)
 
 
-def atomic_write_safetensors(path: str | os.PathLike, tensors: dict[str, Any],
-                             metadata: dict[str, str] | None = None) -> Path:
+def atomic_write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> Path:
     """Write :func:`safetensors_bytes` atomically: the same input gives a byte-identical file."""
     data = safetensors_bytes(tensors, metadata)
 
@@ -200,7 +214,9 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({e})") from e
 
 
-def load_torch_restricted(path: str | os.PathLike, *, remedy: str, allow: Sequence[Any] = (), what: str = "file") -> Any:
+def load_torch_restricted(
+    path: str | os.PathLike, *, remedy: str, allow: Sequence[Any] = (), what: str = "file"
+) -> Any:
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and plain containers only,
     plus the classes and functions in ``allow``; a file that pickles anything else is refused and
     nothing in it is imported or called. Torch's two-line warning about the pickle protocol of a file
@@ -221,14 +237,18 @@ def load_torch_restricted(path: str | os.PathLike, *, remedy: str, allow: Sequen
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
         if found:  # the restricted unpickler met a class or function: it was neither imported nor called
-            raise UserError(f"refused to load {path}: it pickles '{found.group(1) or found.group(2)}', which is not a "
-                            "tensor or plain container, and loading it could run code (torch.load weights_only=True); "
-                            f"{remedy}") from e
-        raise UserError(f"cannot read {what} {path}: not a torch file that loads with weights_only=True "
-                        f"(no code is run); {remedy}") from e
+            raise UserError(
+                f"refused to load {path}: it pickles '{found.group(1) or found.group(2)}', which is not a "
+                "tensor or plain container, and loading it could run code (torch.load weights_only=True); "
+                f"{remedy}"
+            ) from e
+        raise UserError(
+            f"cannot read {what} {path}: not a torch file that loads with weights_only=True (no code is run); {remedy}"
+        ) from e
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
-        raise UserError(f"cannot read {what} {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-                        f"{remedy}") from e
+        raise UserError(
+            f"cannot read {what} {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); {remedy}"
+        ) from e
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -74,13 +74,16 @@ def _read(path: Path) -> LockOwner | None:
     """The owner recorded in ``path``; None if the file has gone; UserError if it is not a lock file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return LockOwner(**{k: data[k] for k in ("pid", "host", "started", "command", "token")},
-                         proc_start=data.get("proc_start"))
+        return LockOwner(
+            **{k: data[k] for k in ("pid", "host", "started", "command", "token")}, proc_start=data.get("proc_start")
+        )
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a readable cka-split lock file ({type(e).__name__}); if no job is using "
-                        f"{path.parent}, delete it") from None
+        raise UserError(
+            f"{path} is not a readable cka-split lock file ({type(e).__name__}); if no job is using "
+            f"{path.parent}, delete it"
+        ) from None
 
 
 class RunLock:
@@ -91,9 +94,14 @@ class RunLock:
     def __init__(self, folder: str | os.PathLike, command: str | None = None, what: str = "--out"):
         self.folder, self.what = Path(folder), what
         self.path = self.folder / LOCK_NAME
-        self.owner = LockOwner(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
-                               command=command or shlex.join(sys.argv), token=secrets.token_hex(8),
-                               proc_start=_proc_start(os.getpid()))
+        self.owner = LockOwner(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started=time.strftime("%Y-%m-%d %H:%M:%S"),
+            command=command or shlex.join(sys.argv),
+            token=secrets.token_hex(8),
+            proc_start=_proc_start(os.getpid()),
+        )
         self.stale: LockOwner | None = None
         self.held = False
         self.created: list[Path] = []  # folders acquire() made: removed on release if still empty
@@ -116,12 +124,16 @@ class RunLock:
                 continue
             if not owner.is_stale():
                 self._remove_created()
-                raise UserError(f"{self.folder} is in use by {owner.describe()}; wait for that job to end or give "
-                                f"another {self.what} (if it is not running, delete {self.path})")
+                raise UserError(
+                    f"{self.folder} is in use by {owner.describe()}; wait for that job to end or give "
+                    f"another {self.what} (if it is not running, delete {self.path})"
+                )
             if self._break(owner):
                 self.stale = owner
-        raise UserError(f"could not lock {self.folder}: other jobs keep taking and releasing {self.path}; "
-                        f"give each job its own {self.what}")
+        raise UserError(
+            f"could not lock {self.folder}: other jobs keep taking and releasing {self.path}; "
+            f"give each job its own {self.what}"
+        )
 
     def _create(self) -> bool:
         """Create the lock file with our content if it does not exist; False if it does."""
@@ -173,7 +185,9 @@ class RunLock:
         """A note for the user when acquire() took over a dead job's lock (else None)."""
         if self.stale is None:
             return None
-        return f"note: {self.path} was left by {self.stale.describe()}, which is no longer running; this job took it over"
+        return (
+            f"note: {self.path} was left by {self.stale.describe()}, which is no longer running; this job took it over"
+        )
 
     def release(self) -> None:
         """Delete the lock file if it is still ours, and the folders acquire() made if they stayed empty."""
@@ -203,5 +217,7 @@ def check_not_in_use(folder: str | os.PathLike, to_do: str) -> None:
     path = Path(folder) / LOCK_NAME
     owner = _read(path) if path.is_file() else None
     if owner is not None and not owner.is_stale():
-        raise UserError(f"{Path(folder)} is in use by {owner.describe()}; {to_do} when that job has ended "
-                        f"(if it is not running, delete {path})")
+        raise UserError(
+            f"{Path(folder)} is in use by {owner.describe()}; {to_do} when that job has ended "
+            f"(if it is not running, delete {path})"
+        )

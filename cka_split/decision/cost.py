@@ -109,7 +109,7 @@ def full_finetune_param_counter(backbone_name: str, num_classes: dict[str, int])
 
     def count(task: str) -> int:
         if task not in cache:
-            with torch.device("meta"):      # "linear" has full's head on a frozen backbone (and hashes no weights)
+            with torch.device("meta"):  # "linear" has full's head on a frozen backbone (and hashes no weights)
                 bb = Backbone(create_vit(spec), name=backbone_name, weights_source="meta")
                 m = Baseline(bb, "linear", task, int(num_classes.get(task, 150)))
             cache[task] = int(count_trainable(m)) + sum(p.numel() for p in bb.parameters())
@@ -134,14 +134,18 @@ def vitsplit_param_counter(backbone_name: str, num_classes: dict[str, int]) -> P
         if key not in cache:
             with torch.device("meta"):
                 bb = Backbone(create_vit(spec), name=backbone_name, weights_source="meta")
-                m = ViTSplit(bb, k_t=k_t, prior_layers=list(prior_layers), task=task,
-                             num_classes=int(num_classes.get(task, 150)))
+                m = ViTSplit(
+                    bb, k_t=k_t, prior_layers=list(prior_layers), task=task, num_classes=int(num_classes.get(task, 150))
+                )
             cache[key] = int(count_trainable(m))
         return cache[key]
 
     return count
 
-def largest_k_t_within(param_count: ParamCount, task: str, prior: list[int], limit: int, k_max: int) -> tuple[int, int] | None:
+
+def largest_k_t_within(
+    param_count: ParamCount, task: str, prior: list[int], limit: int, k_max: int
+) -> tuple[int, int] | None:
     """The largest K_t <= k_max whose ViT-Split has at most ``limit`` trainable parameters, and that
     count; None if not even K_t = 1 fits."""
     for k in range(k_max, 0, -1):
@@ -151,29 +155,49 @@ def largest_k_t_within(param_count: ParamCount, task: str, prior: list[int], lim
     return None
 
 
-def split_cost(t: str, L: int, k_t: int, prior: list[int], d: np.ndarray, *, param_count: ParamCount | None,
-                   full_count: FullCount | None, budget: int | None) -> tuple[int, dict[str, Any], list[str]]:
+def split_cost(
+    t: str,
+    L: int,
+    k_t: int,
+    prior: list[int],
+    d: np.ndarray,
+    *,
+    param_count: ParamCount | None,
+    full_count: FullCount | None,
+    budget: int | None,
+) -> tuple[int, dict[str, Any], list[str]]:
     """Apply ``budget`` to task t's K_t (from CKA) and state what the split costs.
 
     d: (L,) the task's divergence curve. Returns (K_t after the budget, the cost fields of
     recommendation.json's per-task entry, evidence sentences)."""
     k_cka = k_t
     ev: list[str] = []
-    info: dict[str, Any] = {"trainable_params": None, "full_finetune_params": None, "params_vs_full": None,
-                            "larger_than_full": None, "largest_k_t_below_full": None}
+    info: dict[str, Any] = {
+        "trainable_params": None,
+        "full_finetune_params": None,
+        "params_vs_full": None,
+        "larger_than_full": None,
+        "largest_k_t_below_full": None,
+    }
     if param_count is not None:
         n = n0 = int(param_count(t, k_t, prior))
         if budget is not None and n > budget:
             fit = largest_k_t_within(param_count, t, prior, budget, k_t)
             if fit is None:
-                raise UserError(f"ViT-Split for {t} needs {int(param_count(t, 1, prior)) / 1e6:.2f}M trainable parameters even "
-                                f"with K_t=1, more than --max-trainable-params {budget / 1e6:.2f}M for {t}; raise the budget")
+                raise UserError(
+                    f"ViT-Split for {t} needs {int(param_count(t, 1, prior)) / 1e6:.2f}M trainable parameters even "
+                    f"with K_t=1, more than --max-trainable-params {budget / 1e6:.2f}M for {t}; raise the budget"
+                )
             k_t, n = fit
-            ev.append(f"With K_t = {k_cka} ViT-Split has {n0 / 1e6:.3f}M trainable parameters, more than the budget of "
-                      f"{budget / 1e6:.3f}M for {t}; K_t lowered to {k_t} ({n / 1e6:.3f}M).")
+            ev.append(
+                f"With K_t = {k_cka} ViT-Split has {n0 / 1e6:.3f}M trainable parameters, more than the budget of "
+                f"{budget / 1e6:.3f}M for {t}; K_t lowered to {k_t} ({n / 1e6:.3f}M)."
+            )
         else:
-            ev.append(f"ViT-Split for {t} with K_t = {k_t} has {n / 1e6:.3f}M trainable parameters"
-                      + (f", within the budget of {budget / 1e6:.3f}M." if budget is not None else "."))
+            ev.append(
+                f"ViT-Split for {t} with K_t = {k_t} has {n / 1e6:.3f}M trainable parameters"
+                + (f", within the budget of {budget / 1e6:.3f}M." if budget is not None else ".")
+            )
         info["trainable_params"] = n
         if full_count is not None:
             full = int(full_count(t))
@@ -181,23 +205,33 @@ def split_cost(t: str, L: int, k_t: int, prior: list[int], d: np.ndarray, *, par
             if n > full:
                 fit = largest_k_t_within(param_count, t, prior, full, k_t)
                 info["largest_k_t_below_full"] = None if fit is None else fit[0]
-                ev.append(f"Warning: this ViT-Split trains more parameters than full fine-tuning ({n / 1e6:.3f}M vs "
-                          f"{full / 1e6:.3f}M, {n / full:.2f}x); "
-                          + (f"the largest K_t that does not is {fit[0]} ({fit[1] / 1e6:.3f}M)." if fit else
-                             "even K_t = 1 does (the prior head and fusion alone are larger)."))
+                ev.append(
+                    f"Warning: this ViT-Split trains more parameters than full fine-tuning ({n / 1e6:.3f}M vs "
+                    f"{full / 1e6:.3f}M, {n / full:.2f}x); "
+                    + (
+                        f"the largest K_t that does not is {fit[0]} ({fit[1] / 1e6:.3f}M)."
+                        if fit
+                        else "even K_t = 1 does (the prior head and fusion alone are larger)."
+                    )
+                )
             else:
                 info["largest_k_t_below_full"] = k_t
                 ev.append(f"That is {n / full:.2f}x the {full / 1e6:.3f}M parameters of full fine-tuning.")
     avoided, ratio = backward_avoided(L, k_t), step_time_ratio(L, k_t)
-    ev.append(f"Frozen below block {L - k_t}, ViT-Split avoids {avoided:.0%} of the backbone's backward pass; estimated "
-              f"backbone step time {ratio:.2f}x full fine-tuning's ((L + 3 K_t) / 3L: backward = 2 forwards, heads not "
-              "counted).")
+    ev.append(
+        f"Frozen below block {L - k_t}, ViT-Split avoids {avoided:.0%} of the backbone's backward pass; estimated "
+        f"backbone step time {ratio:.2f}x full fine-tuning's ((L + 3 K_t) / 3L: backward = 2 forwards, heads not "
+        "counted)."
+    )
     share = divergence_share(d)
     if np.isfinite(share[0]):
         ks = sorted({1, 2, 3, k_t} & set(range(1, L + 1)))
-        ev.append("Share of the summed divergence carried by the last blocks: "
-                  + ", ".join(f"last {k}: {share[k - 1]:.0%}" for k in ks)
-                  + (f"; the task head's {k_t} block(s) carry {share[k_t - 1]:.0%}." if k_t in ks else "."))
-    info.update(backward_avoided=avoided, step_time_ratio_estimate=ratio,
-                divergence_share_last=[json_float(v) for v in share])
+        ev.append(
+            "Share of the summed divergence carried by the last blocks: "
+            + ", ".join(f"last {k}: {share[k - 1]:.0%}" for k in ks)
+            + (f"; the task head's {k_t} block(s) carry {share[k_t - 1]:.0%}." if k_t in ks else ".")
+        )
+    info.update(
+        backward_avoided=avoided, step_time_ratio_estimate=ratio, divergence_share_last=[json_float(v) for v in share]
+    )
     return k_t, info, ev

@@ -70,7 +70,7 @@ class Divergence:
     index: int | None
     ratio: float
     threshold: float | None
-    peak: int                 # index of the largest d / se (the most significant point)
+    peak: int  # index of the largest d / se (the most significant point)
 
 
 def noise_band(d: np.ndarray, se: np.ndarray, z: float = NOISE_Z) -> tuple[np.ndarray, np.ndarray]:
@@ -93,8 +93,15 @@ def step_ratios(d: np.ndarray, se: np.ndarray, *, z: float = NOISE_Z, floor: flo
     return r
 
 
-def accepted_steps(curve: Sequence[float], se: Sequence[float] | None = None, layers: Sequence[int] | None = None, *,
-                   z: float = NOISE_Z, step_ratio: float = STEP_RATIO, floor: float = NUMERIC_FLOOR) -> list[tuple[int, float]]:
+def accepted_steps(
+    curve: Sequence[float],
+    se: Sequence[float] | None = None,
+    layers: Sequence[int] | None = None,
+    *,
+    z: float = NOISE_Z,
+    step_ratio: float = STEP_RATIO,
+    floor: float = NUMERIC_FLOOR,
+) -> list[tuple[int, float]]:
     """(start block, step ratio) of every candidate start the step test accepts (``r(i) >= step_ratio``),
     ascending. The rule (:func:`divergence_start`) takes the one with the largest ratio; two or more are a
     tie it breaks by a ratio that is itself a noisy estimate: each is a step "beyond noise" in the rule's sense."""
@@ -105,8 +112,15 @@ def accepted_steps(curve: Sequence[float], se: Sequence[float] | None = None, la
     return [(layers[i - 1] + 1, float(r[i])) for i in range(1, d.size) if r[i] >= step_ratio]
 
 
-def accepted_starts(curve: Sequence[float], se: Sequence[float] | None = None, layers: Sequence[int] | None = None, *,
-                    z: float = NOISE_Z, step_ratio: float = STEP_RATIO, floor: float = NUMERIC_FLOOR) -> list[int]:
+def accepted_starts(
+    curve: Sequence[float],
+    se: Sequence[float] | None = None,
+    layers: Sequence[int] | None = None,
+    *,
+    z: float = NOISE_Z,
+    step_ratio: float = STEP_RATIO,
+    floor: float = NUMERIC_FLOOR,
+) -> list[int]:
     """The starts of :func:`accepted_steps`; without any, the rule's own start (a gradual curve) or
     nothing (a flat one)."""
     div = divergence_start(curve, se, layers, z=z, step_ratio=step_ratio, floor=floor)
@@ -115,8 +129,15 @@ def accepted_starts(curve: Sequence[float], se: Sequence[float] | None = None, l
     return [start for start, _ in accepted_steps(curve, se, layers, z=z, step_ratio=step_ratio, floor=floor)]
 
 
-def divergence_start(curve: Sequence[float], se: Sequence[float] | None = None, layers: Sequence[int] | None = None, *,
-                     z: float = NOISE_Z, step_ratio: float = STEP_RATIO, floor: float = NUMERIC_FLOOR) -> Divergence:
+def divergence_start(
+    curve: Sequence[float],
+    se: Sequence[float] | None = None,
+    layers: Sequence[int] | None = None,
+    *,
+    z: float = NOISE_Z,
+    step_ratio: float = STEP_RATIO,
+    floor: float = NUMERIC_FLOOR,
+) -> Divergence:
     """Where a divergence curve leaves the blocks the task left (nearly) alone (module docstring).
 
     curve: (n,) d = 1 - CKA at the blocks ``layers`` (ascending; default 0..n-1); se: (n,) its SE
@@ -125,7 +146,9 @@ def divergence_start(curve: Sequence[float], se: Sequence[float] | None = None, 
     """
     d = np.asarray(curve, dtype=np.float64)
     if d.ndim != 1 or d.size == 0 or not np.all(np.isfinite(d)):
-        raise UserError("a divergence curve must be a non-empty list of finite numbers; the CKA matrix holds NaN or is empty")
+        raise UserError(
+            "a divergence curve must be a non-empty list of finite numbers; the CKA matrix holds NaN or is empty"
+        )
     s = np.full(d.size, np.nan) if se is None else np.asarray(se, dtype=np.float64)
     if s.shape != d.shape:
         raise ValueError(f"se has shape {s.shape}, the curve {d.shape}")
@@ -143,7 +166,7 @@ def divergence_start(curve: Sequence[float], se: Sequence[float] | None = None, 
 
     r = step_ratios(d, s, z=z, floor=floor)
     if d.size > 1 and np.nanmax(r) >= step_ratio:
-        i = int(np.nanargmax(r))            # first index of the maximum: ties go to the earlier block
+        i = int(np.nanargmax(r))  # first index of the maximum: ties go to the earlier block
         return Divergence("step", start_at(i), i, float(r[i]), float(max(hi[:i].max(), floor)), peak)
     i = int(np.argmax(moved))
     best = float(np.nanmax(r)) if d.size > 1 else float("nan")

@@ -34,12 +34,15 @@ def batch_images(batch: Any) -> torch.Tensor:
         return batch["image"]
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         return batch[0]
-    raise UserError(f"cannot find images in a minibatch of type {type(batch).__name__}; "
-                    "yield tensors (B, 3, H, W) or dicts with 'image'")
+    raise UserError(
+        f"cannot find images in a minibatch of type {type(batch).__name__}; "
+        "yield tensors (B, 3, H, W) or dicts with 'image'"
+    )
 
 
-def resolve_layers(models: Mapping[str, nn.Module],
-                   layers: Sequence[int] | Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
+def resolve_layers(
+    models: Mapping[str, nn.Module], layers: Sequence[int] | Mapping[str, Sequence[int]] | None
+) -> dict[str, list[int]]:
     """None -> every block of each model; a list -> the same blocks of every model; a dict -> per model."""
     out = {}
     for name, model in models.items():
@@ -69,10 +72,18 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def analyze(models: Mapping[str, nn.Module], loader: Iterable, *,
-            layers: Sequence[int] | Mapping[str, Sequence[int]] | None = None, features: str = "tokens",
-            device: str | torch.device | None = None, progress: Progress = NULL_PROGRESS, unbiased: bool = True,
-            token_subsample: int | None = None, seed: int = 0) -> CKAResult:
+def analyze(
+    models: Mapping[str, nn.Module],
+    loader: Iterable,
+    *,
+    layers: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    features: str = "tokens",
+    device: str | torch.device | None = None,
+    progress: Progress = NULL_PROGRESS,
+    unbiased: bool = True,
+    token_subsample: int | None = None,
+    seed: int = 0,
+) -> CKAResult:
     """CKA between every block of every model and every other, over the images of ``loader``.
 
     models: {name: Backbone or timm ViT}; loader yields (B, 3, H, W) normalised images (or dicts with
@@ -100,14 +111,20 @@ def analyze(models: Mapping[str, nn.Module], loader: Iterable, *,
     task = progress.task("CKA over probe images", total)
     try:
         with ExitStack() as stack, torch.inference_mode():
-            hooks = {n: stack.enter_context(BlockFeatures(models[n], lay[n], features, token_subsample=token_subsample,
-                                                          seed=seed, transform=workspace)) for n in names}
+            hooks = {
+                n: stack.enter_context(
+                    BlockFeatures(
+                        models[n], lay[n], features, token_subsample=token_subsample, seed=seed, transform=workspace
+                    )
+                )
+                for n in names
+            }
             for m in models.values():
                 m.eval()
             for b, batch in enumerate(loader):
                 if b % world == rank:
                     x = batch_images(batch)
-                    acc.check_batch_size(int(x.shape[0]))          # before any forward pass
+                    acc.check_batch_size(int(x.shape[0]))  # before any forward pass
                     grams = []
                     for n in names:
                         out = hooks[n](x.to(devices[n], non_blocking=True))
@@ -121,6 +138,14 @@ def analyze(models: Mapping[str, nn.Module], loader: Iterable, *,
     acc.all_reduce()
     if acc.hsic is None:
         raise UserError("the probe loader yielded no minibatch; give at least one minibatch of images")
-    return CKAResult(models=names, layers=lay, full=acc.compute(), num_images=acc.num_examples, features=features,
-                     unbiased=unbiased, num_batches=acc.num_batches, token_subsample=token_subsample,
-                     batch_hsic=acc.batch_terms())
+    return CKAResult(
+        models=names,
+        layers=lay,
+        full=acc.compute(),
+        num_images=acc.num_examples,
+        features=features,
+        unbiased=unbiased,
+        num_batches=acc.num_batches,
+        token_subsample=token_subsample,
+        batch_hsic=acc.batch_terms(),
+    )

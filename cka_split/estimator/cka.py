@@ -93,8 +93,8 @@ def centered_gram(x: torch.Tensor, workspace: torch.Tensor | None = None) -> tor
             workspace = torch.empty(n * block, dtype=torch.float64, device=x.device)
         gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
         for start in range(0, d, block):
-            cols = x[:, start:start + block]
-            xs = torch.sub(cols, cols[:1], out=workspace[:cols.numel()].view(cols.shape))
+            cols = x[:, start : start + block]
+            xs = torch.sub(cols, cols[:1], out=workspace[: cols.numel()].view(cols.shape))
             gram.addmm_(xs, xs.T)
         return gram
 
@@ -108,7 +108,7 @@ class GramWorkspace:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         buf = self.buffers.get(x.device)
-        if buf is None or buf.numel() < x.shape[0]:      # centered_gram needs n * block <= max(n, BLOCK)
+        if buf is None or buf.numel() < x.shape[0]:  # centered_gram needs n * block <= max(n, BLOCK)
             size = max(GRAM_BLOCK_ELEMENTS, x.shape[0])
             buf = self.buffers[x.device] = torch.empty(size, dtype=torch.float64, device=x.device)
         return centered_gram(x, buf)
@@ -123,7 +123,7 @@ def u_centre(gram: torch.Tensor) -> torch.Tensor:
     n = gram.shape[-1]
     g = gram.clone()
     g.diagonal(dim1=-2, dim2=-1).zero_()
-    means = g.sum(dim=-1) / (n - 2)                                   # (F, n)
+    means = g.sum(dim=-1) / (n - 2)  # (F, n)
     means -= means.sum(dim=-1, keepdim=True) / (2 * (n - 1))
     g -= means[:, :, None]
     g -= means[:, None, :]
@@ -145,8 +145,12 @@ def _cka_from_hsic(hsic: torch.Tensor) -> torch.Tensor:
     out = hsic / torch.sqrt(denom.clamp_min(0))
     if bool(bad.any()):
         dead = [i for i in range(d.numel()) if not d[i] > 0]
-        warnings.warn(f"CKA is undefined for feature set(s) {dead}: they do not vary over the examples "
-                      "(HSIC(X, X) = 0); those rows and columns are NaN", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"CKA is undefined for feature set(s) {dead}: they do not vary over the examples "
+            "(HSIC(X, X) = 0); those rows and columns are NaN",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         out = torch.where(bad, torch.full_like(out, float("nan")), out)
     return out
 
@@ -166,7 +170,7 @@ class MinibatchCKA:
         self.reset()
 
     def reset(self) -> None:
-        self.hsic: torch.Tensor | None = None       # (F, F) float64, sum over minibatches
+        self.hsic: torch.Tensor | None = None  # (F, F) float64, sum over minibatches
         # per-minibatch (F, F) terms in minibatch order; None once they are unknown (a state saved
         # without them was loaded), and the SE is then NaN
         self.batch_hsic: list[torch.Tensor] | None = []
@@ -184,15 +188,19 @@ class MinibatchCKA:
         n = int(features[0].shape[0])
         for i, f in enumerate(features):
             if int(f.shape[0]) != n:
-                raise ValueError(f"feature set {i} has {f.shape[0]} examples, feature set 0 has {n}; "
-                                 "all feature sets of one minibatch must hold the same examples")
+                raise ValueError(
+                    f"feature set {i} has {f.shape[0]} examples, feature set 0 has {n}; "
+                    "all feature sets of one minibatch must hold the same examples"
+                )
         self.check_batch_size(n)
         self.update_grams(torch.stack([centered_gram(f) for f in features]))
 
     def check_batch_size(self, n: int) -> None:
         if self.unbiased and n < 4:
-            raise BatchTooSmallError(f"the unbiased CKA estimator needs at least 4 examples per minibatch, got {n}; "
-                                     "use a larger batch size (and drop a last minibatch smaller than 4)")
+            raise BatchTooSmallError(
+                f"the unbiased CKA estimator needs at least 4 examples per minibatch, got {n}; "
+                "use a larger batch size (and drop a last minibatch smaller than 4)"
+            )
         if n < 2:
             raise BatchTooSmallError(f"CKA needs at least 2 examples per minibatch, got {n}; use a larger batch size")
 
@@ -210,7 +218,7 @@ class MinibatchCKA:
             else:
                 flat = h_centre(grams).reshape(f, n * n)
                 scale = (n - 1) ** 2
-            batch = (flat @ flat.T) / scale                      # (F, F): every pair in one product
+            batch = (flat @ flat.T) / scale  # (F, F): every pair in one product
         if self.hsic is None:
             self.hsic = torch.zeros(f, f, dtype=torch.float64, device=grams.device)
         batch = batch.to(self.hsic.device)
@@ -244,19 +252,25 @@ class MinibatchCKA:
 
     # ------------------------------------------------------------------------- resume and DDP
     def state_dict(self) -> dict[str, Any]:
-        return {"unbiased": self.unbiased, "num_batches": self.num_batches, "num_examples": self.num_examples,
-                "hsic": None if self.hsic is None else self.hsic.detach().cpu().clone(),
-                "batch_hsic": self.batch_terms()}
+        return {
+            "unbiased": self.unbiased,
+            "num_batches": self.num_batches,
+            "num_examples": self.num_examples,
+            "hsic": None if self.hsic is None else self.hsic.detach().cpu().clone(),
+            "batch_hsic": self.batch_terms(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if bool(state["unbiased"]) != self.unbiased:
-            raise ValueError(f"state was accumulated with unbiased={state['unbiased']}, "
-                             f"this accumulator has unbiased={self.unbiased}")
+            raise ValueError(
+                f"state was accumulated with unbiased={state['unbiased']}, "
+                f"this accumulator has unbiased={self.unbiased}"
+            )
         h = state["hsic"]
         self.hsic = None if h is None else torch.as_tensor(h, dtype=torch.float64).clone()
         self.num_batches = int(state["num_batches"])
         self.num_examples = int(state["num_examples"])
-        terms = state.get("batch_hsic")     # absent in states saved before the SE existed
+        terms = state.get("batch_hsic")  # absent in states saved before the SE existed
         if self.hsic is None:
             self.batch_hsic = []
         elif terms is None or int(terms.shape[0]) != self.num_batches:
@@ -284,8 +298,9 @@ class MinibatchCKA:
         if dist.get_backend(group) == "nccl":
             dev = torch.device("cuda", torch.cuda.current_device())
         has_terms = self.batch_hsic is not None
-        meta = torch.tensor([self.num_sets, self.num_batches, self.num_examples, int(not has_terms)],
-                            dtype=torch.int64, device=dev)
+        meta = torch.tensor(
+            [self.num_sets, self.num_batches, self.num_examples, int(not has_terms)], dtype=torch.int64, device=dev
+        )
         metas = [torch.empty_like(meta) for _ in range(world)]
         dist.all_gather(metas, meta, group=group)
         metas = [m.cpu() for m in metas]
@@ -297,7 +312,7 @@ class MinibatchCKA:
         self.num_batches, self.num_examples = sum(batches), sum(int(m[2]) for m in metas)
         if nf == 0:
             return
-        if any(int(m[3]) for m in metas):                     # some rank lost its terms: sums only
+        if any(int(m[3]) for m in metas):  # some rank lost its terms: sums only
             hsic = (self.hsic if self.hsic is not None else torch.zeros(nf, nf, dtype=torch.float64)).to(dev).clone()
             dist.all_reduce(hsic, group=group)
             self.hsic, self.batch_hsic = hsic.to(home), None
@@ -305,12 +320,12 @@ class MinibatchCKA:
         most = max(batches)
         local = torch.zeros(most, nf, nf, dtype=torch.float64, device=dev)
         if self.batch_hsic:
-            local[:len(self.batch_hsic)] = torch.stack(self.batch_hsic).to(dev)
+            local[: len(self.batch_hsic)] = torch.stack(self.batch_hsic).to(dev)
         gathered = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(gathered, local, group=group)
         terms = [gathered[r][k].to(home) for k in range(most) for r in range(world) if k < batches[r]]
         hsic = torch.zeros(nf, nf, dtype=torch.float64, device=home)
-        for t in terms:                                       # the single process's order of additions
+        for t in terms:  # the single process's order of additions
             hsic += t
         self.hsic, self.batch_hsic = hsic, terms
 
@@ -326,6 +341,9 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, unbiased: bool = False) -> floa
         warnings.simplefilter("always")
         value = float(acc.compute()[0, 1])
     if caught:
-        warnings.warn("linear CKA is undefined: x or y does not vary over the examples; returning NaN",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "linear CKA is undefined: x or y does not vary over the examples; returning NaN",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return value

@@ -32,8 +32,10 @@ def vit_blocks(model: nn.Module) -> nn.ModuleList:
     vit = getattr(model, "vit", None)
     blocks = getattr(vit, "blocks", None) if vit is not None else getattr(model, "blocks", None)
     if blocks is None or not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
-        raise UserError(f"{type(model).__name__} has no transformer blocks (.blocks or .vit.blocks); "
-                        "give a vitsplit Backbone or a timm VisionTransformer")
+        raise UserError(
+            f"{type(model).__name__} has no transformer blocks (.blocks or .vit.blocks); "
+            "give a vitsplit Backbone or a timm VisionTransformer"
+        )
     return blocks
 
 
@@ -61,8 +63,9 @@ def token_positions(num_patches: int, k: int | None, seed: int = 0) -> torch.Ten
     return torch.randperm(num_patches, generator=g)[:k].sort().values
 
 
-def select_features(tokens: torch.Tensor, mode: str, prefix: int, positions: torch.Tensor | None = None,
-                    flatten: bool = True) -> torch.Tensor:
+def select_features(
+    tokens: torch.Tensor, mode: str, prefix: int, positions: torch.Tensor | None = None, flatten: bool = True
+) -> torch.Tensor:
     """One block's output (B, T, C) -> features (B, D), float32 or float64.
 
     tokens: (B, P*C) patch tokens (at ``positions`` if given; (B, P, C) with ``flatten=False``, which
@@ -95,9 +98,16 @@ class BlockFeatures:
     block.
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[int], mode: str = "tokens", *,
-                 token_subsample: int | None = None, seed: int = 0,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Iterable[int],
+        mode: str = "tokens",
+        *,
+        token_subsample: int | None = None,
+        seed: int = 0,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         if mode not in FEATURE_MODES:
             raise UserError(f"unknown feature mode '{mode}': use one of {', '.join(FEATURE_MODES)}")
         self.model = model
@@ -137,6 +147,7 @@ class BlockFeatures:
             self.outputs[layer] = self.transform(f) if self.transform is not None else f
             if last:
                 raise _StopForward
+
         return hook
 
     def __enter__(self) -> "BlockFeatures":

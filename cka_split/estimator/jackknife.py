@@ -27,7 +27,7 @@ def jackknife_se(batch_hsic: torch.Tensor) -> torch.Tensor:
     if b < 2:
         return torch.full((f, f), float("nan"), dtype=torch.float64)
     h = batch_hsic.to(torch.float64)
-    return se_from_replicates(_cka_ratio(h.sum(dim=0, keepdim=True) - h))   # replicates (B, F, F)
+    return se_from_replicates(_cka_ratio(h.sum(dim=0, keepdim=True) - h))  # replicates (B, F, F)
 
 
 def se_from_replicates(loo: torch.Tensor) -> torch.Tensor:

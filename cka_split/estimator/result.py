@@ -15,7 +15,7 @@ from vitsplit.fileio import atomic_write
 
 from .jackknife import jackknife_se
 
-FORMAT_VERSION = 2      # 2 adds the per-minibatch HSIC terms and the jackknife SE; version 1 files still load
+FORMAT_VERSION = 2  # 2 adds the per-minibatch HSIC terms and the jackknife SE; version 1 files still load
 READABLE_VERSIONS = (1, 2)
 
 
@@ -75,12 +75,12 @@ class CKAResult:
     def matrix(self, a: str, b: str) -> torch.Tensor:
         """(L_a, L_b) float64: CKA of model a's layer i (rows) with model b's layer j (columns)."""
         ia, ib = self.offset(a), self.offset(b)
-        return self.full[ia:ia + len(self.layers[a]), ib:ib + len(self.layers[b])].clone()
+        return self.full[ia : ia + len(self.layers[a]), ib : ib + len(self.layers[b])].clone()
 
     def se(self, a: str, b: str) -> torch.Tensor:
         """(L_a, L_b) float64 jackknife SE of :meth:`matrix` (a, b); NaN where unknown."""
         ia, ib = self.offset(a), self.offset(b)
-        return self.full_se[ia:ia + len(self.layers[a]), ib:ib + len(self.layers[b])].clone()
+        return self.full_se[ia : ia + len(self.layers[a]), ib : ib + len(self.layers[b])].clone()
 
     def labels(self) -> list[str]:
         """One label per feature set, "model/layer", in the order of ``full``."""
@@ -126,20 +126,29 @@ class CKAResult:
             with np.load(path, allow_pickle=False) as z:
                 version = int(z["format_version"])
                 if version not in READABLE_VERSIONS:
-                    raise UserError(f"{path} has CKA file format {version}, this version reads "
-                                    f"{', '.join(map(str, READABLE_VERSIONS))}; rerun 'cka-split analyze'")
+                    raise UserError(
+                        f"{path} has CKA file format {version}, this version reads "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}; rerun 'cka-split analyze'"
+                    )
                 models = [str(m) for m in z["models"]]
                 ts = int(z["token_subsample"])
-                return cls(models=models,
-                           layers={m: [int(i) for i in z[f"layers_{k}"]] for k, m in enumerate(models)},
-                           full=torch.from_numpy(np.array(z["full"], dtype=np.float64)),
-                           num_images=int(z["num_images"]), num_batches=int(z["num_batches"]),
-                           features=str(z["features"]), unbiased=bool(z["unbiased"]),
-                           token_subsample=None if ts < 0 else ts,
-                           extra=dict(zip((str(k) for k in z["extra_keys"]), (str(v) for v in z["extra_values"]))),
-                           batch_hsic=torch.from_numpy(np.array(z["batch_hsic"], dtype=np.float64))
-                           if "batch_hsic" in z.files else None)
+                return cls(
+                    models=models,
+                    layers={m: [int(i) for i in z[f"layers_{k}"]] for k, m in enumerate(models)},
+                    full=torch.from_numpy(np.array(z["full"], dtype=np.float64)),
+                    num_images=int(z["num_images"]),
+                    num_batches=int(z["num_batches"]),
+                    features=str(z["features"]),
+                    unbiased=bool(z["unbiased"]),
+                    token_subsample=None if ts < 0 else ts,
+                    extra=dict(zip((str(k) for k in z["extra_keys"]), (str(v) for v in z["extra_values"]))),
+                    batch_hsic=torch.from_numpy(np.array(z["batch_hsic"], dtype=np.float64))
+                    if "batch_hsic" in z.files
+                    else None,
+                )
         except UserError:
             raise
         except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
-            raise UserError(f"{path} is not a CKA result file written by cka-split ({e}); rerun 'cka-split analyze'") from e
+            raise UserError(
+                f"{path} is not a CKA result file written by cka-split ({e}); rerun 'cka-split analyze'"
+            ) from e

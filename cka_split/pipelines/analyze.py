@@ -1,7 +1,9 @@
 """The ``analyze`` pipeline and the run directory it writes (``docs/run-directory.md``).
 
-1. Load the pretrained backbone; unless ``selector`` is "cka", the gradient-norm rival (:mod:`cka_split.probes.rgn`), ``RUN/rgn.json``.
-2. Per task (not with ``selector`` "rgn"): load ``finetuned[task]`` (a backbone fine-tuned elsewhere) or fine-tune a copy with the
+1. Load the pretrained backbone; unless ``selector`` is "cka", the gradient-norm rival (:mod:`cka_split.probes.rgn`),
+``RUN/rgn.json``.
+2. Per task (not with ``selector`` "rgn"): load ``finetuned[task]`` (a backbone fine-tuned elsewhere) or fine-tune a
+copy with the
    trainer (:func:`vitsplit.engine.finetune_backbone`) and save it to ``RUN/finetuned/TASK.safetensors``.
 3. CKA of every block of every model, one pass over ``probe_images`` validation images
    (:func:`cka_split.estimator.analysis.analyze`), saved as ``RUN/cka.npz``.
@@ -27,6 +29,21 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from cka_split.decision.cost import Budget, check_budget_tasks, full_finetune_param_counter, vitsplit_param_counter
+from cka_split.decision.recommend import SplitRecommendation, recommend_split
+from cka_split.estimator.analysis import analyze
+from cka_split.estimator.cka import MIN_SE_BATCHES
+from cka_split.estimator.result import CKAResult
+from cka_split.probes.pca import pca_maps
+from cka_split.probes.rgn import (
+    DEFAULT_BATCHES,
+    attach_rgn,
+    check_rgn_options,
+    load_rgn,
+    rgn_for_tasks,
+    rgn_recommendation,
+    save_rgn,
+)
 from vitsplit.backbones import backbone_config, build_backbone
 from vitsplit.backbones.hf import HF_WEIGHT_FILES, hf_weight_files
 from vitsplit.data import TASKS, build_dataset, collate
@@ -38,25 +55,26 @@ from vitsplit.progress import NULL_PROGRESS, Progress
 from vitsplit.ranges import COUNT, NON_NEGATIVE, POSITIVE, Range
 from vitsplit.runlock import LOCK_NAME, RunLock
 
-from cka_split.estimator.analysis import analyze
-from cka_split.estimator.cka import MIN_SE_BATCHES
-from cka_split.decision.cost import Budget, check_budget_tasks, full_finetune_param_counter, vitsplit_param_counter
-from cka_split.probes.pca import pca_maps
-from cka_split.decision.recommend import SplitRecommendation, recommend_split
-from cka_split.estimator.result import CKAResult
-from cka_split.probes.rgn import DEFAULT_BATCHES, attach_rgn, check_rgn_options, load_rgn, rgn_for_tasks, rgn_recommendation, save_rgn
-
-AUTO_CHECK_BATCH = 8      # images per minibatch of the "auto" checks' probe set
+AUTO_CHECK_BATCH = 8  # images per minibatch of the "auto" checks' probe set
 FEATURES = ("tokens", "mean", "cls")
 PRECISIONS = ("fp32", "bf16")
 
 
 # The numeric options' allowed values (None: the default); the CLI checks the same table while parsing.
 ANALYZE_RANGES: dict[str, Range] = {
-    "finetune_steps": NON_NEGATIVE, "finetune_lr": POSITIVE, "finetune_batch_size": COUNT, "probe_images": COUNT,
-    "batch_size": COUNT, "image_size": COUNT, "seed": NON_NEGATIVE, "pca_images": NON_NEGATIVE,
-    "finetune_max_steps": COUNT, "finetune_check_every": COUNT, "finetune_patience": COUNT,
-    "finetune_check_images": COUNT, "rgn_batches": COUNT,
+    "finetune_steps": NON_NEGATIVE,
+    "finetune_lr": POSITIVE,
+    "finetune_batch_size": COUNT,
+    "probe_images": COUNT,
+    "batch_size": COUNT,
+    "image_size": COUNT,
+    "seed": NON_NEGATIVE,
+    "pca_images": NON_NEGATIVE,
+    "finetune_max_steps": COUNT,
+    "finetune_check_every": COUNT,
+    "finetune_patience": COUNT,
+    "finetune_check_images": COUNT,
+    "rgn_batches": COUNT,
 }
 
 
@@ -69,11 +87,11 @@ class AnalyzeConfig:
     tasks: list[str] = field(default_factory=lambda: ["seg", "det"])
     finetuned: dict[str, str] = field(default_factory=dict)
     data: dict[str, str] = field(default_factory=dict)  # task -> spec; "*" = every task and the probes
-    finetune_steps: int | str = 300   # or "auto": stop when the recommendation is stable (cka_split.probes.autostop)
-    finetune_max_steps: int = 300     # "auto": at most this many steps (the schedule spans them)
-    finetune_check_every: int = 25    # "auto": steps between checks
-    finetune_patience: int = 3        # "auto": checks with an unchanged K_t before stopping
-    finetune_check_images: int = 64   # "auto": probe images of each check (minibatches of 8)
+    finetune_steps: int | str = 300  # or "auto": stop when the recommendation is stable (cka_split.probes.autostop)
+    finetune_max_steps: int = 300  # "auto": at most this many steps (the schedule spans them)
+    finetune_check_every: int = 25  # "auto": steps between checks
+    finetune_patience: int = 3  # "auto": checks with an unchanged K_t before stopping
+    finetune_check_images: int = 64  # "auto": probe images of each check (minibatches of 8)
     finetune_steps_per_task: dict[str, int] = field(default_factory=dict)  # overrides finetune_steps
     finetune_lr: float | None = None  # None: the trainer's default for the model
     finetune_batch_size: int = 8
@@ -124,11 +142,16 @@ def validate(cfg: AnalyzeConfig) -> None:
         raise UserError(f"--tasks lists a task twice: {' '.join(cfg.tasks)}")
     for t, path in cfg.finetuned.items():
         if t not in cfg.tasks:
-            raise UserError(f"--finetuned {t}=... names task '{t}', which is not in --tasks ({' '.join(cfg.tasks)}); add it there or drop it")
+            raise UserError(
+                f"--finetuned {t}=... names task '{t}', which is not in --tasks ({' '.join(cfg.tasks)}); add it there "
+                f"or drop it"
+            )
         found = _given_path("--finetuned", f"{t}={path}", path)
         if found.is_dir() and not hf_weight_files(found):
-            raise UserError(f"--finetuned {t}={path} is a folder without a weights file ({', '.join(HF_WEIGHT_FILES)}); "
-                            "give the fine-tuned weights file itself")
+            raise UserError(
+                f"--finetuned {t}={path} is a folder without a weights file ({', '.join(HF_WEIGHT_FILES)}); "
+                "give the fine-tuned weights file itself"
+            )
     for t in cfg.data:
         if t != "*" and t not in cfg.tasks:
             raise UserError(f"--data {t}=... names task '{t}', which is not in --tasks ({' '.join(cfg.tasks)})")
@@ -146,9 +169,15 @@ def validate(cfg: AnalyzeConfig) -> None:
         if not (name == "finetune_steps" and not isinstance(cfg.finetune_steps, int)):  # "auto": below
             allowed.check(f"--{name.replace('_', '-')}", getattr(cfg, name))
     if cfg.unbiased and cfg.batch_size < 4:
-        raise UserError(f"--batch-size {cfg.batch_size} is too small for the unbiased CKA estimator, which needs at least 4 images per minibatch")
+        raise UserError(
+            f"--batch-size {cfg.batch_size} is too small for the unbiased CKA estimator, which needs at least 4 images "
+            f"per minibatch"
+        )
     if cfg.probe_images < cfg.batch_size:
-        raise UserError(f"--probe-images {cfg.probe_images} is smaller than one minibatch (--batch-size {cfg.batch_size}); use more probe images or a smaller batch")
+        raise UserError(
+            f"--probe-images {cfg.probe_images} is smaller than one minibatch (--batch-size {cfg.batch_size}); use "
+            f"more probe images or a smaller batch"
+        )
     check_rgn_options(cfg.selector, cfg.rgn_batches)
     check_budget_tasks(cfg.max_trainable_params, cfg.tasks)
     if cfg.finetune_steps == "auto":
@@ -157,7 +186,9 @@ def validate(cfg: AnalyzeConfig) -> None:
     elif not isinstance(cfg.finetune_steps, int):
         raise UserError(f"--finetune-steps {cfg.finetune_steps}: give a number of steps or 'auto'")
     elif any(t not in cfg.finetuned for t in cfg.tasks) and cfg.finetune_steps < 1:
-        raise UserError(f"--finetune-steps {cfg.finetune_steps}: tasks without --finetuned need at least 1 fine-tuning step")
+        raise UserError(
+            f"--finetune-steps {cfg.finetune_steps}: tasks without --finetuned need at least 1 fine-tuning step"
+        )
 
 
 def _given_path(option: str, given: str, path: str, hint: str = "") -> Path:
@@ -214,12 +245,15 @@ def save_backbone(bb, path: Path) -> Path:
 
 def probe_loader(cfg: AnalyzeConfig):
     """Validation images of the probe spec, ``batch_size`` per minibatch, whole minibatches only."""
-    ds = build_dataset(cfg.probe_spec(), "val", task="seg", crop=cfg.image_size, augment=False,
-                       length=cfg.probe_images, seed=cfg.seed)
+    ds = build_dataset(
+        cfg.probe_spec(), "val", task="seg", crop=cfg.image_size, augment=False, length=cfg.probe_images, seed=cfg.seed
+    )
     n = min(len(ds), cfg.probe_images)
     if n < cfg.batch_size:
-        raise UserError(f"the probe data '{cfg.probe_spec()}' has {n} validation images, fewer than one minibatch "
-                        f"(--batch-size {cfg.batch_size}); use a smaller batch or more data")
+        raise UserError(
+            f"the probe data '{cfg.probe_spec()}' has {n} validation images, fewer than one minibatch "
+            f"(--batch-size {cfg.batch_size}); use a smaller batch or more data"
+        )
     if n < len(ds):
         ds = torch.utils.data.Subset(ds, range(n))
     g = torch.Generator().manual_seed(cfg.seed)
@@ -242,12 +276,21 @@ def task_num_classes(cfg: AnalyzeConfig) -> dict[str, int]:
 def auto_probes(cfg: AnalyzeConfig, device: torch.device) -> list[torch.Tensor]:
     """The fixed probe minibatches of the ``--finetune-steps auto`` checks: the first
     ``finetune_check_images`` probe images (whole minibatches of AUTO_CHECK_BATCH), on ``device``."""
-    ds = build_dataset(cfg.probe_spec(), "val", task="seg", crop=cfg.image_size, augment=False,
-                       length=cfg.finetune_check_images, seed=cfg.seed)
+    ds = build_dataset(
+        cfg.probe_spec(),
+        "val",
+        task="seg",
+        crop=cfg.image_size,
+        augment=False,
+        length=cfg.finetune_check_images,
+        seed=cfg.seed,
+    )
     n = min(len(ds), cfg.finetune_check_images) // AUTO_CHECK_BATCH * AUTO_CHECK_BATCH
     if n < AUTO_CHECK_BATCH:
-        raise UserError(f"the probe data '{cfg.probe_spec()}' has fewer than {AUTO_CHECK_BATCH} validation images for the "
-                        "--finetune-steps auto checks")
+        raise UserError(
+            f"the probe data '{cfg.probe_spec()}' has fewer than {AUTO_CHECK_BATCH} validation images for the "
+            "--finetune-steps auto checks"
+        )
     images = torch.stack([ds[i]["image"] for i in range(n)]).to(device)
     return list(images.split(AUTO_CHECK_BATCH))
 
@@ -257,9 +300,12 @@ def se_batches_warning(cfg: AnalyzeConfig) -> str | None:
     batches = cfg.probe_images // cfg.batch_size
     if batches >= MIN_SE_BATCHES:
         return None
-    return (f"--probe-images {cfg.probe_images} / --batch-size {cfg.batch_size} gives {batches} minibatch(es); the CKA's "
-            f"jackknife SE needs at least {MIN_SE_BATCHES} to be reliable, so the noise judgements will be marked unreliable "
-            f"(use --probe-images {MIN_SE_BATCHES * cfg.batch_size} or a smaller --batch-size)")
+    return (
+        f"--probe-images {cfg.probe_images} / --batch-size {cfg.batch_size} gives {batches} minibatch(es); the CKA's "
+        f"jackknife SE needs at least {MIN_SE_BATCHES} to be reliable, so the noise judgements will be marked "
+        f"unreliable "
+        f"(use --probe-images {MIN_SE_BATCHES * cfg.batch_size} or a smaller --batch-size)"
+    )
 
 
 def run_analyze(cfg: AnalyzeConfig, progress: Progress = NULL_PROGRESS) -> tuple[Path, SplitRecommendation]:
@@ -285,9 +331,20 @@ def _analyze_locked(cfg: AnalyzeConfig, run: Path, progress: Progress) -> tuple[
     models = {"pretrained": pretrained}
     sources: dict[str, dict[str, Any]] = {"pretrained": {"origin": "pretrained", "weights": cfg.weights}}
     run.mkdir(parents=True, exist_ok=True)
-    rgn = {} if cfg.selector == "cka" else rgn_for_tasks(
-        pretrained, {t: cfg.data_for(t) for t in cfg.tasks}, batches=cfg.rgn_batches, batch_size=cfg.finetune_batch_size,
-        crop=cfg.image_size, seed=cfg.seed, device=device, progress=progress)
+    rgn = (
+        {}
+        if cfg.selector == "cka"
+        else rgn_for_tasks(
+            pretrained,
+            {t: cfg.data_for(t) for t in cfg.tasks},
+            batches=cfg.rgn_batches,
+            batch_size=cfg.finetune_batch_size,
+            crop=cfg.image_size,
+            seed=cfg.seed,
+            device=device,
+            progress=progress,
+        )
+    )
     if rgn:
         save_rgn(run / "rgn.json", rgn)
     for t in cfg.tasks if cfg.selector != "rgn" else []:  # --selector rgn: no task copies, no task CKA
@@ -302,17 +359,42 @@ def _analyze_locked(cfg: AnalyzeConfig, run: Path, progress: Progress) -> tuple[
                 from cka_split.probes.autostop import StabilityStop, stability_callback
 
                 stop = StabilityStop(cfg.finetune_check_every, cfg.finetune_patience)
-                on_step = stability_callback(pretrained, t, auto_probes(cfg, device), stop, num_layers=pretrained.num_layers,
-                                             features=cfg.features, unbiased=cfg.unbiased)
-            progress.log(f"fine-tuning a copy of {cfg.model} for {t}: {'at most ' if auto else ''}{steps} steps on {cfg.data_for(t)}")
+                on_step = stability_callback(
+                    pretrained,
+                    t,
+                    auto_probes(cfg, device),
+                    stop,
+                    num_layers=pretrained.num_layers,
+                    features=cfg.features,
+                    unbiased=cfg.unbiased,
+                )
+            progress.log(
+                f"fine-tuning a copy of {cfg.model} for {t}: {'at most ' if auto else ''}{steps} steps on "
+                f"{cfg.data_for(t)}"
+            )
             t_ft = time.time()
-            bb = finetune_backbone(pretrained, t, cfg.data_for(t), steps, batch_size=cfg.finetune_batch_size,
-                                   crop=cfg.image_size, lr=cfg.finetune_lr, seed=cfg.seed, device=str(device),
-                                   progress=progress, on_step=on_step)
+            bb = finetune_backbone(
+                pretrained,
+                t,
+                cfg.data_for(t),
+                steps,
+                batch_size=cfg.finetune_batch_size,
+                crop=cfg.image_size,
+                lr=cfg.finetune_lr,
+                seed=cfg.seed,
+                device=str(device),
+                progress=progress,
+                on_step=on_step,
+            )
             path = save_backbone(bb, run / "finetuned" / f"{t}.safetensors")
             used = stop.stopped_at if stop is not None and stop.stopped_at is not None else steps
-            sources[t] = {"origin": "fine-tuned by analyze (method full)", "steps": used,
-                          "data": cfg.data_for(t), "file": str(path), "seconds": round(time.time() - t_ft, 2)}
+            sources[t] = {
+                "origin": "fine-tuned by analyze (method full)",
+                "steps": used,
+                "data": cfg.data_for(t),
+                "file": str(path),
+                "seconds": round(time.time() - t_ft, 2),
+            }
             if stop is not None:
                 sources[t]["auto"] = stop.to_json(steps, used)
         bb.to(device).eval()
@@ -326,8 +408,7 @@ def _analyze_locked(cfg: AnalyzeConfig, run: Path, progress: Progress) -> tuple[
     loader, n_used = probe_loader(cfg)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     with torch.no_grad(), autocast:
-        res = analyze(models, loader, features=cfg.features, device=device, progress=progress,
-                      unbiased=cfg.unbiased)
+        res = analyze(models, loader, features=cfg.features, device=device, progress=progress, unbiased=cfg.unbiased)
     res.save(run / "cka.npz")
 
     pca_index = None
@@ -341,19 +422,37 @@ def _analyze_locked(cfg: AnalyzeConfig, run: Path, progress: Progress) -> tuple[
     if cfg.weights not in ("auto", "random"):
         weights_arg, weights_file_sha = str(Path(cfg.weights).resolve()), sha256_file(cfg.weights)
     num_classes = task_num_classes(cfg)
-    counter, full_counter = vitsplit_param_counter(cfg.model, num_classes), full_finetune_param_counter(cfg.model, num_classes)
-    rec = (rgn_recommendation(rgn, model=cfg.model, num_layers=pretrained.num_layers, param_count=counter)
-           if cfg.selector == "rgn" else
-           recommend_split(res, tasks=cfg.tasks, model=cfg.model, num_layers=pretrained.num_layers,
-                           max_trainable_params=cfg.max_trainable_params, param_count=counter, full_count=full_counter))
+    counter, full_counter = (
+        vitsplit_param_counter(cfg.model, num_classes),
+        full_finetune_param_counter(cfg.model, num_classes),
+    )
+    rec = (
+        rgn_recommendation(rgn, model=cfg.model, num_layers=pretrained.num_layers, param_count=counter)
+        if cfg.selector == "rgn"
+        else recommend_split(
+            res,
+            tasks=cfg.tasks,
+            model=cfg.model,
+            num_layers=pretrained.num_layers,
+            max_trainable_params=cfg.max_trainable_params,
+            param_count=counter,
+            full_count=full_counter,
+        )
+    )
     atomic_write_json(run / "recommendation.json", attach_rgn(rec, rgn).to_json())
 
     config = {
         "command": "analyze",
         "options": asdict(cfg) | {"out": str(run)},
-        "resolved": {"device": str(device), "probe_spec": cfg.probe_spec(), "probe_images_used": int(res.num_images),
-                     "probe_images_available": n_used, "data": {t: cfg.data_for(t) for t in cfg.tasks},
-                     "num_classes": num_classes, "pca": "pca/index.json" if pca_index else None},
+        "resolved": {
+            "device": str(device),
+            "probe_spec": cfg.probe_spec(),
+            "probe_images_used": int(res.num_images),
+            "probe_images_available": n_used,
+            "data": {t: cfg.data_for(t) for t in cfg.tasks},
+            "num_classes": num_classes,
+            "pca": "pca/index.json" if pca_index else None,
+        },
         "seed": cfg.seed,
         "versions": versions(),
         "weights": weights_arg,
@@ -368,7 +467,9 @@ def _analyze_locked(cfg: AnalyzeConfig, run: Path, progress: Progress) -> tuple[
     return run, rec
 
 
-def recommend_run(run_dir: str | Path, max_trainable_params: Budget = None, **kwargs) -> tuple[Path, SplitRecommendation]:
+def recommend_run(
+    run_dir: str | Path, max_trainable_params: Budget = None, **kwargs
+) -> tuple[Path, SplitRecommendation]:
     """Recompute RUN/recommendation.json from RUN/cka.npz and RUN/config.json (no model weights; a
     budget builds ViT-Split on the meta device to count parameters). ``kwargs`` go to recommend_split."""
     run = resolve_run_dir(run_dir)
@@ -392,9 +493,20 @@ def _recommend_locked(run: Path, max_trainable_params: Budget, **kwargs) -> tupl
     check_budget_tasks(max_trainable_params, tasks)
     counter, full_counter = vitsplit_param_counter(model, num_classes), full_finetune_param_counter(model, num_classes)
     rgn = load_rgn(run / "rgn.json")
-    rec = (rgn_recommendation(rgn, model=model, num_layers=num_layers, param_count=counter)
-           if opts.get("selector") == "rgn" else  # an RGN-only run has no task copies to read K_t from
-           recommend_split(res, tasks=tasks, model=model, num_layers=num_layers, max_trainable_params=max_trainable_params,
-                           param_count=counter, full_count=full_counter, **kwargs))
+    rec = (
+        rgn_recommendation(rgn, model=model, num_layers=num_layers, param_count=counter)
+        if opts.get("selector") == "rgn"
+        # an RGN-only run has no task copies to read K_t from
+        else recommend_split(
+            res,
+            tasks=tasks,
+            model=model,
+            num_layers=num_layers,
+            max_trainable_params=max_trainable_params,
+            param_count=counter,
+            full_count=full_counter,
+            **kwargs,
+        )
+    )
     atomic_write_json(run / "recommendation.json", attach_rgn(rec, rgn).to_json())
     return run, rec

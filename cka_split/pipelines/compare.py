@@ -43,15 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitsplit.errors import UserError
-from vitsplit.fileio import atomic_write, atomic_write_json
-from vitsplit.progress import NULL_PROGRESS, Progress
-
 from cka_split.estimator.analysis import batch_images, resolve_layers
 from cka_split.estimator.cka import GramWorkspace, MinibatchCKA
 from cka_split.estimator.features import FEATURE_MODES, BlockFeatures
 from cka_split.estimator.jackknife import se_from_replicates
 from cka_split.estimator.result import CKAResult
+from vitsplit.errors import UserError
+from vitsplit.fileio import atomic_write, atomic_write_json
+from vitsplit.progress import NULL_PROGRESS, Progress
 
 FORMAT_VERSION = 1
 
@@ -172,11 +171,25 @@ class Comparison:
         out = []
         for b in range(self.num_batches):
             acc = MinibatchCKA(unbiased=self.result.unbiased)
-            acc.load_state_dict({"unbiased": self.result.unbiased, "num_batches": self.num_batches - 1,
-                                 "num_examples": 0, "hsic": total - self.batch_hsic[b]})
+            acc.load_state_dict(
+                {
+                    "unbiased": self.result.unbiased,
+                    "num_batches": self.num_batches - 1,
+                    "num_examples": 0,
+                    "hsic": total - self.batch_hsic[b],
+                }
+            )
             r = self.result
-            out.append(CKAResult(models=r.models, layers=r.layers, full=acc.compute(), num_images=0,
-                                 features=r.features, unbiased=r.unbiased))
+            out.append(
+                CKAResult(
+                    models=r.models,
+                    layers=r.layers,
+                    full=acc.compute(),
+                    num_images=0,
+                    features=r.features,
+                    unbiased=r.unbiased,
+                )
+            )
         return out
 
     def splits(self) -> dict[str, ModelSplit]:
@@ -191,12 +204,16 @@ class Comparison:
             profiles = np.array([boundary_contrast(m) for m in rep_mats])  # (B, L-1)
             support = float(np.mean([s == boundary for _, s in rep])) if rep else float("nan")
             contrast = boundary_contrast(own)
-            out[name] = ModelSplit(name=name, num_layers=own.shape[0], split=value,
-                                   split_se=jackknife_se(np.array([v for v, _ in rep])) if rep else float("nan"),
-                                   boundary=boundary, boundary_support=support,
-                                   contrast=[float(v) for v in contrast],
-                                   contrast_se=[jackknife_se(profiles[:, k]) if rep else float("nan")
-                                                for k in range(contrast.size)])
+            out[name] = ModelSplit(
+                name=name,
+                num_layers=own.shape[0],
+                split=value,
+                split_se=jackknife_se(np.array([v for v, _ in rep])) if rep else float("nan"),
+                boundary=boundary,
+                boundary_support=support,
+                contrast=[float(v) for v in contrast],
+                contrast_se=[jackknife_se(profiles[:, k]) if rep else float("nan") for k in range(contrast.size)],
+            )
         return out
 
     def split_differences(self) -> dict[tuple[str, str], tuple[float, float]]:
@@ -207,7 +224,7 @@ class Comparison:
         per_rep = [{n: split_of(r.matrix(n, n).numpy())[0] for n in names} for r in reps]
         out = {}
         for i, a in enumerate(names):
-            for b in names[i + 1:]:
+            for b in names[i + 1 :]:
                 diffs = np.array([r[a] - r[b] for r in per_rep])
                 out[(a, b)] = (full[a] - full[b], jackknife_se(diffs) if reps else float("nan"))
         return out
@@ -219,26 +236,44 @@ class Comparison:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         r = self.result
-        arrays = {"full": r.full.numpy(), "batch_hsic": self.batch_hsic.numpy(),
-                  "models": np.array(r.models, dtype=np.str_),
-                  "format_version": np.array(FORMAT_VERSION)}
+        arrays = {
+            "full": r.full.numpy(),
+            "batch_hsic": self.batch_hsic.numpy(),
+            "models": np.array(r.models, dtype=np.str_),
+            "format_version": np.array(FORMAT_VERSION),
+        }
         for name in r.models:
             arrays[f"layers/{name}"] = np.array(r.layers[name], dtype=np.int64)
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
+
         atomic_write(out / "compare.npz", write)
         splits = self.splits()
         diffs = self.split_differences()
-        atomic_write_json(out / "compare.json", _json_ready({
-            "format_version": FORMAT_VERSION, "models": r.models, "layers": r.layers, "features": r.features,
-            "unbiased": r.unbiased, "num_images": r.num_images, "num_batches": self.num_batches,
-            "image_size": list(self.image_size), "grids": {k: list(v) for k, v in self.grids.items()},
-            "common_grid": list(self.common_grid) if self.common_grid else None, "info": self.info,
-            "splits": {k: vars(v) for k, v in splits.items()},
-            "split_differences": [{"a": a, "b": b, "difference": d, "se": se} for (a, b), (d, se) in diffs.items()],
-        }))
+        atomic_write_json(
+            out / "compare.json",
+            _json_ready(
+                {
+                    "format_version": FORMAT_VERSION,
+                    "models": r.models,
+                    "layers": r.layers,
+                    "features": r.features,
+                    "unbiased": r.unbiased,
+                    "num_images": r.num_images,
+                    "num_batches": self.num_batches,
+                    "image_size": list(self.image_size),
+                    "grids": {k: list(v) for k, v in self.grids.items()},
+                    "common_grid": list(self.common_grid) if self.common_grid else None,
+                    "info": self.info,
+                    "splits": {k: vars(v) for k, v in splits.items()},
+                    "split_differences": [
+                        {"a": a, "b": b, "difference": d, "se": se} for (a, b), (d, se) in diffs.items()
+                    ],
+                }
+            ),
+        )
         return out
 
     @classmethod
@@ -252,11 +287,23 @@ class Comparison:
                 full, hsic = torch.from_numpy(z["full"]).double(), torch.from_numpy(z["batch_hsic"]).double()
         except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
             raise UserError(f"{d} does not hold a comparison written by 'cka-split compare' ({e})") from e
-        result = CKAResult(models=models, layers=layers, full=full, num_images=int(meta["num_images"]),
-                           features=meta["features"], unbiased=bool(meta["unbiased"]), num_batches=int(meta["num_batches"]))
-        return cls(result=result, batch_hsic=hsic, grids={k: tuple(v) for k, v in meta["grids"].items()},
-                   common_grid=tuple(meta["common_grid"]) if meta["common_grid"] else None,
-                   image_size=tuple(meta["image_size"]), info=meta.get("info", {}))
+        result = CKAResult(
+            models=models,
+            layers=layers,
+            full=full,
+            num_images=int(meta["num_images"]),
+            features=meta["features"],
+            unbiased=bool(meta["unbiased"]),
+            num_batches=int(meta["num_batches"]),
+        )
+        return cls(
+            result=result,
+            batch_hsic=hsic,
+            grids={k: tuple(v) for k, v in meta["grids"].items()},
+            common_grid=tuple(meta["common_grid"]) if meta["common_grid"] else None,
+            image_size=tuple(meta["image_size"]),
+            info=meta.get("info", {}),
+        )
 
 
 def _json_ready(x: Any) -> Any:
@@ -274,8 +321,14 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
     return {k: getattr(model, k, None) for k in ("weights_source", "embed_dim", "patch_size", "num_prefix_tokens")}
 
 
-def compare_models(models: Mapping[str, nn.Module], loader: Iterable, *, features: str = "tokens",
-                   unbiased: bool = True, progress: Progress = NULL_PROGRESS) -> Comparison:
+def compare_models(
+    models: Mapping[str, nn.Module],
+    loader: Iterable,
+    *,
+    features: str = "tokens",
+    unbiased: bool = True,
+    progress: Progress = NULL_PROGRESS,
+) -> Comparison:
     """CKA of every block of every model with every other, on the images of ``loader``.
 
     models: {name: Backbone} (each with ``grid_size``, ``num_prefix_tokens``; any depth, width and
@@ -302,8 +355,10 @@ def compare_models(models: Mapping[str, nn.Module], loader: Iterable, *, feature
     task = progress.task("CKA across models", total)
     try:
         with ExitStack() as stack, torch.inference_mode():
-            hooks = {n: stack.enter_context(BlockFeatures(models[n], layers[n], features, transform=grams_of[n]))
-                     for n in names}
+            hooks = {
+                n: stack.enter_context(BlockFeatures(models[n], layers[n], features, transform=grams_of[n]))
+                for n in names
+            }
             for m in models.values():
                 m.eval()
             for batch in loader:
@@ -334,10 +389,23 @@ def compare_models(models: Mapping[str, nn.Module], loader: Iterable, *, feature
         raise UserError("the probe loader yielded no minibatch; give at least one minibatch of images")
     hsic = torch.stack(batch_hsic)
     acc = MinibatchCKA(unbiased=unbiased)
-    acc.load_state_dict({"unbiased": unbiased, "num_batches": len(batch_hsic), "num_examples": num_images,
-                         "hsic": hsic.sum(0)})
-    result = CKAResult(models=names, layers=layers, full=acc.compute(), num_images=num_images, features=features,
-                       unbiased=unbiased, num_batches=len(batch_hsic))
-    return Comparison(result=result, batch_hsic=hsic, grids=grids,
-                      common_grid=common if features == "tokens" else None, image_size=size,
-                      info={n: _model_info(models[n]) for n in names})
+    acc.load_state_dict(
+        {"unbiased": unbiased, "num_batches": len(batch_hsic), "num_examples": num_images, "hsic": hsic.sum(0)}
+    )
+    result = CKAResult(
+        models=names,
+        layers=layers,
+        full=acc.compute(),
+        num_images=num_images,
+        features=features,
+        unbiased=unbiased,
+        num_batches=len(batch_hsic),
+    )
+    return Comparison(
+        result=result,
+        batch_hsic=hsic,
+        grids=grids,
+        common_grid=common if features == "tokens" else None,
+        image_size=size,
+        info={n: _model_info(models[n]) for n in names},
+    )

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cka_split.estimator.cka import MIN_SE_BATCHES
+from cka_split.estimator.features import FEATURE_MODES
 from vitsplit.backbones import backbone_config, build_backbone
 from vitsplit.device import resolve_device
 from vitsplit.errors import UserError
@@ -20,10 +22,8 @@ from vitsplit.fileio import atomic_write_json, versions
 from vitsplit.progress import NULL_PROGRESS, Progress
 from vitsplit.ranges import COUNT, NON_NEGATIVE, Range
 
-from cka_split.estimator.cka import MIN_SE_BATCHES
-from .compare import Comparison, compare_models
-from cka_split.estimator.features import FEATURE_MODES
 from .analyze import default_run_dir, probe_loader
+from .compare import Comparison, compare_models
 
 
 @dataclass
@@ -68,7 +68,12 @@ def parse_weights(items: list[str] | None, models: list[str]) -> tuple[dict[str,
 
 
 # The numeric options' allowed values; the CLI checks the same table while parsing.
-COMPARE_RANGES: dict[str, Range] = {"probe_images": COUNT, "batch_size": COUNT, "image_size": COUNT, "seed": NON_NEGATIVE}
+COMPARE_RANGES: dict[str, Range] = {
+    "probe_images": COUNT,
+    "batch_size": COUNT,
+    "image_size": COUNT,
+    "seed": NON_NEGATIVE,
+}
 
 
 def validate(cfg: CompareConfig) -> None:
@@ -86,10 +91,14 @@ def validate(cfg: CompareConfig) -> None:
     for name, allowed in COMPARE_RANGES.items():
         allowed.check(f"--{name.replace('_', '-')}", getattr(cfg, name))
     if cfg.batch_size < 4:
-        raise UserError(f"--batch-size {cfg.batch_size}: the unbiased CKA estimator needs at least 4 images per minibatch")
+        raise UserError(
+            f"--batch-size {cfg.batch_size}: the unbiased CKA estimator needs at least 4 images per minibatch"
+        )
     if cfg.probe_images < 2 * cfg.batch_size:
-        raise UserError(f"--probe-images {cfg.probe_images} gives fewer than 2 minibatches of {cfg.batch_size}: "
-                        "the uncertainty needs at least 2 (and 8 to be usable)")
+        raise UserError(
+            f"--probe-images {cfg.probe_images} gives fewer than 2 minibatches of {cfg.batch_size}: "
+            "the uncertainty needs at least 2 (and 8 to be usable)"
+        )
 
 
 def run_compare(cfg: CompareConfig, progress: Progress = NULL_PROGRESS) -> tuple[Path, Comparison]:
@@ -106,8 +115,14 @@ def run_compare(cfg: CompareConfig, progress: Progress = NULL_PROGRESS) -> tuple
     loader, _ = probe_loader(cfg)
     cmp = compare_models(models, loader, features=cfg.features, progress=progress)
     cmp.save(out)
-    atomic_write_json(out / "config.json", {
-        "command": "compare", "options": asdict(cfg), "versions": versions(), "device": str(device),
-        "models": {n: backbone_config(bb) for n, bb in models.items()},
-    })
+    atomic_write_json(
+        out / "config.json",
+        {
+            "command": "compare",
+            "options": asdict(cfg),
+            "versions": versions(),
+            "device": str(device),
+            "models": {n: backbone_config(bb) for n, bb in models.items()},
+        },
+    )
     return out, cmp

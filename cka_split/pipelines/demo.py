@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cka_split.probes.pca import pca_maps
+from cka_split.probes.rgn import DEFAULT_BATCHES
 from vitsplit.backbones import build_backbone
 from vitsplit.backbones.demo_vit import CACHE_FOLDER, DEMO_RECIPE, SHIPPED_WEIGHTS, cache_path, find_demo_vit
 from vitsplit.engine import TrainConfig, train
@@ -37,8 +39,6 @@ from vitsplit.ops.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from vitsplit.pretrain import load_or_pretrain_demo_vit
 from vitsplit.progress import NULL_PROGRESS, Progress
 
-from cka_split.probes.pca import pca_maps
-from cka_split.probes.rgn import DEFAULT_BATCHES
 from .analyze import AnalyzeConfig, run_analyze
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
@@ -58,14 +58,14 @@ class DemoPlan:
     data: str = DEMO_DATA
     image_size: int = 112
     finetune_steps_seg: int = 150
-    finetune_steps_det: int = 15      # a Mask R-CNN step costs ~7.8 s here (2 cores): 15 steps ~2 minutes
+    finetune_steps_det: int = 15  # a Mask R-CNN step costs ~7.8 s here (2 cores): 15 steps ~2 minutes
     finetune_batch_size: int = 8
     finetune_lr: float = 3e-3
     probe_images: int = 128
-    cka_batch_size: int = 16          # 8 minibatches: the fewest the CKA's jackknife SE needs (MIN_SE_BATCHES)
+    cka_batch_size: int = 16  # 8 minibatches: the fewest the CKA's jackknife SE needs (MIN_SE_BATCHES)
     pca_images: int = 3
     rgn_batches: int = DEFAULT_BATCHES  # the gradient-norm rival's minibatches
-    train_iters: int = 150            # ~60 s per ViT-Split run on 2 cores: the split-validation benchmark's budget too
+    train_iters: int = 150  # ~60 s per ViT-Split run on 2 cores: the split-validation benchmark's budget too
     train_batch_size: int = 8
     train_lr: float = 1e-3
     train_pretrained_lr_scale: float = PRETRAINED_LR_SCALE  # ViT-Split's task head, full FT's backbone
@@ -75,8 +75,18 @@ class DemoPlan:
 
 
 FULL_PLAN = DemoPlan()
-QUICK_PLAN = DemoPlan(quick=True, finetune_steps_seg=60, finetune_steps_det=2, probe_images=64, cka_batch_size=8,
-                      pca_images=2, rgn_batches=2, train_iters=60, train_length=480, val_length=32)
+QUICK_PLAN = DemoPlan(
+    quick=True,
+    finetune_steps_seg=60,
+    finetune_steps_det=2,
+    probe_images=64,
+    cka_batch_size=8,
+    pca_images=2,
+    rgn_batches=2,
+    train_iters=60,
+    train_length=480,
+    val_length=32,
+)
 
 
 def demo_plan(quick: bool) -> DemoPlan:
@@ -96,9 +106,11 @@ def photographs(size: int) -> tuple[list[str], torch.Tensor]:
             img = np.repeat(img[..., None], 3, axis=2)
         h, w = img.shape[:2]
         s = min(h, w)
-        img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s, :3]
+        img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s, :3]
         img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-        t = (torch.from_numpy(img).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+        t = (torch.from_numpy(img).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
+            IMAGENET_STD
+        )[:, None, None]
         out.append(t)
         names.append(name)
     return names, torch.stack(out)
@@ -140,11 +152,24 @@ def run_demo(out: Path, plan: DemoPlan = FULL_PLAN, progress: Progress = NULL_PR
     timings["load demo-vit" if found == SHIPPED_WEIGHTS else "pretrain demo-vit"] = time.time() - t
 
     t = time.time()
-    cfg = AnalyzeConfig(model="demo-vit", weights=weights, tasks=["seg", "det"], finetune_steps=plan.finetune_steps_seg,
-                        finetune_steps_per_task={"det": plan.finetune_steps_det}, finetune_lr=plan.finetune_lr,
-                        finetune_batch_size=plan.finetune_batch_size, probe_images=plan.probe_images,
-                        batch_size=plan.cka_batch_size, image_size=plan.image_size, device="cpu", seed=plan.seed,
-                        out=str(out), pca_images=plan.pca_images, data={"*": plan.data}, rgn_batches=plan.rgn_batches)
+    cfg = AnalyzeConfig(
+        model="demo-vit",
+        weights=weights,
+        tasks=["seg", "det"],
+        finetune_steps=plan.finetune_steps_seg,
+        finetune_steps_per_task={"det": plan.finetune_steps_det},
+        finetune_lr=plan.finetune_lr,
+        finetune_batch_size=plan.finetune_batch_size,
+        probe_images=plan.probe_images,
+        batch_size=plan.cka_batch_size,
+        image_size=plan.image_size,
+        device="cpu",
+        seed=plan.seed,
+        out=str(out),
+        pca_images=plan.pca_images,
+        data={"*": plan.data},
+        rgn_batches=plan.rgn_batches,
+    )
     run, rec = run_analyze(cfg, progress=progress)
     _photo_pca(run, plan.image_size, "cpu", progress)
     timings["analyze (fine-tune seg and det copies, CKA, PCA)"] = time.time() - t
@@ -152,21 +177,40 @@ def run_demo(out: Path, plan: DemoPlan = FULL_PLAN, progress: Progress = NULL_PR
     results: dict[str, Any] = {}
     for method in METHODS:
         t = time.time()
-        tcfg = TrainConfig(task="seg", method=method, model="demo-vit", weights=weights, data=plan.data,
-                           auto_split=str(run) if method == "vitsplit" else None, iters=plan.train_iters,
-                           batch_size=plan.train_batch_size, crop=plan.image_size, lr=plan.train_lr, seed=plan.seed,
-                           pretrained_lr_scale=plan.train_pretrained_lr_scale,
-                           checkpoint_every=max(1, plan.train_iters // 2), log_every=max(1, plan.train_iters // 30),
-                           out=str(run / "training" / method), device="cpu", train_length=plan.train_length,
-                           val_length=plan.val_length)
+        tcfg = TrainConfig(
+            task="seg",
+            method=method,
+            model="demo-vit",
+            weights=weights,
+            data=plan.data,
+            auto_split=str(run) if method == "vitsplit" else None,
+            iters=plan.train_iters,
+            batch_size=plan.train_batch_size,
+            crop=plan.image_size,
+            lr=plan.train_lr,
+            seed=plan.seed,
+            pretrained_lr_scale=plan.train_pretrained_lr_scale,
+            checkpoint_every=max(1, plan.train_iters // 2),
+            log_every=max(1, plan.train_iters // 30),
+            out=str(run / "training" / method),
+            device="cpu",
+            train_length=plan.train_length,
+            val_length=plan.val_length,
+        )
         metrics = train(tcfg, progress=progress)
         results[method] = _training_summary(run / "training" / method, metrics)
         timings[f"train seg ({method})"] = time.time() - t
 
     timings["total"] = time.time() - t0
-    summary = {"plan": asdict(plan), "recipe_id": DEMO_RECIPE.recipe_id, "weights_source": backbone.weights_source,
-               "recommendation": rec.to_json(), "results": results, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-               "verdict": verdict(results)}
+    summary = {
+        "plan": asdict(plan),
+        "recipe_id": DEMO_RECIPE.recipe_id,
+        "weights_source": backbone.weights_source,
+        "recommendation": rec.to_json(),
+        "results": results,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "verdict": verdict(results),
+    }
     atomic_write_json(run / "demo.json", summary)
     return summary
 
@@ -175,9 +219,14 @@ def _training_summary(out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     cfg = json.loads((out / "config.json").read_text())
     speeds = [json.loads(line).get("it_s") for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     speeds = [s for s in speeds if s]
-    return {"mIoU": metrics.get("mIoU"), "aAcc": metrics.get("aAcc"),
-            "trainable_params": cfg.get("trainable_params"), "k_t": cfg.get("k_t"), "prior_layers": cfg.get("prior_layers"),
-            "step_time_s": float(np.median([1.0 / s for s in speeds])) if speeds else None}
+    return {
+        "mIoU": metrics.get("mIoU"),
+        "aAcc": metrics.get("aAcc"),
+        "trainable_params": cfg.get("trainable_params"),
+        "k_t": cfg.get("k_t"),
+        "prior_layers": cfg.get("prior_layers"),
+        "step_time_s": float(np.median([1.0 / s for s in speeds])) if speeds else None,
+    }
 
 
 def verdict(results: dict[str, Any]) -> str:
@@ -195,6 +244,8 @@ def verdict(results: dict[str, Any]) -> str:
     split_params = results.get("vitsplit", {}).get("trainable_params")
     full_params = results.get("full", {}).get("trainable_params")
     if split_params and full_params and split_params > full_params:
-        text += (f" The recommended ViT-Split trains more parameters ({split_params / 1e6:.2f}M) than full "
-                 f"fine-tuning ({full_params / 1e6:.2f}M).")
+        text += (
+            f" The recommended ViT-Split trains more parameters ({split_params / 1e6:.2f}M) than full "
+            f"fine-tuning ({full_params / 1e6:.2f}M)."
+        )
     return text

@@ -4,7 +4,8 @@ Every ``every`` steps the copy's CKA against the pretrained model is measured on
 set (:func:`cka_split.estimator.analysis.analyze`), and the divergence rule gives a K_t
 (:func:`cka_split.decision.recommend.recommend_split`, K_t from CKA, no budget) together with every K_t whose
 start the rule's step test accepts (``accepted_k_t``, :func:`cka_split.decision.divergence.accepted_starts`):
-where two starts both pass (every later block diverges at least ``STEP_RATIO`` times more than every earlier one, beyond noise),
+where two starts both pass (every later block diverges at least ``STEP_RATIO`` times more than every earlier one, beyond
+noise),
 the rule's choice between them follows whichever ratio is larger, and that flips from check to check
 with the probe noise and the copy's progress. Measured on the demo's seg copy (64 probes, a check every
 10 steps): the starts at blocks 1 and 2 both pass at 12 of 15 checks (ratios 2.0-3.6), and the chosen
@@ -35,9 +36,9 @@ class StabilityStop:
 
     every: int
     patience: int
-    trajectory: list[tuple[int, int]] = field(default_factory=list)   # (step, K_t) per check
-    accepted: list[list[int]] = field(default_factory=list)           # the accepted K_t per check (ascending)
-    stopped_at: int | None = None                                      # the step of the stopping check
+    trajectory: list[tuple[int, int]] = field(default_factory=list)  # (step, K_t) per check
+    accepted: list[list[int]] = field(default_factory=list)  # the accepted K_t per check (ascending)
+    stopped_at: int | None = None  # the step of the stopping check
 
     def __post_init__(self) -> None:
         if self.every < 1 or self.patience < 1:
@@ -51,25 +52,38 @@ class StabilityStop:
         ``patience`` checks."""
         self.trajectory.append((int(step), int(k_t)))
         self.accepted.append(sorted({int(k) for k in accepted} | {int(k_t)}) if accepted else [int(k_t)])
-        last = self.accepted[-(self.patience + 1):]
+        last = self.accepted[-(self.patience + 1) :]
         if len(last) == self.patience + 1 and all(a == last[0] for a in last):
             self.stopped_at = int(step)
             return True
         return False
 
     def to_json(self, max_steps: int, steps_used: int) -> dict:
-        return {"max_steps": max_steps, "check_every": self.every, "patience": self.patience, "steps_used": steps_used,
-                "stopped_early": steps_used < max_steps, "k_t_trajectory": [list(p) for p in self.trajectory],
-                "accepted_k_t": [list(a) for a in self.accepted]}
+        return {
+            "max_steps": max_steps,
+            "check_every": self.every,
+            "patience": self.patience,
+            "steps_used": steps_used,
+            "stopped_early": steps_used < max_steps,
+            "k_t_trajectory": [list(p) for p in self.trajectory],
+            "accepted_k_t": [list(a) for a in self.accepted],
+        }
 
 
-def stability_callback(pretrained: nn.Module, task: str, probes: Sequence[torch.Tensor], stop: StabilityStop, *,
-                       num_layers: int, features: str = "tokens",
-                       unbiased: bool = True) -> Callable[[int, nn.Module], bool]:
+def stability_callback(
+    pretrained: nn.Module,
+    task: str,
+    probes: Sequence[torch.Tensor],
+    stop: StabilityStop,
+    *,
+    num_layers: int,
+    features: str = "tokens",
+    unbiased: bool = True,
+) -> Callable[[int, nn.Module], bool]:
     """``on_step(step, copy)`` for :func:`vitsplit.engine.finetune_backbone`: at every ``stop.every``
     steps, the K_t of ``copy`` on the probe minibatches ``probes`` (each (B, 3, H, W), B >= 4)."""
-    from cka_split.estimator.analysis import analyze
     from cka_split.decision.recommend import recommend_split
+    from cka_split.estimator.analysis import analyze
 
     def on_step(step: int, copy: nn.Module) -> bool:
         if not stop.due(step):

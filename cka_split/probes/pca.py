@@ -80,9 +80,16 @@ def _denormalize(image: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def pca_maps(models: dict[str, torch.nn.Module], images: torch.Tensor, out_dir: str | Path, *,
-             layers: Sequence[int] | None = None, device: str | torch.device = "cpu", gap: int = 2,
-             progress: Progress = NULL_PROGRESS) -> dict:
+def pca_maps(
+    models: dict[str, torch.nn.Module],
+    images: torch.Tensor,
+    out_dir: str | Path,
+    *,
+    layers: Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+    gap: int = 2,
+    progress: Progress = NULL_PROGRESS,
+) -> dict:
     """Draw PCA maps of ``images`` for every model and layer; write PNGs and index.json to ``out_dir``.
 
     models: name -> :class:`vitsplit.backbones.Backbone` (all the same architecture).
@@ -109,20 +116,31 @@ def pca_maps(models: dict[str, torch.nn.Module], images: torch.Tensor, out_dir: 
         m.eval()
         toks = m.forward_layers(x, layers)
         m.train(was_training)
-        feats[name] = {l: t[:, m.num_prefix_tokens:].float().cpu() for l, t in toks.items()}
+        feats[name] = {l: t[:, m.num_prefix_tokens :].float().cpu() for l, t in toks.items()}
         task.advance(1)
     task.close()
 
-    index: dict = {"models": names, "layers": layers, "num_images": n, "grid_hw": [hh, ww], "patch_size": p,
-                   "grid_rows": names, "grid_cols": layers, "explained_variance": {}, "images": []}
+    index: dict = {
+        "models": names,
+        "layers": layers,
+        "num_images": n,
+        "grid_hw": [hh, ww],
+        "patch_size": p,
+        "grid_rows": names,
+        "grid_cols": layers,
+        "explained_variance": {},
+        "images": [],
+    }
     for i in range(n):
         fn = f"input_{i}.png"
         _save_png(out / fn, _denormalize(images[i]))
         index["images"].append({"input": fn, "grid": f"grid_{i}.png", "maps": {name: {} for name in names}})
 
     tile_h, tile_w = hh * p, ww * p
-    grids = [np.full((len(names) * (tile_h + gap) - gap, len(layers) * (tile_w + gap) - gap, 3), 255, np.uint8)
-             for _ in range(n)]
+    grids = [
+        np.full((len(names) * (tile_h + gap) - gap, len(layers) * (tile_w + gap) - gap, 3), 255, np.uint8)
+        for _ in range(n)
+    ]
     task = progress.task("PCA maps: layers", total=len(layers))
     for col, l in enumerate(layers):
         stacked = torch.cat([feats[name][l].reshape(-1, feats[name][l].shape[-1]) for name in names])
@@ -139,7 +157,7 @@ def pca_maps(models: dict[str, torch.nn.Module], images: torch.Tensor, out_dir: 
                 _save_png(out / fn, tile)
                 index["images"][i]["maps"][name][str(l)] = fn
                 y0, x0 = row * (tile_h + gap), col * (tile_w + gap)
-                grids[i][y0:y0 + tile_h, x0:x0 + tile_w] = tile
+                grids[i][y0 : y0 + tile_h, x0 : x0 + tile_w] = tile
         task.advance(1)
     task.close()
     for i in range(n):

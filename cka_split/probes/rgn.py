@@ -48,6 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from cka_split.decision.recommend import ParamCount, SplitRecommendation, TaskSplit
 from vitsplit.backbones import Backbone
 from vitsplit.data import build_dataset, collate
 from vitsplit.engine import StepBatches
@@ -59,8 +60,6 @@ from vitsplit.model.configs import default_k_t, default_split
 from vitsplit.model.heads import det_preset_for
 from vitsplit.progress import NULL_PROGRESS, Progress
 from vitsplit.ranges import COUNT
-
-from cka_split.decision.recommend import ParamCount, SplitRecommendation, TaskSplit
 
 SELECTORS = ("cka", "rgn", "both")
 DEFAULT_BATCHES = 5  # Lee et al.'s Auto-RGN: "a few" minibatches; five as the issue and their setup use
@@ -100,7 +99,7 @@ def step_fit(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tot = y.sum(axis=1, keepdims=True)
     mean_a, mean_b = c / s, (tot - c) / (L - s)
     sse1 = ((y - y.mean(axis=1, keepdims=True)) ** 2).sum(axis=1, keepdims=True)
-    sse2 = (y ** 2).sum(axis=1, keepdims=True) - s * mean_a ** 2 - (L - s) * mean_b ** 2
+    sse2 = (y**2).sum(axis=1, keepdims=True) - s * mean_a**2 - (L - s) * mean_b**2
     with np.errstate(invalid="ignore", divide="ignore"):
         r2 = np.where(sse1 > 0, 1.0 - sse2 / sse1, 0.0)
     return r2, mean_b - mean_a
@@ -131,26 +130,57 @@ def rgn_k_t(scores: Sequence[float], *, alpha: float = ALPHA, permutations: int 
     p = float((1 + np.sum(_best(r2_null)[0] >= fit[0] - 1e-12)) / (1 + permutations))
     if not (fit[0] > 0 and p <= alpha):
         k = default_k_t(L)
-        return RGNChoice(k_t=k, start=None, ratio=None, p_value=p, kind="flat", evidence=[
-            f"The relative gradient norms ||g||/||theta|| show no step beyond block-to-block fluctuation (best "
-            f"two-segment fit: permutation p = {p:.3g} > {alpha:g}; with {L} blocks one block standing out at an end "
-            f"cannot reach p < {2 / L:.2g}), so RGN gives the published K_t = {k}."])
+        return RGNChoice(
+            k_t=k,
+            start=None,
+            ratio=None,
+            p_value=p,
+            kind="flat",
+            evidence=[
+                f"The relative gradient norms ||g||/||theta|| show no step beyond block-to-block fluctuation (best "
+                f"two-segment fit: permutation p = {p:.3g} > {alpha:g}; with {L} blocks one block standing out at an "
+                f"end "
+                f"cannot reach p < {2 / L:.2g}), so RGN gives the published K_t = {k}."
+            ],
+        )
     kind = "step" if step[0, s0 - 1] > 0 else "early"
     ratio = float(np.exp(y[0, s0:].mean() - y[0, :s0].mean()))
     if kind == "early":
-        return RGNChoice(k_t=L - 1, start=1, ratio=ratio, p_value=p, kind=kind, evidence=[
-            f"The relative gradient norm falls at block {s0} (blocks {s0}-{L - 1} get {ratio:.3g}x the gradient of blocks "
-            f"0-{s0 - 1}, permutation p = {p:.3g}): the task pulls hardest on the early blocks, a shift Lee et al. fine-tune "
-            f"early blocks for. ViT-Split retrains only late blocks; the nearest it can do is K_t = {L - 1}."])
-    return RGNChoice(k_t=L - s0, start=s0, ratio=ratio, p_value=p, kind=kind, evidence=[
-        f"Relative gradient norms ||g||/||theta|| step up at block {s0}: blocks {s0}-{L - 1} get {ratio:.3g}x the gradient "
-        f"(geometric mean) of blocks 0-{s0 - 1}, the best two-segment fit of log RGN (permutation p = {p:.3g}), so RGN "
-        f"picks K_t = {L - s0}."])
+        return RGNChoice(
+            k_t=L - 1,
+            start=1,
+            ratio=ratio,
+            p_value=p,
+            kind=kind,
+            evidence=[
+                f"The relative gradient norm falls at block {s0} (blocks {s0}-{L - 1} get {ratio:.3g}x the gradient of "
+                f"blocks "
+                f"0-{s0 - 1}, permutation p = {p:.3g}): the task pulls hardest on the early blocks, a shift Lee et al. "
+                f"fine-tune "
+                f"early blocks for. ViT-Split retrains only late blocks; the nearest it can do is K_t = {L - 1}."
+            ],
+        )
+    return RGNChoice(
+        k_t=L - s0,
+        start=s0,
+        ratio=ratio,
+        p_value=p,
+        kind=kind,
+        evidence=[
+            f"Relative gradient norms ||g||/||theta|| step up at block {s0}: blocks {s0}-{L - 1} get {ratio:.3g}x the "
+            f"gradient "
+            f"(geometric mean) of blocks 0-{s0 - 1}, the best two-segment fit of log RGN (permutation p = {p:.3g}), so "
+            f"RGN "
+            f"picks K_t = {L - s0}."
+        ],
+    )
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if torch.is_tensor(v) else [t.to(device) for t in v] if isinstance(v, list) else v)
-            for k, v in batch.items()}
+    return {
+        k: (v.to(device) if torch.is_tensor(v) else [t.to(device) for t in v] if isinstance(v, list) else v)
+        for k, v in batch.items()
+    }
 
 
 def block_rgn(model: Baseline, batches: Sequence[dict[str, Any]], device: torch.device) -> np.ndarray:
@@ -167,8 +197,18 @@ def block_rgn(model: Baseline, batches: Sequence[dict[str, Any]], device: torch.
     return out
 
 
-def measure_rgn(backbone: Backbone, task: str, data_spec: str, *, batches: int = DEFAULT_BATCHES, batch_size: int = 8,
-                crop: int = 224, seed: int = 0, device: str | torch.device = "cpu", masks: bool = True) -> dict[str, Any]:
+def measure_rgn(
+    backbone: Backbone,
+    task: str,
+    data_spec: str,
+    *,
+    batches: int = DEFAULT_BATCHES,
+    batch_size: int = 8,
+    crop: int = 224,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    masks: bool = True,
+) -> dict[str, Any]:
     """RGN of ``task`` on ``backbone`` (left untouched) and the K_t it gives: recommendation.json's
     ``rgn`` entry: {"k_t", "scores" (L,), "se" (L,), "batches", "batch_size", "ratio", "evidence", "seconds"}."""
     if batches < 1:
@@ -177,27 +217,45 @@ def measure_rgn(backbone: Backbone, task: str, data_spec: str, *, batches: int =
     device = torch.device(device)
     torch.manual_seed(seed)
     data = build_dataset(data_spec, "train", task=task, crop=crop, augment=True, seed=seed)
-    loader = torch.utils.data.DataLoader(EpochItems(data), collate_fn=collate,
-                                         batch_sampler=StepBatches(len(data), seed, batch_size, 1, 0, 1, 0, batches))
-    model = Baseline(copy.deepcopy(backbone), "full", task, data.num_classes, masks=masks,
-                     det_preset=det_preset_for(crop)).to(device).train()
+    loader = torch.utils.data.DataLoader(
+        EpochItems(data),
+        collate_fn=collate,
+        batch_sampler=StepBatches(len(data), seed, batch_size, 1, 0, 1, 0, batches),
+    )
+    model = (
+        Baseline(copy.deepcopy(backbone), "full", task, data.num_classes, masks=masks, det_preset=det_preset_for(crop))
+        .to(device)
+        .train()
+    )
     per_batch = block_rgn(model, list(loader), device)
     scores = per_batch.mean(axis=0)
     se = per_batch.std(axis=0, ddof=1) / np.sqrt(len(per_batch)) if len(per_batch) > 1 else np.full(len(scores), np.nan)
     choice = rgn_k_t(scores)
-    return {"k_t": choice.k_t, "scores": scores.tolist(), "se": [None if np.isnan(v) else float(v) for v in se],
-            "batches": int(len(per_batch)), "batch_size": int(batch_size), "kind": choice.kind, "start": choice.start,
-            "ratio": choice.ratio, "p_value": choice.p_value,
-            "evidence": choice.evidence, "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "k_t": choice.k_t,
+        "scores": scores.tolist(),
+        "se": [None if np.isnan(v) else float(v) for v in se],
+        "batches": int(len(per_batch)),
+        "batch_size": int(batch_size),
+        "kind": choice.kind,
+        "start": choice.start,
+        "ratio": choice.ratio,
+        "p_value": choice.p_value,
+        "evidence": choice.evidence,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
-def rgn_for_tasks(backbone: Backbone, data: dict[str, str], *, progress: Progress = NULL_PROGRESS, **kwargs: Any
-                  ) -> dict[str, dict[str, Any]]:
+def rgn_for_tasks(
+    backbone: Backbone, data: dict[str, str], *, progress: Progress = NULL_PROGRESS, **kwargs: Any
+) -> dict[str, dict[str, Any]]:
     """{task: :func:`measure_rgn`} for ``data`` = {task: data spec}; ``kwargs`` go to measure_rgn."""
     out = {}
     for task, spec in data.items():
         out[task] = measure_rgn(backbone, task, spec, **kwargs)
-        progress.log(f"RGN for {task}: K_t {out[task]['k_t']} ({out[task]['batches']} minibatches, {out[task]['seconds']:.1f} s)")
+        progress.log(
+            f"RGN for {task}: K_t {out[task]['k_t']} ({out[task]['batches']} minibatches, {out[task]['seconds']:.1f} s)"
+        )
     return out
 
 
@@ -209,8 +267,9 @@ def attach_rgn(rec: SplitRecommendation, rgn: dict[str, dict[str, Any]]) -> Spli
     return rec
 
 
-def rgn_recommendation(rgn: dict[str, dict[str, Any]], *, model: str, num_layers: int,
-                       param_count: ParamCount | None = None) -> SplitRecommendation:
+def rgn_recommendation(
+    rgn: dict[str, dict[str, Any]], *, model: str, num_layers: int, param_count: ParamCount | None = None
+) -> SplitRecommendation:
     """The recommendation of ``analyze --selector rgn`` (no task copies, no CKA): each task's K_t is RGN's;
     the prior layers follow the published rule for the depth (:func:`vitsplit.model.configs.default_split`)."""
     _, prior, source = default_split(num_layers)
@@ -218,13 +277,32 @@ def rgn_recommendation(rgn: dict[str, dict[str, Any]], *, model: str, num_layers
     for task, entry in rgn.items():
         k = int(entry["k_t"])
         per_task[task] = TaskSplit(
-            k_t=k, task_head_layers=list(range(num_layers - k, num_layers)), prior_layers=list(prior), b=prior[0],
-            k_p=len(prior), divergence_start=None, k_t_from_cka=None, divergence=[], divergence_threshold=None,
-            pretrained_groups=[], trainable_params=param_count(task, k, list(prior)) if param_count else None,
-            evidence=[*entry["evidence"], f"Prior layers {', '.join(map(str, prior))}: the {source} for {num_layers} blocks "
-                                          "(--selector rgn measures no CKA)."], rgn=entry)
-    return SplitRecommendation(model=model, num_layers=num_layers, pretrained="pretrained", tasks=list(rgn),
-                               per_task=per_task, settings={"selector": "rgn"})
+            k_t=k,
+            task_head_layers=list(range(num_layers - k, num_layers)),
+            prior_layers=list(prior),
+            b=prior[0],
+            k_p=len(prior),
+            divergence_start=None,
+            k_t_from_cka=None,
+            divergence=[],
+            divergence_threshold=None,
+            pretrained_groups=[],
+            trainable_params=param_count(task, k, list(prior)) if param_count else None,
+            evidence=[
+                *entry["evidence"],
+                f"Prior layers {', '.join(map(str, prior))}: the {source} for {num_layers} blocks "
+                "(--selector rgn measures no CKA).",
+            ],
+            rgn=entry,
+        )
+    return SplitRecommendation(
+        model=model,
+        num_layers=num_layers,
+        pretrained="pretrained",
+        tasks=list(rgn),
+        per_task=per_task,
+        settings={"selector": "rgn"},
+    )
 
 
 def save_rgn(path: str | Path, rgn: dict[str, dict[str, Any]]) -> Path:

@@ -13,10 +13,23 @@
 from ..fileio import sha256_file
 from ..ops.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from .backbone import Backbone, backbone_config, state_hash
-from .families import BlockContext, family_of
 from .build import build_backbone
+from .families import BlockContext, family_of
 from .names import DEMO_VIT_KWARGS, create_vit, resolve_name
 from .spec import BackboneSpec
 
-__all__ = ["Backbone", "BackboneSpec", "BlockContext", "family_of", "DEMO_VIT_KWARGS", "IMAGENET_MEAN", "IMAGENET_STD", "backbone_config",
-           "build_backbone", "create_vit", "resolve_name", "sha256_file", "state_hash"]
+__all__ = [
+    "Backbone",
+    "BackboneSpec",
+    "BlockContext",
+    "family_of",
+    "DEMO_VIT_KWARGS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "backbone_config",
+    "build_backbone",
+    "create_vit",
+    "resolve_name",
+    "sha256_file",
+    "state_hash",
+]

@@ -156,12 +156,13 @@ class Backbone(nn.Module):
     def tokens_to_map(self, tokens: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """Drop prefix tokens and reshape patch tokens: (B, T, C) -> (B, C, h, w)."""
         b, _, c = tokens.shape
-        patches = tokens[:, self.num_prefix_tokens:]
+        patches = tokens[:, self.num_prefix_tokens :]
         return patches.transpose(1, 2).reshape(b, c, hw[0], hw[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised -> final-normed token sequence (B, T, C)."""
         return self.final_norm(self.forward_layers(x, [self.num_layers - 1])[self.num_layers - 1])
+
 
 def tensors_hash(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over named tensors (names, shapes, dtypes, bytes), in key order."""

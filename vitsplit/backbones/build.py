@@ -16,7 +16,8 @@ def build_backbone(name: str | BackboneSpec, weights: str = "auto", *, seed: int
     ``name`` is a model name (see :func:`resolve_name`) or an already resolved
     :class:`BackboneSpec` (for architectures without a name, such as tests' tiny ViTs).
     "random" gives freshly initialised weights (``seed`` makes them reproducible without touching
-    the global random state) and records ``weights_source="random"``. "auto" and paths are resolved by :mod:`vitsplit.backbones.weights`;
+    the global random state) and records ``weights_source="random"``. "auto" and paths are resolved by
+    :mod:`vitsplit.backbones.weights`;
     loading is strict (a checkpoint for another architecture fails naming the mismatched keys).
     """
     spec = name if isinstance(name, BackboneSpec) else resolve_name(name)

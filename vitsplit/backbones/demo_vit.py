@@ -23,8 +23,10 @@ from ..fileio import atomic_write_safetensors, safetensors_bytes, sha256_file
 from .backbone import Backbone
 from .names import DEMO_VIT_KWARGS, create_vit, resolve_name
 
-PRETEXTS = {"simclr": "SimCLR contrastive learning between cropped, recoloured views",
-            "mae": "MAE-style masked patch reconstruction"}
+PRETEXTS = {
+    "simclr": "SimCLR contrastive learning between cropped, recoloured views",
+    "mae": "MAE-style masked patch reconstruction",
+}
 FILE_FORMAT = "cka-split demo-vit"
 
 
@@ -86,7 +88,9 @@ class DemoRecipe:
             raise UserError("a demo recipe needs steps >= 1 and dataset_length >= batch_size >= 1")
         unknown = [k for k, _ in self.arch if k not in DEMO_VIT_KWARGS]
         if unknown:
-            raise UserError(f"arch overrides {unknown} are not demo-vit architecture keys: use {sorted(DEMO_VIT_KWARGS)}")
+            raise UserError(
+                f"arch overrides {unknown} are not demo-vit architecture keys: use {sorted(DEMO_VIT_KWARGS)}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -151,8 +155,10 @@ def shipped_demo_vit() -> Path | None:
         return None
     digest = sha256_file(SHIPPED_WEIGHTS)
     if digest != SHIPPED_SHA256:
-        raise UserError(f"{SHIPPED_WEIGHTS} has sha256 {digest}, not the recorded {SHIPPED_SHA256}: "
-                        f"reinstall cka-split, or make the file again with `{PRETRAIN_COMMAND} --out {SHIPPED_WEIGHTS}`")
+        raise UserError(
+            f"{SHIPPED_WEIGHTS} has sha256 {digest}, not the recorded {SHIPPED_SHA256}: "
+            f"reinstall cka-split, or make the file again with `{PRETRAIN_COMMAND} --out {SHIPPED_WEIGHTS}`"
+        )
     return SHIPPED_WEIGHTS
 
 
@@ -172,13 +178,17 @@ def load_demo_vit_into(vit: nn.Module, directory: str | os.PathLike | None = Non
     path = find_demo_vit(directory)
     if path is None:
         where = Path(directory) if directory is not None else cache_dir()
-        raise UserError(f"no pretrained demo-vit shipped or in {where}: run `{PRETRAIN_COMMAND}` (or `cka-split demo`) "
-                        "to make it, or pass --weights random")
+        raise UserError(
+            f"no pretrained demo-vit shipped or in {where}: run `{PRETRAIN_COMMAND}` (or `cka-split demo`) "
+            "to make it, or pass --weights random"
+        )
     state, recipe, _ = read_demo_vit_file(path)
     try:
         vit.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{path} does not fit the demo-vit architecture ({e}): delete it and run `{PRETRAIN_COMMAND}`") from e
+        raise UserError(
+            f"{path} does not fit the demo-vit architecture ({e}): delete it and run `{PRETRAIN_COMMAND}`"
+        ) from e
     return weights_source(recipe, path, sha256_file(path))
 
 
@@ -193,8 +203,9 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(safetensors_bytes(state)).hexdigest()
 
 
-def save_demo_vit(vit: nn.Module, recipe: DemoRecipe, path: str | os.PathLike, losses: list[float],
-                  baselines: list[float]) -> Path:
+def save_demo_vit(
+    vit: nn.Module, recipe: DemoRecipe, path: str | os.PathLike, losses: list[float], baselines: list[float]
+) -> Path:
     """Write the ViT's state dict (timm keys) atomically as safetensors, byte for byte the same for
     the same weights and recipe; the metadata holds the recipe, its id, the command that makes it,
     the weights' own sha256 (:func:`weights_sha256`), the PyTorch version and the loss curve."""
@@ -227,14 +238,20 @@ def read_demo_vit_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     try:
         recipe = DemoRecipe.from_json(json.loads(meta["recipe"]))
     except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: its recipe was written by another version of cka-split ({e}): "
-                        f"delete it and run `{PRETRAIN_COMMAND}`") from e
+        raise UserError(
+            f"{path}: its recipe was written by another version of cka-split ({e}): "
+            f"delete it and run `{PRETRAIN_COMMAND}`"
+        ) from e
     if recipe.recipe_id != meta.get("recipe_id"):
-        raise UserError(f"{path}: its recipe does not hash to its recorded id (written by another version?): "
-                        f"delete it and run `{PRETRAIN_COMMAND}`")
+        raise UserError(
+            f"{path}: its recipe does not hash to its recorded id (written by another version?): "
+            f"delete it and run `{PRETRAIN_COMMAND}`"
+        )
     if "weights_sha256" in meta and weights_sha256(state) != meta["weights_sha256"]:
-        raise UserError(f"{path}: its weights do not hash to the recorded weights_sha256 (a damaged file): "
-                        f"delete it and run `{PRETRAIN_COMMAND}`")
+        raise UserError(
+            f"{path}: its weights do not hash to the recorded weights_sha256 (a damaged file): "
+            f"delete it and run `{PRETRAIN_COMMAND}`"
+        )
     return state, recipe, meta
 
 

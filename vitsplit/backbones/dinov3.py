@@ -29,9 +29,13 @@ class DINOv3Release:
 
 
 def _release(size: str, timm_name: str, stem: str, file_hash: str) -> DINOv3Release:
-    return DINOv3Release(size=size, timm_name=timm_name,
-                         official_file=f"dinov3_{stem}_pretrain_lvd1689m-{file_hash}.pth",
-                         timm_hub=f"timm/{timm_name}.lvd1689m", hf_hub=f"facebook/dinov3-{stem}-pretrain-lvd1689m")
+    return DINOv3Release(
+        size=size,
+        timm_name=timm_name,
+        official_file=f"dinov3_{stem}_pretrain_lvd1689m-{file_hash}.pth",
+        timm_hub=f"timm/{timm_name}.lvd1689m",
+        hf_hub=f"facebook/dinov3-{stem}-pretrain-lvd1689m",
+    )
 
 
 RELEASES: dict[str, DINOv3Release] = {
@@ -49,11 +53,13 @@ def dinov3_release(name: str) -> DINOv3Release | None:
     """The release of a short name (``dinov3_vitb16`` -> ViT-B/16), None if ``name`` is not one."""
     if not (name.startswith(DINOV3_PREFIX) and name.endswith("16")):
         return None
-    return RELEASES.get(name[len(DINOV3_PREFIX):-2])
+    return RELEASES.get(name[len(DINOV3_PREFIX) : -2])
 
 
 def gated_message(repo: str) -> str:
     """What to do when the hub refuses a gated DINOv3 download (or none is possible offline)."""
-    return (f"DINOv3 weights are gated by Meta's licence: log in to the Hugging Face hub (`hf auth login`), "
-            f"accept the licence on https://huggingface.co/{repo}, and retry; or pass --weights PATH "
-            "(a timm, official DINOv3 or Hugging Face DINOv3 file or folder)")
+    return (
+        f"DINOv3 weights are gated by Meta's licence: log in to the Hugging Face hub (`hf auth login`), "
+        f"accept the licence on https://huggingface.co/{repo}, and retry; or pass --weights PATH "
+        "(a timm, official DINOv3 or Hugging Face DINOv3 file or folder)"
+    )

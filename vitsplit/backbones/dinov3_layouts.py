@@ -44,7 +44,7 @@ _OFFICIAL_TRAINING_ONLY = re.compile(r"^(mask_token|local_cls_norm\..+)$")
 # The release stores the RoPE periods after a bfloat16 round trip (timm's eva.py notes it): relative
 # rounding error <= 2^-9. 2^-8 accepts that and rejects any other base (which changes periods by
 # whole factors, e.g. base 100 vs 10000).
-PERIODS_RTOL = 2.0 ** -8
+PERIODS_RTOL = 2.0**-8
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF_BLOCK = re.compile(r"^(?:model\.)?layer\.(\d+)\.(.+)$")
@@ -71,21 +71,28 @@ def _check_periods(periods: torch.Tensor, vit: nn.Module, origin: str) -> None:
     rope = getattr(vit, "rope", None)
     mine = getattr(rope, "periods", None)
     if mine is None:
-        raise UserError(f"{origin} holds DINOv3 RoPE weights but {_architecture(vit)} has no DINOv3 RoPE: "
-                        "pass the --model the weights were made for")
+        raise UserError(
+            f"{origin} holds DINOv3 RoPE weights but {_architecture(vit)} has no DINOv3 RoPE: "
+            "pass the --model the weights were made for"
+        )
     got = periods.detach().float().reshape(-1)
     want = mine.detach().float().reshape(-1)
     if got.shape != want.shape or not torch.allclose(got, want, rtol=PERIODS_RTOL, atol=0):
-        raise UserError(f"{origin}: RoPE periods {got[:3].tolist()}... differ from {_architecture(vit)}'s "
-                        f"{want[:3].tolist()}... (another RoPE base or head width): pass the --model the weights were made for")
+        raise UserError(
+            f"{origin}: RoPE periods {got[:3].tolist()}... differ from {_architecture(vit)}'s "
+            f"{want[:3].tolist()}... (another RoPE base or head width): pass the --model the weights were made for"
+        )
 
 
-def _attention_biases(i: str, q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None,
-                      vit: nn.Module, origin: str) -> dict[str, torch.Tensor]:
+def _attention_biases(
+    i: str, q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None, vit: nn.Module, origin: str
+) -> dict[str, torch.Tensor]:
     """Query/key/value biases of block ``i`` (each (A,) or None) -> timm's ``q_bias``/``v_bias``."""
     if k is not None and bool((k != 0).any()):
-        raise UserError(f"{origin}: block {i} has a non-zero key bias; timm's DINOv3 attention fixes it at zero "
-                        "(the release masks it), so these weights are not a DINOv3 ViT")
+        raise UserError(
+            f"{origin}: block {i} has a non-zero key bias; timm's DINOv3 attention fixes it at zero "
+            "(the release masks it), so these weights are not a DINOv3 ViT"
+        )
     has_bias = f"blocks.{i}.attn.q_bias" in dict(vit.named_parameters())
     if has_bias:
         if q is None or v is None:  # strict loading will name the missing q_bias / v_bias
@@ -93,19 +100,26 @@ def _attention_biases(i: str, q: torch.Tensor | None, k: torch.Tensor | None, v:
         return {f"blocks.{i}.attn.q_bias": q, f"blocks.{i}.attn.v_bias": v}
     nonzero = [t for t in (q, v) if t is not None and bool((t != 0).any())]
     if nonzero:
-        raise UserError(f"{origin}: block {i} has non-zero query/value biases but {_architecture(vit)} has none: "
-                        f"pass --model {_architecture(vit)}_qkvb (timm's DINOv3 with a qkv bias)")
+        raise UserError(
+            f"{origin}: block {i} has non-zero query/value biases but {_architecture(vit)} has none: "
+            f"pass --model {_architecture(vit)}_qkvb (timm's DINOv3 with a qkv bias)"
+        )
     return {}
 
 
 # =========================================================================== official release
 _OFFICIAL_IN_BLOCK = (  # release name inside blocks.<i>. -> timm's
-    ("ls1.gamma", "gamma_1"), ("ls2.gamma", "gamma_2"),
-    ("mlp.w1.", "mlp.fc1_g."), ("mlp.w2.", "mlp.fc1_x."), ("mlp.w3.", "mlp.fc2."),
+    ("ls1.gamma", "gamma_1"),
+    ("ls2.gamma", "gamma_2"),
+    ("mlp.w1.", "mlp.fc1_g."),
+    ("mlp.w2.", "mlp.fc1_x."),
+    ("mlp.w3.", "mlp.fc2."),
 )
 
 
-def official_dinov3_to_timm(state: dict[str, torch.Tensor], vit: nn.Module, origin: str = "the checkpoint") -> dict[str, torch.Tensor]:
+def official_dinov3_to_timm(
+    state: dict[str, torch.Tensor], vit: nn.Module, origin: str = "the checkpoint"
+) -> dict[str, torch.Tensor]:
     """The release's ``DinoVisionTransformer`` keys -> timm ``Eva`` keys of ``vit``.
 
     The qkv bias (3A,) is multiplied by its ``bias_mask`` (what the release's forward does) and
@@ -135,7 +149,7 @@ def official_dinov3_to_timm(state: dict[str, torch.Tensor], vit: nn.Module, orig
             continue
         for old, new in _OFFICIAL_IN_BLOCK:
             if rest.startswith(old):
-                rest = new + rest[len(old):]
+                rest = new + rest[len(old) :]
                 break
         out[f"blocks.{i}.{rest}"] = v
     for i in sorted(set(masks) - set(biases), key=int):
@@ -144,8 +158,10 @@ def official_dinov3_to_timm(state: dict[str, torch.Tensor], vit: nn.Module, orig
         if i in masks:
             mask = masks[i]
             if not bool(torch.isfinite(mask).all()):
-                raise UserError(f"{origin}: block {i}'s qkv bias mask was never initialised (NaN): "
-                                "the file was saved before init_weights; re-export the model's weights")
+                raise UserError(
+                    f"{origin}: block {i}'s qkv bias mask was never initialised (NaN): "
+                    "the file was saved before init_weights; re-export the model's weights"
+                )
             bias = bias * mask.to(bias.dtype)
         q, kb, vb = bias.chunk(3, dim=0)
         out.update(_attention_biases(i, q, kb, vb, vit, origin))
@@ -163,14 +179,19 @@ _HF_TOP = {
 }
 _HF_TRAINING_ONLY = ("embeddings.mask_token",)
 _HF_IN_BLOCK = (  # HF name inside layer.<i>. -> timm's
-    ("attention.o_proj.", "attn.proj."), ("layer_scale1.lambda1", "gamma_1"), ("layer_scale2.lambda1", "gamma_2"),
-    ("norm1.", "norm1."), ("norm2.", "norm2."),
+    ("attention.o_proj.", "attn.proj."),
+    ("layer_scale1.lambda1", "gamma_1"),
+    ("layer_scale2.lambda1", "gamma_2"),
+    ("norm1.", "norm1."),
+    ("norm2.", "norm2."),
 )
 _HF_MLP = {"up_proj": "fc1", "down_proj": "fc2"}
 _HF_GATED_MLP = {"gate_proj": "fc1_g", "up_proj": "fc1_x", "down_proj": "fc2"}
 
 
-def hf_dinov3_to_timm(state: dict[str, torch.Tensor], vit: nn.Module, origin: str = "the checkpoint") -> dict[str, torch.Tensor]:
+def hf_dinov3_to_timm(
+    state: dict[str, torch.Tensor], vit: nn.Module, origin: str = "the checkpoint"
+) -> dict[str, torch.Tensor]:
     """Hugging Face ``DINOv3ViTModel`` keys -> timm ``Eva`` keys of ``vit``.
 
     The separate q/k/v projections (A, C) become timm's fused ``qkv`` weight (3A, C), rows [q; k; v];
@@ -203,7 +224,7 @@ def hf_dinov3_to_timm(state: dict[str, torch.Tensor], vit: nn.Module, origin: st
             continue
         for old, new in _HF_IN_BLOCK:
             if rest.startswith(old):
-                out[f"blocks.{i}.{new}{rest[len(old):]}"] = v
+                out[f"blocks.{i}.{new}{rest[len(old) :]}"] = v
                 break
         else:
             out[k] = v
@@ -227,6 +248,7 @@ def hf_dinov3_kwargs(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     ``query_bias``/``key_bias``/``value_bias``/``proj_bias``/``mlp_bias``, ``layer_norm_eps``.
     Anything timm's architecture cannot express raises ``UserError``; the ``pos_embed_*``
     coordinate augmentations act only in training and are ignored."""
+
     def bad(why: str) -> UserError:
         return UserError(f"{where}: {why}; only DINOv3 configurations map onto timm's DINOv3 architecture")
 
@@ -239,13 +261,21 @@ def hf_dinov3_kwargs(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         size = cfg.get("image_size", 224)
         size = int(size[0]) if isinstance(size, (list, tuple)) else int(size)
         kwargs: dict[str, Any] = dict(
-            embed_dim=c, depth=int(cfg["num_hidden_layers"]), num_heads=heads, patch_size=patch[0], img_size=size,
-            in_chans=int(cfg.get("num_channels", 3)), num_reg_tokens=int(cfg.get("num_register_tokens", 0) or 0),
-            rope_temperature=float(cfg.get("rope_theta", 100.0)), init_values=float(cfg.get("layerscale_value", 1.0)),
-            num_classes=0, dynamic_img_size=True,
+            embed_dim=c,
+            depth=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            patch_size=patch[0],
+            img_size=size,
+            in_chans=int(cfg.get("num_channels", 3)),
+            num_reg_tokens=int(cfg.get("num_register_tokens", 0) or 0),
+            rope_temperature=float(cfg.get("rope_theta", 100.0)),
+            init_values=float(cfg.get("layerscale_value", 1.0)),
+            num_classes=0,
+            dynamic_img_size=True,
         )
-        q_bias, k_bias, v_bias = (bool(cfg.get(n, d)) for n, d in
-                                  (("query_bias", True), ("key_bias", False), ("value_bias", True)))
+        q_bias, k_bias, v_bias = (
+            bool(cfg.get(n, d)) for n, d in (("query_bias", True), ("key_bias", False), ("value_bias", True))
+        )
         gated = bool(cfg.get("use_gated_mlp", False))
         act = str(cfg.get("hidden_act", "gelu"))
         eps = float(cfg.get("layer_norm_eps", 1e-5))

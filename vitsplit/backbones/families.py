@@ -51,7 +51,7 @@ class BlockContext:
 
 def _patch_size(patch_embed: nn.Module) -> int:
     ps = patch_embed.patch_size
-    ph, pw = (ps if isinstance(ps, (tuple, list)) else (ps, ps))
+    ph, pw = ps if isinstance(ps, (tuple, list)) else (ps, ps)
     if int(ph) != int(pw):
         raise UserError(f"patch size {tuple(ps)} is not square; only square patches are supported")
     return int(ph)
@@ -196,8 +196,10 @@ def family_of(vit: nn.Module) -> Family:
         return EvaFamily()
     if isinstance(vit, VisionTransformerSAM):
         return SAMFamily()
-    raise UserError(f"{type(vit).__name__} is not a plain ViT this tool can split: use a timm VisionTransformer "
-                    "(DINOv2, CLIP, SigLIP, MAE), Eva (DINOv3, EVA-02) or VisionTransformerSAM (SAM) model")
+    raise UserError(
+        f"{type(vit).__name__} is not a plain ViT this tool can split: use a timm VisionTransformer "
+        "(DINOv2, CLIP, SigLIP, MAE), Eva (DINOv3, EVA-02) or VisionTransformerSAM (SAM) model"
+    )
 
 
 # timm modules whose models are one of the three families, and the keyword arguments that let them take
@@ -222,6 +224,8 @@ def size_kwargs(timm_name: str) -> dict[str, Any]:
     except (RuntimeError, KeyError) as e:
         raise UserError(f"unknown timm model '{timm_name}'") from e
     if module not in _MODULE_SIZE_KWARGS:
-        raise UserError(f"'{timm_name}' is a timm '{module}' model, not a plain ViT this tool can split: use a "
-                        "VisionTransformer (DINOv2, CLIP, SigLIP, MAE), Eva (DINOv3, EVA-02) or SAM ViT name")
+        raise UserError(
+            f"'{timm_name}' is a timm '{module}' model, not a plain ViT this tool can split: use a "
+            "VisionTransformer (DINOv2, CLIP, SigLIP, MAE), Eva (DINOv3, EVA-02) or SAM ViT name"
+        )
     return dict(_MODULE_SIZE_KWARGS[module])

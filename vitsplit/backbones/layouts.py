@@ -26,7 +26,9 @@ from .reading import HF_ANCHOR
 from .spec import BackboneSpec
 
 
-def to_timm_layout(state: dict[str, torch.Tensor], vit: nn.Module, origin: str = "the checkpoint") -> dict[str, torch.Tensor]:
+def to_timm_layout(
+    state: dict[str, torch.Tensor], vit: nn.Module, origin: str = "the checkpoint"
+) -> dict[str, torch.Tensor]:
     """Any supported layout (prefix already stripped) -> timm keys of ``vit``. DINOv3's layouts
     (:mod:`~vitsplit.backbones.dinov3_layouts`) are told apart first: the release, like DINOv2's,
     has a ``mask_token``."""
@@ -36,8 +38,7 @@ def to_timm_layout(state: dict[str, torch.Tensor], vit: nn.Module, origin: str =
         state = official_dinov3_to_timm(state, vit, origin)
     elif HF_ANCHOR in state:
         state = official_to_timm(hf_to_official(state), vit)
-    elif ("mask_token" in state or "register_tokens" in state
-          or any(_OFFICIAL_ONLY.match(k) for k in state)):
+    elif "mask_token" in state or "register_tokens" in state or any(_OFFICIAL_ONLY.match(k) for k in state):
         state = official_to_timm(state, vit)
     return state
 
@@ -73,11 +74,15 @@ _HF_TOP = {
     "layernorm.bias": "norm.bias",
 }
 _HF_IN_BLOCK = {  # HF name inside encoder.layer.<i>. -> DINOv2 release name inside blocks.<i>.
-    "norm1.": "norm1.", "norm2.": "norm2.",
+    "norm1.": "norm1.",
+    "norm2.": "norm2.",
     "attention.output.dense.": "attn.proj.",
-    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-    "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2.",
-    "mlp.weights_in.": "mlp.w12.", "mlp.weights_out.": "mlp.w3.",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1.": "mlp.fc1.",
+    "mlp.fc2.": "mlp.fc2.",
+    "mlp.weights_in.": "mlp.w12.",
+    "mlp.weights_out.": "mlp.w3.",
 }
 _HF_QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
 _HF_BLOCK = re.compile(r"encoder\.layer\.(\d+)\.(.+)$")
@@ -106,7 +111,7 @@ def hf_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             rest = m.group(2)
             for hf, official in _HF_IN_BLOCK.items():
                 if rest.startswith(hf):
-                    out[f"blocks.{m.group(1)}.{official}{rest[len(hf):]}"] = v
+                    out[f"blocks.{m.group(1)}.{official}{rest[len(hf) :]}"] = v
                     break
             else:
                 out[k] = v
@@ -129,18 +134,30 @@ def load_strict(vit: nn.Module, state: dict[str, torch.Tensor], spec: BackboneSp
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(t.shape)}" for k, t in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(t.shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} != {tuple(t.shape)}"
+        for k, t in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(t.shape)
+    ]
     # load_state_dict would cast integer or boolean tensors to float without a word: refuse them
-    kinds = [f"{k} {str(state[k].dtype).removeprefix('torch.')}" for k, t in expected.items()
-             if k in state and t.is_floating_point() and not state[k].is_floating_point()]
+    kinds = [
+        f"{k} {str(state[k].dtype).removeprefix('torch.')}"
+        for k, t in expected.items()
+        if k in state and t.is_floating_point() and not state[k].is_floating_point()
+    ]
     problems = []
-    for title, items in (("shape mismatch (checkpoint != model)", shapes), ("missing", missing),
-                         ("unexpected", unexpected), ("integer tensors where the model has floats", kinds)):
+    for title, items in (
+        ("shape mismatch (checkpoint != model)", shapes),
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("integer tensors where the model has floats", kinds),
+    ):
         if items:
             more = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
             problems.append(f"{title}: {', '.join(items[:4])}{more}")
     if problems:
-        raise UserError(f"{origin} does not fit '{spec.name}' ({spec.label}): {'; '.join(problems)}; "
-                        "pass weights made for this architecture, or the --model they were made for")
+        raise UserError(
+            f"{origin} does not fit '{spec.name}' ({spec.label}): {'; '.join(problems)}; "
+            "pass weights made for this architecture, or the --model they were made for"
+        )
     vit.load_state_dict(state, strict=True)

@@ -11,7 +11,8 @@ Names (``resolve_name``):
   (DINOv3, EVA-02 ``eva02_*``) and ``VisionTransformerSAM`` (SAM ``samvit_*``); see
   :mod:`vitsplit.backbones.families`.
 - ``hf:<dir>``: a Hugging Face ``Dinov2Model``/``Dinov2WithRegistersModel``/``DINOv3ViTModel`` folder
-  (``config.json`` + weights), or ``hf:<org>/<model>`` already in the Hugging Face cache (:func:`vitsplit.backbones.hf.hf_spec`).
+  (``config.json`` + weights), or ``hf:<org>/<model>`` already in the Hugging Face cache
+  (:func:`vitsplit.backbones.hf.hf_spec`).
 - ``demo-vit``: the small DINOv2-architecture ViT that ``cka-split demo`` pretrains itself.
 
 Where the weights come from (``weights``): ``"random"`` (explicit, and recorded as such),
@@ -39,8 +40,15 @@ _DINOV2_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 # ``init_values`` is timm's layer-scale start for a fresh demo-vit (``--weights random``); pretraining
 # sets every gamma to its recipe's ``layer_scale_init`` (1.0, see vitsplit.backbones.demo_vit.DemoRecipe).
 DEMO_VIT_KWARGS: dict[str, Any] = dict(
-    patch_size=14, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, init_values=1e-5,
-    img_size=112, num_classes=0, dynamic_img_size=True,
+    patch_size=14,
+    embed_dim=192,
+    depth=12,
+    num_heads=3,
+    mlp_ratio=4.0,
+    init_values=1e-5,
+    img_size=112,
+    num_classes=0,
+    dynamic_img_size=True,
 )
 
 
@@ -51,7 +59,7 @@ def resolve_name(name: str) -> BackboneSpec:
     if name.startswith("hf:"):
         return hf_spec(name)
     if name.startswith("dinov2_vit"):
-        rest = name[len("dinov2_vit"):]
+        rest = name[len("dinov2_vit") :]
         reg = rest.endswith("_reg")
         core = rest[: -len("_reg")] if reg else rest
         if len(core) != 3 or core[0] not in _DINOV2_SIZES or core[1:] != "14":
@@ -71,9 +79,15 @@ def resolve_name(name: str) -> BackboneSpec:
         )
     release = dinov3_release(name)
     if release is not None:
-        return BackboneSpec(name=name, timm_name=release.timm_name, timm_kwargs=dict(num_classes=0, dynamic_img_size=True),
-                            hub_file=release.official_file, hf_id=release.timm_hub, hf_alt_ids=(release.hf_hub,),
-                            gated=True)
+        return BackboneSpec(
+            name=name,
+            timm_name=release.timm_name,
+            timm_kwargs=dict(num_classes=0, dynamic_img_size=True),
+            hub_file=release.official_file,
+            hf_id=release.timm_hub,
+            hf_alt_ids=(release.hf_hub,),
+            gated=True,
+        )
     if name.startswith(DINOV3_PREFIX):
         raise UserError(f"unknown DINOv3 model '{name}': use one of {', '.join(DINOV3_NAMES)}")
     import timm  # noqa: PLC0415 - timm's model list is slow to import; dinov2/hf:/demo names do not need it
@@ -85,9 +99,17 @@ def resolve_name(name: str) -> BackboneSpec:
             "a timm ViT name (DINOv2, DINOv3, CLIP, SigLIP, MAE, SAM, EVA-02), hf:<dir>, or demo-vit"
         )
     if "." in name and name not in timm.list_pretrained(name):
-        raise UserError(f"timm has no pretrained tag '{name}': use one of {', '.join(timm.list_pretrained(base + '.*')[:6]) or base}")
-    return BackboneSpec(name=name, timm_name=name, timm_kwargs=dict(num_classes=0, **size_kwargs(base)),
-                        hf_id=f"timm/{name}" if "." in name else None, gated="dinov3" in base)
+        raise UserError(
+            f"timm has no pretrained tag '{name}': use one of "
+            f"{', '.join(timm.list_pretrained(base + '.*')[:6]) or base}"
+        )
+    return BackboneSpec(
+        name=name,
+        timm_name=name,
+        timm_kwargs=dict(num_classes=0, **size_kwargs(base)),
+        hf_id=f"timm/{name}" if "." in name else None,
+        gated="dinov3" in base,
+    )
 
 
 def create_vit(spec: BackboneSpec) -> nn.Module:

@@ -17,8 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import UserError
-from .dinov3_layouts import HF_DINOV3_ANCHOR
 from ..fileio import existing_path, load_torch_restricted
+from .dinov3_layouts import HF_DINOV3_ANCHOR
 from .spec import WAYS_FORWARD
 
 # Keys that identify a ViT state dict, and the layout each one means.
@@ -50,8 +50,9 @@ def read_checkpoint(path: Path) -> Any:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise UserError(f"cannot read {path} as safetensors ({e}): pass a valid weights file") from e
-    return load_torch_restricted(path, what="weights file", remedy="re-save just the state dict, or convert it "
-                                                                   "to .safetensors")
+    return load_torch_restricted(
+        path, what="weights file", remedy="re-save just the state dict, or convert it to .safetensors"
+    )
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -74,15 +75,16 @@ def backbone_state(obj: Any, origin: Path | str) -> dict[str, torch.Tensor]:
         if not isinstance(obj, Mapping):
             raise UserError(f"{origin} does not hold a state dict (found {type(obj).__name__}): {WAYS_FORWARD}")
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-        prefixes = [k[: len(k) - len(a)] for k in tensors for a in ANCHORS
-                    if k == a or k.endswith("." + a)]
+        prefixes = [k[: len(k) - len(a)] for k in tensors for a in ANCHORS if k == a or k.endswith("." + a)]
         if prefixes:
             prefix = min(prefixes, key=lambda p: ("student" in p, len(p), p))
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             break
         obj = inner
     keys = ", ".join(list(map(str, obj.keys()))[:6]) if isinstance(obj, Mapping) else ""
-    raise UserError(f"{origin} holds no ViT weights (no key ending in {' or '.join(repr(a) for a in ANCHORS)}; "
-                    f"first keys: {keys or 'none'}): {WAYS_FORWARD}")
+    raise UserError(
+        f"{origin} holds no ViT weights (no key ending in {' or '.join(repr(a) for a in ANCHORS)}; "
+        f"first keys: {keys or 'none'}): {WAYS_FORWARD}"
+    )

@@ -88,6 +88,8 @@ def _load_auto(vit: nn.Module, spec: BackboneSpec) -> str:
         if repos:
             looked.append(f"{' and '.join(repos)} in {hub.hf_cache_dir()}")
         where = f"looked for {' and '.join(looked)}" if looked else "it has no known pretrained weights"
-        raise UserError(f"no cached pretrained weights for '{spec.name}' ({where}) and {reason}: {hub.ways_forward(spec)}")
+        raise UserError(
+            f"no cached pretrained weights for '{spec.name}' ({where}) and {reason}: {hub.ways_forward(spec)}"
+        )
     path, label = hub.download(spec)
     return _load_files(vit, spec, [path], label=label)

@@ -26,13 +26,31 @@ from .segfolders import ade20k, cityscapes, folder
 from .spec import DataSpec, parse_spec
 from .synthetic import SyntheticScenes
 
-__all__ = ["IGNORE_INDEX", "TASKS", "build_dataset", "collate", "denormalize", "parse_spec", "DataSpec", "SeedDataset", "SyntheticScenes"]
+__all__ = [
+    "IGNORE_INDEX",
+    "TASKS",
+    "build_dataset",
+    "collate",
+    "denormalize",
+    "parse_spec",
+    "DataSpec",
+    "SeedDataset",
+    "SyntheticScenes",
+]
 
 SYNTHETIC_LENGTH = {"train": 10_000, "val": 256}
 
 
-def build_dataset(spec: str, split: str, *, task: str, crop: int, augment: bool | None = None,
-                  length: int | None = None, seed: int = 0) -> SeedDataset:
+def build_dataset(
+    spec: str,
+    split: str,
+    *,
+    task: str,
+    crop: int,
+    augment: bool | None = None,
+    length: int | None = None,
+    seed: int = 0,
+) -> SeedDataset:
     """The dataset named by ``spec`` for ``split`` ("train" | "val") and ``task`` ("seg" | "det" | "depth").
 
     ``augment`` defaults to ``split == "train"``; ``length`` overrides ``len()`` (synthetic: the
@@ -56,37 +74,80 @@ def build_dataset(spec: str, split: str, *, task: str, crop: int, augment: bool 
         opts = parsed.options
         size = opts.get("size", crop)
         n = length if length is not None else opts.get("length", SYNTHETIC_LENGTH[split])
-        scenes = SyntheticScenes(size=(size, size), num_classes=opts.get("classes", 8),
-                                 max_objects=opts.get("objects", 6), length=n, seed=seed, split=split,
-                                 zoom=opts.get("zoom", 1))
+        scenes = SyntheticScenes(
+            size=(size, size),
+            num_classes=opts.get("classes", 8),
+            max_objects=opts.get("objects", 6),
+            length=n,
+            seed=seed,
+            split=split,
+            zoom=opts.get("zoom", 1),
+        )
         if opts.get("rescale", 1) not in (0, 1):
             raise UserError(f"synthetic option rescale must be 0 or 1, got {opts['rescale']} in {spec!r}")
         # rescale=0: scenes are drawn at the training size, so the random 0.5-2x rescale only shrinks or
         # enlarges them away from the validation scale; without it they train at the scale they are evaluated at
         ratio = (0.5, 2.0) if opts.get("rescale", 1) else (1.0, 1.0)
         if task == "det":
-            return SeedDataset(scenes, **common, num_classes=scenes.num_classes, class_names=scenes.class_names,
-                               has_masks=True, has_depth=True, recompute_boxes=True, ratio_range=ratio)
-        return SeedDataset(scenes, **common, num_classes=scenes.num_classes + 1,
-                           class_names=["background", *scenes.class_names], has_masks=True, has_depth=True,
-                           ratio_range=ratio)
+            return SeedDataset(
+                scenes,
+                **common,
+                num_classes=scenes.num_classes,
+                class_names=scenes.class_names,
+                has_masks=True,
+                has_depth=True,
+                recompute_boxes=True,
+                ratio_range=ratio,
+            )
+        return SeedDataset(
+            scenes,
+            **common,
+            num_classes=scenes.num_classes + 1,
+            class_names=["background", *scenes.class_names],
+            has_masks=True,
+            has_depth=True,
+            ratio_range=ratio,
+        )
 
     if task == "depth":
         raise UserError(f"data spec {spec!r} has no depth maps; depth training needs 'synthetic'")
     if parsed.kind == "coco":
         source = CocoSource(parsed.annotations, parsed.root, split, semantic=task == "seg")
         if task == "seg":
-            return SeedDataset(source, **common, num_classes=source.num_classes + 1, length=length,
-                               class_names=["background", *source.class_names], has_masks=True, has_depth=False)
-        return SeedDataset(source, **common, num_classes=source.num_classes, class_names=source.class_names,
-                           has_masks=source.has_masks, has_depth=False, length=length)
+            return SeedDataset(
+                source,
+                **common,
+                num_classes=source.num_classes + 1,
+                length=length,
+                class_names=["background", *source.class_names],
+                has_masks=True,
+                has_depth=False,
+            )
+        return SeedDataset(
+            source,
+            **common,
+            num_classes=source.num_classes,
+            class_names=source.class_names,
+            has_masks=source.has_masks,
+            has_depth=False,
+            length=length,
+        )
     if task == "det":
-        raise UserError(f"data spec {spec!r} has no instance annotations; detection needs "
-                        "'coco:ANNOTATIONS.json:IMAGE_DIR' or 'synthetic'")
+        raise UserError(
+            f"data spec {spec!r} has no instance annotations; detection needs "
+            "'coco:ANNOTATIONS.json:IMAGE_DIR' or 'synthetic'"
+        )
     make = {"ade20k": ade20k, "cityscapes": cityscapes, "folder": folder}[parsed.kind]
     source = make(parsed.root, split)
-    return SeedDataset(source, **common, num_classes=source.num_classes, class_names=source.class_names,
-                       has_masks=False, has_depth=False, length=length)
+    return SeedDataset(
+        source,
+        **common,
+        num_classes=source.num_classes,
+        class_names=source.class_names,
+        has_masks=False,
+        has_depth=False,
+        length=length,
+    )
 
 
 def collate(items: list[dict]) -> dict:

@@ -26,12 +26,13 @@ from .labels import IGNORE_INDEX
 from .readers import read_image
 
 
-
 def check_instances(data: object, path: Path) -> None:
     """Refuse a COCO instances file that pycocotools would index wrongly or fail on later: every image
     needs a unique integer ``id`` and a ``file_name``; every annotation an integer ``image_id``, a
     known ``category_id`` and a ``bbox`` of four finite numbers ``[x, y, w, h]``."""
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), list) for k in ("images", "annotations", "categories")
+    ):
         raise UserError(f"{path} is not a COCO instances file (needs lists images, annotations, categories)")
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
@@ -51,10 +52,14 @@ def check_instances(data: object, path: Path) -> None:
         if ann.get("category_id") not in cats:
             raise UserError(f"{name} in {path} has unknown category_id {ann.get('category_id')}")
         box = ann.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
-            raise UserError(f"{name} in {path} has no 'bbox' of four numbers [x, y, w, h] (found {box!r}); "
-                            "fix the annotation file")
+        if not (
+            isinstance(box, list)
+            and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+        ):
+            raise UserError(
+                f"{name} in {path} has no 'bbox' of four numbers [x, y, w, h] (found {box!r}); fix the annotation file"
+            )
 
 
 class CocoSource:
@@ -107,8 +112,9 @@ class CocoSource:
         image = read_image(path)
         h, w = image.shape[:2]
         if (info.get("height", h), info.get("width", w)) != (h, w):
-            raise UserError(f"size mismatch: image {path} is {w}x{h} but {self.annotations} says "
-                            f"{info['width']}x{info['height']}")
+            raise UserError(
+                f"size mismatch: image {path} is {w}x{h} but {self.annotations} says {info['width']}x{info['height']}"
+            )
         boxes, labels, masks, crowd = [], [], [], []
         for ann in self.coco.imgToAnns.get(info["id"], []):
             if ann.get("iscrowd", 0):
@@ -125,8 +131,11 @@ class CocoSource:
             x, y, bw, bh = ann["bbox"]
             boxes.append([x, y, x + bw, y + bh])
             labels.append(self.cat_to_label[ann["category_id"]])
-        out = {"image": image, "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-               "labels": np.asarray(labels, np.int64)}
+        out = {
+            "image": image,
+            "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+            "labels": np.asarray(labels, np.int64),
+        }
         if self.has_masks:
             out["masks"] = np.stack(masks).astype(np.uint8) if masks else np.zeros((0, h, w), np.uint8)
         if self.semantic:

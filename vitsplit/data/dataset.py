@@ -36,7 +36,8 @@ class SampleSource(Protocol):
 
 
 class SeedDataset(Dataset):
-    """Items (every dataset's layout; :func:`vitsplit.data.collate` batches them): ``image`` (3, H, W) float32 ImageNet-normalised;
+    """Items (every dataset's layout; :func:`vitsplit.data.collate` batches them): ``image`` (3, H, W) float32
+    ImageNet-normalised;
     ``seg`` (H, W) int64 (``IGNORE_INDEX`` = 255 ignore) and ``depth`` (H, W) float32 (0 invalid) when the source has
     them; for ``task="det"`` also ``boxes`` (N, 4) float32 xyxy, ``labels`` (N,) int64 in 1..K and
     ``masks`` (N, H, W) uint8 (when ``has_masks``); ``index`` int.
@@ -47,10 +48,23 @@ class SeedDataset(Dataset):
     test pipeline ``eval_pipeline`` (keep-ratio resize to scale (4 * crop, crop)).
     """
 
-    def __init__(self, source: SampleSource, *, task: str, split: str, crop: int, augment: bool, seed: int,
-                 num_classes: int, class_names: list[str], has_masks: bool, has_depth: bool,
-                 length: int | None = None, recompute_boxes: bool = False,
-                 ratio_range: tuple[float, float] = (0.5, 2.0)):
+    def __init__(
+        self,
+        source: SampleSource,
+        *,
+        task: str,
+        split: str,
+        crop: int,
+        augment: bool,
+        seed: int,
+        num_classes: int,
+        class_names: list[str],
+        has_masks: bool,
+        has_depth: bool,
+        length: int | None = None,
+        recompute_boxes: bool = False,
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+    ):
         self.source, self.task, self.split, self.crop = source, task, split, crop
         self.augment, self.seed = augment, seed
         self.num_classes, self.class_names = num_classes, class_names
@@ -94,12 +108,14 @@ class SeedDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a dataset of length {self.length}")
         sample = self.source.load(index % len(self.source))
-        sample = {k: v for k, v in sample.items()
-                  if k in ("image", "seg", "depth") or (self.task == "det" and k in DET_KEYS)}
+        sample = {
+            k: v for k, v in sample.items() if k in ("image", "seg", "depth") or (self.task == "det" and k in DET_KEYS)
+        }
         if self.augment:
             rng = self.rng(index, self.epoch if epoch is None else epoch)
-            sample = train_pipeline(sample, self.crop, rng, recompute_boxes=self.recompute_boxes,
-                                    ratio_range=self.ratio_range)
+            sample = train_pipeline(
+                sample, self.crop, rng, recompute_boxes=self.recompute_boxes, ratio_range=self.ratio_range
+            )
         else:
             sample = eval_pipeline(sample, self.crop)
         item = {"image": torch.from_numpy(sample["image"])}

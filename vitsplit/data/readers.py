@@ -41,9 +41,11 @@ def _open(path: Path, kind: str) -> Iterator[Image.Image]:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(found.group(1)):,}" if found else "more"
-        raise UserError(f"refused {kind} {path}: its header claims {size} pixels, more than the "
-                        f"{Image.MAX_IMAGE_PIXELS:,} that Pillow decodes safely (a corrupt or malicious file?); "
-                        "replace or remove the file") from None
+        raise UserError(
+            f"refused {kind} {path}: its header claims {size} pixels, more than the "
+            f"{Image.MAX_IMAGE_PIXELS:,} that Pillow decodes safely (a corrupt or malicious file?); "
+            "replace or remove the file"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UserError(f"cannot read {kind} {path} ({exc}); replace or remove the file") from None
     try:
@@ -60,8 +62,10 @@ def to_rgb(im: Image.Image, path: Path) -> np.ndarray:
         grey = ((grey * 255 + 65535 // 2) // 65535).astype(np.uint8)  # round(v / 257)
         return np.repeat(grey[..., None], 3, axis=2)
     if im.mode in UNSCALED_MODES:
-        raise UserError(f"image {path} has {UNSCALED_MODES[im.mode]} pixels (PIL mode {im.mode}), whose value "
-                        "range is not defined; save it as an 8-bit or 16-bit image")
+        raise UserError(
+            f"image {path} has {UNSCALED_MODES[im.mode]} pixels (PIL mode {im.mode}), whose value "
+            "range is not defined; save it as an 8-bit or 16-bit image"
+        )
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
@@ -75,8 +79,10 @@ def read_label(path: Path) -> np.ndarray:
     """(H, W) integer label map of the single-channel (L, P, I or I;16) PNG ``path``."""
     with _open(path, "label map") as im:
         if im.mode not in LABEL_MODES:
-            raise UserError(f"label map {path} has mode {im.mode}; it must be a single-channel "
-                            "(grey or palette) PNG of class indices")
+            raise UserError(
+                f"label map {path} has mode {im.mode}; it must be a single-channel "
+                "(grey or palette) PNG of class indices"
+            )
         return np.asarray(im).astype(np.int64)
 
 
@@ -87,5 +93,7 @@ def list_images(folder: Path) -> list[Path]:
 
 def check_same_size(image: np.ndarray, label: np.ndarray, image_path: Path, label_path: Path) -> None:
     if image.shape[:2] != label.shape[:2]:
-        raise UserError(f"size mismatch: image {image_path} is {image.shape[1]}x{image.shape[0]} but its "
-                        f"label map {label_path} is {label.shape[1]}x{label.shape[0]}; fix or remove the pair")
+        raise UserError(
+            f"size mismatch: image {image_path} is {image.shape[1]}x{image.shape[0]} but its "
+            f"label map {label_path} is {label.shape[1]}x{label.shape[0]}; fix or remove the pair"
+        )

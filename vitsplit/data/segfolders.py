@@ -27,26 +27,177 @@ from .labels import IGNORE_INDEX
 from .readers import check_same_size, list_images, read_image, read_label
 
 ADE20K_CLASSES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed ", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
-    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
-    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
-    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
-    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
-    "glass", "clock", "flag",
+    "wall",
+    "building",
+    "sky",
+    "floor",
+    "tree",
+    "ceiling",
+    "road",
+    "bed ",
+    "windowpane",
+    "grass",
+    "cabinet",
+    "sidewalk",
+    "person",
+    "earth",
+    "door",
+    "table",
+    "mountain",
+    "plant",
+    "curtain",
+    "chair",
+    "car",
+    "water",
+    "painting",
+    "sofa",
+    "shelf",
+    "house",
+    "sea",
+    "mirror",
+    "rug",
+    "field",
+    "armchair",
+    "seat",
+    "fence",
+    "desk",
+    "rock",
+    "wardrobe",
+    "lamp",
+    "bathtub",
+    "railing",
+    "cushion",
+    "base",
+    "box",
+    "column",
+    "signboard",
+    "chest of drawers",
+    "counter",
+    "sand",
+    "sink",
+    "skyscraper",
+    "fireplace",
+    "refrigerator",
+    "grandstand",
+    "path",
+    "stairs",
+    "runway",
+    "case",
+    "pool table",
+    "pillow",
+    "screen door",
+    "stairway",
+    "river",
+    "bridge",
+    "bookcase",
+    "blind",
+    "coffee table",
+    "toilet",
+    "flower",
+    "book",
+    "hill",
+    "bench",
+    "countertop",
+    "stove",
+    "palm",
+    "kitchen island",
+    "computer",
+    "swivel chair",
+    "boat",
+    "bar",
+    "arcade machine",
+    "hovel",
+    "bus",
+    "towel",
+    "light",
+    "truck",
+    "tower",
+    "chandelier",
+    "awning",
+    "streetlight",
+    "booth",
+    "television receiver",
+    "airplane",
+    "dirt track",
+    "apparel",
+    "pole",
+    "land",
+    "bannister",
+    "escalator",
+    "ottoman",
+    "bottle",
+    "buffet",
+    "poster",
+    "stage",
+    "van",
+    "ship",
+    "fountain",
+    "conveyer belt",
+    "canopy",
+    "washer",
+    "plaything",
+    "swimming pool",
+    "stool",
+    "barrel",
+    "basket",
+    "waterfall",
+    "tent",
+    "bag",
+    "minibike",
+    "cradle",
+    "oven",
+    "ball",
+    "food",
+    "step",
+    "tank",
+    "trade name",
+    "microwave",
+    "pot",
+    "animal",
+    "bicycle",
+    "lake",
+    "dishwasher",
+    "screen",
+    "blanket",
+    "sculpture",
+    "hood",
+    "sconce",
+    "vase",
+    "traffic light",
+    "tray",
+    "ashcan",
+    "fan",
+    "pier",
+    "crt screen",
+    "plate",
+    "monitor",
+    "bulletin board",
+    "shower",
+    "radiator",
+    "glass",
+    "clock",
+    "flag",
 )  # mmseg ADE20KDataset.METAINFO["classes"] (objectInfo150.txt order)
 CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
 )
 
 
@@ -74,14 +225,18 @@ class SegFolderSource:
         if self.reduce_zero_label:  # mmseg: 0 -> 255, v -> v - 1, and raw 255 stays ignore
             bad = (label != IGNORE_INDEX) & ((label < 0) | (label > self.num_classes))
             if bad.any():
-                raise UserError(f"label map {label_path} has value {int(label[bad][0])} outside "
-                                f"0..{self.num_classes} (0 = other, 255 = ignore); is this an ADE20K annotation?")
+                raise UserError(
+                    f"label map {label_path} has value {int(label[bad][0])} outside "
+                    f"0..{self.num_classes} (0 = other, 255 = ignore); is this an ADE20K annotation?"
+                )
             label = np.where((label == 0) | (label == IGNORE_INDEX), IGNORE_INDEX, label - 1)
         bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= self.num_classes))
         if bad.any():
             value = int(label[bad][0])
-            raise UserError(f"label map {label_path} has value {value} outside 0..{self.num_classes - 1} "
-                            f"(255 = ignore); fix the mask or the class list")
+            raise UserError(
+                f"label map {label_path} has value {value} outside 0..{self.num_classes - 1} "
+                f"(255 = ignore); fix the mask or the class list"
+            )
         return label.astype(np.uint8)
 
 
@@ -125,8 +280,10 @@ def cityscapes(root: Path, split: str) -> SegFolderSource:
     for image in images:
         label = label_root / image.parent.name / (image.name[: -len(suffix)] + "_gtFine_labelTrainIds.png")
         if not label.is_file():
-            raise UserError(f"no label map for image {image}: expected {label} (make it with "
-                            "cityscapesScripts' createTrainIdLabelImgs)")
+            raise UserError(
+                f"no label map for image {image}: expected {label} (make it with "
+                "cityscapesScripts' createTrainIdLabelImgs)"
+            )
         pairs.append((image, label))
     return SegFolderSource(pairs, 19, list(CITYSCAPES_CLASSES))
 
@@ -142,12 +299,16 @@ def folder(root: Path, split: str) -> SegFolderSource:
         if not images:
             raise UserError(f"empty split folder {image_dir}: no images found")
         pairs = _pair_by_stem(images, mask_dir, lambda p: p.stem + ".png")
-        all_masks = [m for s in ("train", "val") if (mask_root / s).is_dir() for m in sorted((mask_root / s).glob("*.png"))]
+        all_masks = [
+            m for s in ("train", "val") if (mask_root / s).is_dir() for m in sorted((mask_root / s).glob("*.png"))
+        ]
     else:
         images = list_images(image_root)
         if len(images) < 2:
-            raise UserError(f"{image_root} holds {len(images)} image(s); a folder dataset needs at least 2 "
-                            "(or images/train and images/val subfolders)")
+            raise UserError(
+                f"{image_root} holds {len(images)} image(s); a folder dataset needs at least 2 "
+                "(or images/train and images/val subfolders)"
+            )
         all_pairs = _pair_by_stem(images, mask_root, lambda p: p.stem + ".png")
         pairs = [p for i, p in enumerate(all_pairs) if (i % 10 == 0) == (split == "val")]
         all_masks = [m for _, m in all_pairs]

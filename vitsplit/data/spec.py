@@ -37,12 +37,16 @@ class DataSpec:
 def parse_spec(spec: str) -> DataSpec:
     """Parse ``spec`` (see the module docstring); unknown prefixes and malformed specs raise UserError."""
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError("empty data spec; use 'synthetic', 'ade20k:DIR', 'cityscapes:DIR', 'folder:DIR' "
-                        "or 'coco:ANNOTATIONS.json:IMAGE_DIR'")
+        raise UserError(
+            "empty data spec; use 'synthetic', 'ade20k:DIR', 'cityscapes:DIR', 'folder:DIR' "
+            "or 'coco:ANNOTATIONS.json:IMAGE_DIR'"
+        )
     kind, _, rest = spec.strip().partition(":")
     if kind not in KINDS:
-        raise UserError(f"unknown data spec prefix {kind!r} in {spec!r}; use one of "
-                        "synthetic, ade20k:DIR, cityscapes:DIR, folder:DIR, coco:ANNOTATIONS.json:IMAGE_DIR")
+        raise UserError(
+            f"unknown data spec prefix {kind!r} in {spec!r}; use one of "
+            "synthetic, ade20k:DIR, cityscapes:DIR, folder:DIR, coco:ANNOTATIONS.json:IMAGE_DIR"
+        )
     if kind == "synthetic":
         return DataSpec("synthetic", options=_parse_options(rest, spec))
     if kind == "coco":
@@ -60,8 +64,10 @@ def _parse_options(text: str, spec: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
         if not sep or key not in SYNTHETIC_KEYS:
-            raise UserError(f"bad synthetic option {part!r} in {spec!r}; use key=value with keys "
-                            f"{', '.join(SYNTHETIC_KEYS)} (e.g. synthetic:size=224,classes=8)")
+            raise UserError(
+                f"bad synthetic option {part!r} in {spec!r}; use key=value with keys "
+                f"{', '.join(SYNTHETIC_KEYS)} (e.g. synthetic:size=224,classes=8)"
+            )
         try:
             options[key] = int(value)
         except ValueError:

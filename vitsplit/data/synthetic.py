@@ -20,7 +20,8 @@ id    shape      texture (grey level t, mapped to 2 colours)   source
 ====  =========  ============================================  ===========
 
 Geometry: objects get a depth in [2.5, 9] (sorted far to near = painting order); their radius and
-texture period scale with ``(5 / depth) ** 0.6`` (radius 0.09-0.17 of the short side at depth 5) (a perspective cue), position is uniform, rotation
+texture period scale with ``(5 / depth) ** 0.6`` (radius 0.09-0.17 of the short side at depth 5) (a perspective cue),
+position is uniform, rotation
 uniform. Later objects occlude earlier ones. Periods are given for 112 px scenes and scale with the
 scene size, so a 224 px scene looks like a 112 px one at twice the resolution. ``zoom`` multiplies
 every object's radius and texture period (the background is unchanged): at zoom 1 an object at
@@ -100,7 +101,9 @@ def texture_values(kind: str, u: np.ndarray, v: np.ndarray, period: float, rng: 
     if kind == "circles":
         return (np.sin(np.sqrt(u * u + v * v) * (2 * np.pi / period)) > 0).astype(np.float32)
     if kind == "waves":
-        return (np.sin((u + 2.0 * np.sin(v * (2 * np.pi / (3 * period)))) * (2 * np.pi / period)) > 0).astype(np.float32)
+        return (np.sin((u + 2.0 * np.sin(v * (2 * np.pi / (3 * period)))) * (2 * np.pi / period)) > 0).astype(
+            np.float32
+        )
     bank = textures.noise(kind) if kind in ("white", "blotch") else textures.photo(kind)
     step = 5.0 / period  # bank pixels per scene pixel (period 5 -> native resolution)
     n = bank.shape[0]
@@ -235,7 +238,7 @@ class SyntheticScenes:
         blot = textures.noise("blotch")
         oy, ox = rng.integers(0, n, 2)
         wash = blot[(np.arange(h) + oy) % n][:, (np.arange(w) + ox) % n]
-        image += (rng.uniform(-0.25, 0.25, 3).astype(np.float32) * (wash[..., None] - 0.5))
+        image += rng.uniform(-0.25, 0.25, 3).astype(np.float32) * (wash[..., None] - 0.5)
         yy = np.linspace(1.0, 0.0, h, dtype=np.float32)[:, None]
         xx = np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :]
         depth = 10.25 + 4.0 * yy + float(rng.uniform(-0.5, 0.5)) * xx  # in [10, 14.5]

@@ -17,8 +17,18 @@ from PIL import Image
 
 BANK_SIZE = 256
 OBJECT_PHOTOS = ("brick", "grass", "gravel")
-BACKGROUND_PHOTOS = ("camera", "moon", "coins", "page", "coffee", "chelsea", "astronaut", "rocket",
-                     "hubble_deep_field", "immunohistochemistry")
+BACKGROUND_PHOTOS = (
+    "camera",
+    "moon",
+    "coins",
+    "page",
+    "coffee",
+    "chelsea",
+    "astronaut",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+)
 
 
 def _to_bank(image: np.ndarray) -> np.ndarray:
@@ -29,7 +39,7 @@ def _to_bank(image: np.ndarray) -> np.ndarray:
     h, w = image.shape
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
-    square = Image.fromarray(image[top:top + s, left:left + s], mode="F")
+    square = Image.fromarray(image[top : top + s, left : left + s], mode="F")
     out = np.asarray(square.resize((BANK_SIZE, BANK_SIZE), Image.BILINEAR), dtype=np.float32)
     lo, hi = float(out.min()), float(out.max())
     return (out - lo) / max(hi - lo, 1e-6)
@@ -54,6 +64,6 @@ def noise(kind: str) -> np.ndarray:
     if kind == "blotch":
         f = np.fft.fftfreq(BANK_SIZE)
         radius2 = f[:, None] ** 2 + f[None, :] ** 2
-        base = np.fft.ifft2(np.fft.fft2(base) * np.exp(-radius2 / (2 * 0.03 ** 2))).real.astype(np.float32)
+        base = np.fft.ifft2(np.fft.fft2(base) * np.exp(-radius2 / (2 * 0.03**2))).real.astype(np.float32)
     lo, hi = float(base.min()), float(base.max())
     return (base - lo) / (hi - lo)

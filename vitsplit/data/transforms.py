@@ -90,8 +90,15 @@ def crop_bbox(rng: np.random.Generator, h: int, w: int, crop: int) -> tuple[int,
     return y0, y0 + min(crop, h), x0, x0 + min(crop, w)
 
 
-def choose_crop(rng: np.random.Generator, seg: np.ndarray | None, h: int, w: int, crop: int,
-                cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX) -> tuple[int, int, int, int]:
+def choose_crop(
+    rng: np.random.Generator,
+    seg: np.ndarray | None,
+    h: int,
+    w: int,
+    crop: int,
+    cat_max_ratio: float = 0.75,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[int, int, int, int]:
     """mmseg ``RandomCrop._get_crop_bbox``: retry up to 10 times until the window holds more than one
     class and no class covers ``cat_max_ratio`` or more of its non-ignored pixels; after 10 failures
     the 11th window drawn is used."""
@@ -180,8 +187,9 @@ def rgb_to_hsv8(img: np.ndarray) -> np.ndarray:
     diff = v - np.minimum(np.minimum(r, g), b)
     s = 255.0 * diff / np.maximum(v, 1.0)  # diff = 0 where v = 0
     safe = np.maximum(diff, 1e-6)
-    hue = np.where(v == r, 60.0 * (g - b) / safe,
-                   np.where(v == g, 120.0 + 60.0 * (b - r) / safe, 240.0 + 60.0 * (r - g) / safe))
+    hue = np.where(
+        v == r, 60.0 * (g - b) / safe, np.where(v == g, 120.0 + 60.0 * (b - r) / safe, 240.0 + 60.0 * (r - g) / safe)
+    )
     hue = np.where(diff > 0, np.mod(hue, 360.0), 0.0)
     out = np.empty(img.shape, np.uint8)
     out[..., 0] = np.round(hue * 0.5) % 180
@@ -206,9 +214,14 @@ def hsv8_to_rgb(hsv: np.ndarray) -> np.ndarray:
     return out
 
 
-def photometric_distortion(img: np.ndarray, rng: np.random.Generator, brightness_delta: int = 32,
-                           contrast: tuple[float, float] = (0.5, 1.5), saturation: tuple[float, float] = (0.5, 1.5),
-                           hue_delta: int = 18) -> np.ndarray:
+def photometric_distortion(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    brightness_delta: int = 32,
+    contrast: tuple[float, float] = (0.5, 1.5),
+    saturation: tuple[float, float] = (0.5, 1.5),
+    hue_delta: int = 18,
+) -> np.ndarray:
     """mmseg ``PhotoMetricDistortion`` on (H, W, 3) uint8: brightness, contrast (first or last, at
     random), saturation, hue; each applied with probability 0.5, in this draw order."""
     if rng.integers(2):
@@ -254,8 +267,15 @@ def pad_to(sample: dict, size: tuple[int, int]) -> dict:
     return out
 
 
-def train_pipeline(sample: dict, crop_size: int, rng: np.random.Generator, *, cat_max_ratio: float = 0.75,
-                   ratio_range: tuple[float, float] = (0.5, 2.0), recompute_boxes: bool = False) -> dict:
+def train_pipeline(
+    sample: dict,
+    crop_size: int,
+    rng: np.random.Generator,
+    *,
+    cat_max_ratio: float = 0.75,
+    ratio_range: tuple[float, float] = (0.5, 2.0),
+    recompute_boxes: bool = False,
+) -> dict:
     """mmseg ADE20K train pipeline; returns the sample with ``image`` a normalised (3, crop, crop) float32 array.
 
     ``recompute_boxes``: re-derive boxes from the transformed masks (for datasets whose boxes are the

@@ -7,5 +7,13 @@ from .finetune import finetune_backbone
 from .sampler import StepBatches, epoch_permutation
 from .train import build_model, train
 
-__all__ = ["StepBatches", "TrainConfig", "build_model", "epoch_permutation", "finetune_backbone", "resolve_config",
-           "split_from_recommendation", "train"]
+__all__ = [
+    "StepBatches",
+    "TrainConfig",
+    "build_model",
+    "epoch_permutation",
+    "finetune_backbone",
+    "resolve_config",
+    "split_from_recommendation",
+    "train",
+]

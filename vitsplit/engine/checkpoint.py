@@ -22,7 +22,11 @@ from ..fileio import atomic_write, load_torch_restricted
 
 def rng_state() -> dict[str, Any]:
     """Every global RNG state that training draws from."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -37,8 +41,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
-                    step: int, data: dict[str, Any], elapsed: float, config: dict[str, Any]) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer: Any,
+    scheduler: Any,
+    step: int,
+    data: dict[str, Any],
+    elapsed: float,
+    config: dict[str, Any],
+) -> Path:
     """Write the resume checkpoint atomically (temp file in the same folder, then rename)."""
     payload = {
         "format": "cka-split-resume-1",
@@ -65,10 +78,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     (tensors, numbers, strings, containers, and the numpy array of the RNG state)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"cannot resume: {path} does not exist (run without --resume, or point --out at the run to continue)")
+        raise UserError(
+            f"cannot resume: {path} does not exist (run without --resume, or point --out at the run to continue)"
+        )
     remedy = "delete it, or give another --out"
-    ckpt = load_torch_restricted(path, what="resume checkpoint", allow=_NUMPY_ARRAY_GLOBALS,
-                                 remedy=f"cka-split train did not write it: {remedy}")
+    ckpt = load_torch_restricted(
+        path, what="resume checkpoint", allow=_NUMPY_ARRAY_GLOBALS, remedy=f"cka-split train did not write it: {remedy}"
+    )
     if not isinstance(ckpt, dict) or ckpt.get("format") != "cka-split-resume-1":
         raise UserError(f"cannot resume: {path} was not written by cka-split train; {remedy}")
     return ckpt

@@ -24,19 +24,31 @@ SMALL_WIDTH = 384  # ViT-S's embedding width, the widest backbone that takes the
 # DeiT-S/B configs, 2e-5 for the 24-block AugReg-L config.
 ADAPTER_LR = {12: 6e-5, 24: 2e-5}
 # Fields that may differ between a run and its resumption (they do not change the result).
-RESUME_FREE = ("resume", "max_steps_this_run", "out", "num_workers", "device", "evaluate", "eval_batch_size",
-               "checkpoint_every")
+RESUME_FREE = (
+    "resume",
+    "max_steps_this_run",
+    "out",
+    "num_workers",
+    "device",
+    "evaluate",
+    "eval_batch_size",
+    "checkpoint_every",
+)
 
 
 # Options added after runs were first written, with the value a run saved before them used implicitly:
 # a config.json without the key is read with it (resuming, and a sweep checking its finished points).
-IMPLICIT_BEFORE = {"pretrained_lr_scale": lambda saved: None if saved.get("method") == "vit-adapter" else PRETRAINED_LR_SCALE}
+IMPLICIT_BEFORE = {
+    "pretrained_lr_scale": lambda saved: None if saved.get("method") == "vit-adapter" else PRETRAINED_LR_SCALE
+}
 
 
 def check_pretrained_lr_scale(method: str, scale: float | None) -> None:
     """Refuse a ``--pretrained-lr-scale`` for vit-adapter, whose layer-wise lr decay sets the backbone's lr."""
     if method == "vit-adapter" and scale is not None:
-        raise UserError("--pretrained-lr-scale does not apply to vit-adapter (its layer-wise lr decay sets the backbone's lr)")
+        raise UserError(
+            "--pretrained-lr-scale does not apply to vit-adapter (its layer-wise lr decay sets the backbone's lr)"
+        )
 
 
 def with_implicit_options(saved: dict[str, Any]) -> dict[str, Any]:
@@ -51,11 +63,26 @@ def with_implicit_options(saved: dict[str, Any]) -> dict[str, Any]:
 # The numeric options' allowed values (None, "the default", always passes); the CLI checks the same
 # table while parsing (cka_split.cli.options.checked).
 TRAIN_RANGES: dict[str, Range] = {
-    "k_t": COUNT, "iters": COUNT, "batch_size": COUNT, "grad_accum": COUNT, "crop": COUNT, "lr": POSITIVE,
-    "weight_decay": NON_NEGATIVE, "warmup_iters": NON_NEGATIVE, "seed": NON_NEGATIVE, "checkpoint_every": COUNT,
-    "log_every": COUNT, "num_workers": NON_NEGATIVE, "train_length": COUNT, "val_length": COUNT,
-    "eval_stride": COUNT, "eval_batch_size": COUNT, "lora_rank": COUNT, "lora_alpha": POSITIVE,
-    "max_steps_this_run": NON_NEGATIVE, "pretrained_lr_scale": POSITIVE,
+    "k_t": COUNT,
+    "iters": COUNT,
+    "batch_size": COUNT,
+    "grad_accum": COUNT,
+    "crop": COUNT,
+    "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "warmup_iters": NON_NEGATIVE,
+    "seed": NON_NEGATIVE,
+    "checkpoint_every": COUNT,
+    "log_every": COUNT,
+    "num_workers": NON_NEGATIVE,
+    "train_length": COUNT,
+    "val_length": COUNT,
+    "eval_stride": COUNT,
+    "eval_batch_size": COUNT,
+    "lora_rank": COUNT,
+    "lora_alpha": POSITIVE,
+    "max_steps_this_run": NON_NEGATIVE,
+    "pretrained_lr_scale": POSITIVE,
 }
 
 
@@ -69,7 +96,8 @@ class TrainConfig:
     the backbone is built, by :func:`finish_config`), weight decay 1e-2 (0.05 det), warm-up
     ``min(1500, iters // 10)``, ``pretrained_lr_scale`` (the lr multiplier of ViT-Split's task head and
     of full fine-tuning's backbone) :data:`~vitsplit.model.configs.PRETRAINED_LR_SCALE` (0.1, the
-    release's; vit-adapter has its own layer-wise decay and takes none). ``batch_size`` is the global batch of one optimizer step.
+    release's; vit-adapter has its own layer-wise decay and takes none). ``batch_size`` is the global batch of one
+    optimizer step.
     ``head``: a baseline's segmentation head, linear or upernet (full, lora, vit-adapter).
     """
 
@@ -131,8 +159,9 @@ def _read_pointer(path: Path) -> Path:
     return path
 
 
-def split_from_recommendation(run_dir: str | os.PathLike, task: str, *, runs_dir: str | os.PathLike = "runs"
-                              ) -> tuple[int, list[int], str, str | None, str]:
+def split_from_recommendation(
+    run_dir: str | os.PathLike, task: str, *, runs_dir: str | os.PathLike = "runs"
+) -> tuple[int, list[int], str, str | None, str]:
     """(k_t, prior_layers, model, weights, source) for ``task`` from ``RUN/recommendation.json``.
 
     ``run_dir`` is a run directory, a symlink to one, or a text file with its path (``runs/latest``);
@@ -148,13 +177,17 @@ def split_from_recommendation(run_dir: str | os.PathLike, task: str, *, runs_dir
     rec = read_json(rec_path)
     per_task = rec.get("per_task", {})
     if task not in per_task:
-        raise UserError(f"{rec_path} has no recommendation for task '{task}' (it has: {', '.join(per_task) or 'none'}); "
-                        "analyze with that task or give --k-t and --prior-layers")
+        raise UserError(
+            f"{rec_path} has no recommendation for task '{task}' (it has: {', '.join(per_task) or 'none'}); "
+            "analyze with that task or give --k-t and --prior-layers"
+        )
     t = per_task[task]
     try:
         k_t, prior = int(t["k_t"]), [int(i) for i in t["prior_layers"]]
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{rec_path} has no usable k_t/prior_layers for '{task}' ({e}); re-run 'cka-split recommend'") from e
+        raise UserError(
+            f"{rec_path} has no usable k_t/prior_layers for '{task}' ({e}); re-run 'cka-split recommend'"
+        ) from e
     weights = rec.get("weights")
     if weights is None and (run / "config.json").is_file():
         weights = read_json(run / "config.json").get("weights")
@@ -186,14 +219,17 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.auto_split is not None:
         if cfg.method != "vitsplit":
             raise UserError("--auto-split sets ViT-Split's K_t and prior layers; use it with --method vitsplit")
-        k_t, prior, model, weights, source = split_from_recommendation(cfg.auto_split, cfg.task,
-                                                                       runs_dir=Path(cfg.out).parent)
+        k_t, prior, model, weights, source = split_from_recommendation(
+            cfg.auto_split, cfg.task, runs_dir=Path(cfg.out).parent
+        )
         overridden = [n for n in ("k_t", "prior_layers", "model", "weights") if getattr(cfg, n) is not None]
         cfg.k_t = k_t if cfg.k_t is None else cfg.k_t
         cfg.prior_layers = prior if cfg.prior_layers is None else cfg.prior_layers
         cfg.model = model if cfg.model is None else cfg.model
         cfg.weights = weights if cfg.weights is None else cfg.weights
-        cfg.split_source = f"recommendation {source}" + (f" (overridden: {', '.join(overridden)})" if overridden else "")
+        cfg.split_source = f"recommendation {source}" + (
+            f" (overridden: {', '.join(overridden)})" if overridden else ""
+        )
     elif explicit and cfg.method == "vitsplit":
         cfg.split_source = "explicit (--k-t/--prior-layers)"
     cfg.model = cfg.model or "dinov2_vits14"

@@ -44,24 +44,42 @@ class _LossModule(nn.Module):
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else [t.to(device) for t in v] if isinstance(v, list) else v)
-            for k, v in batch.items()}
+    return {
+        k: (
+            v.to(device, non_blocking=True)
+            if torch.is_tensor(v)
+            else [t.to(device) for t in v]
+            if isinstance(v, list)
+            else v
+        )
+        for k, v in batch.items()
+    }
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
+    np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
-def _diverged(step: int, loss: float | None, lr: float, checkpoint: Path | None, checkpoint_step: int | None,
-              cause: str | None = None) -> UserError:
+def _diverged(
+    step: int,
+    loss: float | None,
+    lr: float,
+    checkpoint: Path | None,
+    checkpoint_step: int | None,
+    cause: str | None = None,
+) -> UserError:
     """The error that stops a run whose loss (or update) stopped being a number at ``step``."""
     what = cause or f"the loss is {loss} at step {step}"
-    saved = (f"the last good checkpoint is {checkpoint} (step {checkpoint_step})" if checkpoint is not None
-             else "no checkpoint was written before it")
-    return UserError(f"training diverged: {what} (lr {lr:.3g}); {saved}; lower --lr (or lengthen --warmup-iters) "
-                     "and train again")
+    saved = (
+        f"the last good checkpoint is {checkpoint} (step {checkpoint_step})"
+        if checkpoint is not None
+        else "no checkpoint was written before it"
+    )
+    return UserError(
+        f"training diverged: {what} (lr {lr:.3g}); {saved}; lower --lr (or lengthen --warmup-iters) and train again"
+    )
 
 
 def _all_finite(value: float, d: Dist) -> bool:
@@ -72,9 +90,18 @@ def _all_finite(value: float, d: Dist) -> bool:
     return bool(bad.item() == 0)
 
 
-def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.device, dist_info: Dist | None = None,
-        out: Path | None = None, progress: Progress = NULL_PROGRESS, start: dict[str, Any] | None = None,
-        on_step: Callable[[int], bool] | None = None) -> dict[str, Any]:
+def fit(
+    model: nn.Module,
+    dataset: Any,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    dist_info: Dist | None = None,
+    out: Path | None = None,
+    progress: Progress = NULL_PROGRESS,
+    start: dict[str, Any] | None = None,
+    on_step: Callable[[int], bool] | None = None,
+) -> dict[str, Any]:
     """The training loop. Writes metrics.jsonl and last.pt under ``out`` (rank 0) when ``out`` is given.
 
     ``start``: a loaded resume checkpoint. ``on_step(step)``: called after every optimizer step;
@@ -92,8 +119,9 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
     model.train()
     loss_module: nn.Module = _LossModule(model)
     if d.world > 1:
-        loss_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
-                          find_unused_parameters=True)
+        loss_module = DDP(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
     scale = {} if cfg.pretrained_lr_scale is None else {"pretrained_lr_scale": cfg.pretrained_lr_scale}
     groups = model.param_groups(cfg.lr, cfg.weight_decay, **scale)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
@@ -106,10 +134,18 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
         step, elapsed = int(start["step"]), float(start["elapsed"])
     per_rank = cfg.batch_size // cfg.grad_accum
     if per_rank % d.world:
-        raise UserError(f"--batch-size {cfg.batch_size} with {cfg.grad_accum} accumulation steps does not split over {d.world} processes")
+        raise UserError(
+            f"--batch-size {cfg.batch_size} with {cfg.grad_accum} accumulation steps does not split over {d.world} "
+            f"processes"
+        )
     sampler = StepBatches(len(dataset), cfg.seed, cfg.batch_size, cfg.grad_accum, d.rank, d.world, step, cfg.iters)
-    loader = torch.utils.data.DataLoader(EpochItems(dataset), batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    loader = torch.utils.data.DataLoader(
+        EpochItems(dataset),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     if start is not None:
         set_rng_state(start["rng"])  # last: nothing above may draw from the global RNGs after this
     amp_dtype = train_autocast_dtype(cfg.precision, device)
@@ -134,7 +170,9 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
             for a in range(cfg.grad_accum):
                 batch = _to(next(batches), device)
                 sync = contextlib.nullcontext() if (d.world == 1 or a == cfg.grad_accum - 1) else loss_module.no_sync()
-                amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+                amp = (
+                    torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+                )
                 with sync:
                     with amp:
                         losses = loss_module(batch)
@@ -148,8 +186,14 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
             except RuntimeError as e:  # AdamW's step size lr / (1 - beta1^t) overflows float32 for a huge lr
                 if "overflow" not in str(e):
                     raise
-                raise _diverged(step + 1, None, lr_now, checkpoint, checkpoint_step,
-                                cause=f"the update of step {step + 1} overflows float32") from None
+                raise _diverged(
+                    step + 1,
+                    None,
+                    lr_now,
+                    checkpoint,
+                    checkpoint_step,
+                    cause=f"the update of step {step + 1} overflows float32",
+                ) from None
             step += 1
             run_steps += 1
             n_log += 1
@@ -160,8 +204,13 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
                     torch.distributed.all_reduce(vals)
                     parts = dict(zip(parts, (vals / d.world).tolist()))
                 now = time.perf_counter()
-                rec = {"iter": step, **{k: round(v, 6) for k, v in parts.items()}, "lr": lr_now,
-                       "it_s": round(n_log / max(now - t_log, 1e-9), 4), "time": round(elapsed, 3)}
+                rec = {
+                    "iter": step,
+                    **{k: round(v, 6) for k, v in parts.items()},
+                    "lr": lr_now,
+                    "it_s": round(n_log / max(now - t_log, 1e-9), 4),
+                    "time": round(elapsed, 3),
+                }
                 t_log, n_log = now, 0
                 if metrics_path is not None and d.main:
                     with open(metrics_path, "a", encoding="utf-8") as f:
@@ -169,19 +218,34 @@ def fit(model: nn.Module, dataset: Any, cfg: TrainConfig, *, device: torch.devic
             bar.advance(1, loss=parts["loss"], lr=lr_now, it_s=run_steps / max(time.perf_counter() - t_seg, 1e-9))
             if out is not None and (step % cfg.checkpoint_every == 0 or step == cfg.iters):
                 if d.main:
-                    save_checkpoint(out / "last.pt", model_state=model.trainable_state_dict(), optimizer=opt,
-                                    scheduler=sched, step=step, elapsed=elapsed, config=cfg.to_dict(),
-                                    data={"seed": cfg.seed, "samples_seen": step * cfg.batch_size,
-                                          "epoch": step * cfg.batch_size // len(dataset),
-                                          "offset": step * cfg.batch_size % len(dataset)})
+                    save_checkpoint(
+                        out / "last.pt",
+                        model_state=model.trainable_state_dict(),
+                        optimizer=opt,
+                        scheduler=sched,
+                        step=step,
+                        elapsed=elapsed,
+                        config=cfg.to_dict(),
+                        data={
+                            "seed": cfg.seed,
+                            "samples_seen": step * cfg.batch_size,
+                            "epoch": step * cfg.batch_size // len(dataset),
+                            "offset": step * cfg.batch_size % len(dataset),
+                        },
+                    )
                 checkpoint, checkpoint_step = out / "last.pt", step
                 d.barrier()
             if on_step is not None and on_step(step):
                 stopped = True
                 break
     except KeyboardInterrupt as e:
-        raise RunInterrupted(f"train {cfg.method} {cfg.task}", step, cfg.iters,
-                             None if checkpoint is None else str(checkpoint), checkpoint_step) from e
+        raise RunInterrupted(
+            f"train {cfg.method} {cfg.task}",
+            step,
+            cfg.iters,
+            None if checkpoint is None else str(checkpoint),
+            checkpoint_step,
+        ) from e
     finally:
         bar.close()
     return {"step": step, "stopped": stopped, "elapsed": elapsed}

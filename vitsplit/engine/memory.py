@@ -46,9 +46,9 @@ class PeakMemory:
     def peak_mb(self) -> float:
         """This process's peak since construction (see the module docstring), in MiB."""
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
     def record(self, dist_info: Dist) -> dict[str, float | str]:
         """eval.json's fields: the peak over every rank (a collective: every rank must call it)."""

@@ -25,7 +25,9 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
 class StepBatches(torch.utils.data.Sampler):
     """Micro-batches of (index, epoch) pairs for this rank, for steps ``start .. iters-1``."""
 
-    def __init__(self, n: int, seed: int, batch_size: int, grad_accum: int, rank: int, world: int, start: int, iters: int):
+    def __init__(
+        self, n: int, seed: int, batch_size: int, grad_accum: int, rank: int, world: int, start: int, iters: int
+    ):
         self.n, self.seed, self.batch, self.accum = n, seed, batch_size, grad_accum
         self.rank, self.world, self.start, self.iters = rank, world, start, iters
         self.micro = batch_size // (grad_accum * world)
@@ -46,7 +48,7 @@ class StepBatches(torch.utils.data.Sampler):
             items = self.step_items(step)
             for a in range(self.accum):
                 k = a * self.world + self.rank
-                yield items[k * self.micro:(k + 1) * self.micro]
+                yield items[k * self.micro : (k + 1) * self.micro]
 
     def __len__(self) -> int:
         return (self.iters - self.start) * self.accum

@@ -66,8 +66,13 @@ class PolyWarmup:
         self.step_index += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"iters": self.iters, "warmup": self.warmup, "ratio": self.ratio, "power": self.power,
-                "step_index": self.step_index}
+        return {
+            "iters": self.iters,
+            "warmup": self.warmup,
+            "ratio": self.ratio,
+            "power": self.power,
+            "step_index": self.step_index,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in ("iters", "warmup", "ratio", "power", "step_index"):

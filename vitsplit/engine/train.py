@@ -45,9 +45,19 @@ MEASURED = ("train_seconds", "step_time_s", "peak_memory_mb", "peak_memory_kind"
 
 def build_model(cfg: TrainConfig, backbone: Backbone, num_classes: int) -> nn.Module:
     """ViT-Split, a baseline or ViT-Adapter on ``backbone`` (which the model takes over)."""
-    return model_build(cfg.method, backbone, cfg.task, num_classes, k_t=cfg.k_t, prior_layers=cfg.prior_layers,
-                       masks=cfg.masks, det_preset=cfg.det_preset or det_preset_for(cfg.crop), lora_rank=cfg.lora_rank,
-                       lora_alpha=cfg.lora_alpha, head=cfg.head)
+    return model_build(
+        cfg.method,
+        backbone,
+        cfg.task,
+        num_classes,
+        k_t=cfg.k_t,
+        prior_layers=cfg.prior_layers,
+        masks=cfg.masks,
+        det_preset=cfg.det_preset or det_preset_for(cfg.crop),
+        lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        head=cfg.head,
+    )
 
 
 def _metrics_upto(path: Path, step: int) -> None:
@@ -70,8 +80,10 @@ def _check_resume(saved: dict[str, Any], cfg: TrainConfig) -> None:
     diff = [k for k in now if k not in RESUME_FREE and saved.get(k) != now[k]]
     if diff:
         k = diff[0]
-        raise UserError(f"cannot resume: option {k} was {saved.get(k)!r} in the checkpoint and is {now[k]!r} now "
-                        f"(also differs: {', '.join(diff[1:]) or 'nothing else'}); run with the same options")
+        raise UserError(
+            f"cannot resume: option {k} was {saved.get(k)!r} in the checkpoint and is {now[k]!r} now "
+            f"(also differs: {', '.join(diff[1:]) or 'nothing else'}); run with the same options"
+        )
 
 
 def train(cfg: TrainConfig, progress: Progress = NULL_PROGRESS, *, backbone: Backbone | None = None) -> dict[str, Any]:
@@ -102,8 +114,9 @@ def train(cfg: TrainConfig, progress: Progress = NULL_PROGRESS, *, backbone: Bac
             torch.distributed.destroy_process_group()
 
 
-def _train_locked(cfg: TrainConfig, d: Dist, device: torch.device, progress: Progress,
-                  backbone: Backbone | None) -> dict[str, Any]:
+def _train_locked(
+    cfg: TrainConfig, d: Dist, device: torch.device, progress: Progress, backbone: Backbone | None
+) -> dict[str, Any]:
     """The run, once OUT is ours. A fresh run that fails or is interrupted before its first checkpoint
     leaves nothing behind (no lone config.json); one with a checkpoint keeps it and its records."""
     memory = PeakMemory(device)
@@ -114,33 +127,46 @@ def _train_locked(cfg: TrainConfig, d: Dist, device: torch.device, progress: Pro
     elif d.main and (out / "last.pt").exists():
         raise UserError(f"{out} already holds a training run: add --resume to continue it, or give another --out")
     seed_everything(cfg.seed)
-    train_set = build_dataset(cfg.data, "train", task=cfg.task, crop=cfg.crop, augment=True,
-                              length=cfg.train_length, seed=cfg.seed)
-    backbone = (copy.deepcopy(backbone) if backbone is not None else
-                build_backbone(cfg.model, cfg.weights, seed=cfg.seed if cfg.weights == "random" else None))
+    train_set = build_dataset(
+        cfg.data, "train", task=cfg.task, crop=cfg.crop, augment=True, length=cfg.train_length, seed=cfg.seed
+    )
+    backbone = (
+        copy.deepcopy(backbone)
+        if backbone is not None
+        else build_backbone(cfg.model, cfg.weights, seed=cfg.seed if cfg.weights == "random" else None)
+    )
     finish_config(cfg, backbone)
     if ckpt is not None:
         _check_resume(ckpt["config"], cfg)
     seed_everything(cfg.seed)
     model = build_model(cfg, backbone, train_set.num_classes)
-    if cfg.task == "depth" and ckpt is None:   # a resumed run loads its head from the checkpoint
+    if cfg.task == "depth" and ckpt is None:  # a resumed run loads its head from the checkpoint
         log_depth = train_set.mean_log_depth()
         for m in model.modules():
             if isinstance(m, DepthHead):
                 m.start_at(log_depth)
     try:
         if d.main:
-            record = {**cfg.to_dict(), "weights_source": backbone.weights_source, "num_classes": train_set.num_classes,
-                      "trainable_params": count_trainable(model), "world_size": d.world, "device_used": str(device),
-                      "versions": versions(), "model_config": model.config()}
+            record = {
+                **cfg.to_dict(),
+                "weights_source": backbone.weights_source,
+                "num_classes": train_set.num_classes,
+                "trainable_params": count_trainable(model),
+                "world_size": d.world,
+                "device_used": str(device),
+                "versions": versions(),
+                "model_config": model.config(),
+            }
             atomic_write_json(out / "config.json", record)
             if ckpt is not None:
                 _metrics_upto(out / "metrics.jsonl", int(ckpt["step"]))
             elif (out / "metrics.jsonl").exists():
                 (out / "metrics.jsonl").unlink()
         d.barrier()
-        progress.log(f"training {cfg.method} on {cfg.task}: {count_trainable(model):,} trainable parameters, "
-                     f"{cfg.iters} iterations" + (f", resuming at step {ckpt['step']}" if ckpt else ""))
+        progress.log(
+            f"training {cfg.method} on {cfg.task}: {count_trainable(model):,} trainable parameters, "
+            f"{cfg.iters} iterations" + (f", resuming at step {ckpt['step']}" if ckpt else "")
+        )
         state = fit(model, train_set, cfg, device=device, dist_info=d, out=out, progress=progress, start=ckpt)
     except BaseException:
         if d.main and ckpt is None and not (out / "last.pt").exists():
@@ -154,13 +180,35 @@ def _train_locked(cfg: TrainConfig, d: Dist, device: torch.device, progress: Pro
     if d.main:
         save_trained(model, out / "model.safetensors", cfg.to_dict())
         if cfg.evaluate:
-            val = build_dataset(cfg.val_data or cfg.data, "val", task=cfg.task, crop=cfg.crop, augment=False,
-                                length=cfg.val_length, seed=cfg.seed)
+            val = build_dataset(
+                cfg.val_data or cfg.data,
+                "val",
+                task=cfg.task,
+                crop=cfg.crop,
+                augment=False,
+                length=cfg.val_length,
+                seed=cfg.seed,
+            )
             amp = eval_autocast_dtype(cfg.precision, device)
-            result = evaluate_model(model, val, cfg.task, mode=cfg.eval_mode, crop=cfg.crop, stride=cfg.eval_stride,
-                                    batch_size=cfg.eval_batch_size, device=device, autocast_dtype=amp, progress=progress)
-        result = {**result, "iters": state["step"], "train_seconds": round(state["elapsed"], 3),
-                  "step_time_s": round(state["elapsed"] / max(state["step"], 1), 6), **peak}
+            result = evaluate_model(
+                model,
+                val,
+                cfg.task,
+                mode=cfg.eval_mode,
+                crop=cfg.crop,
+                stride=cfg.eval_stride,
+                batch_size=cfg.eval_batch_size,
+                device=device,
+                autocast_dtype=amp,
+                progress=progress,
+            )
+        result = {
+            **result,
+            "iters": state["step"],
+            "train_seconds": round(state["elapsed"], 3),
+            "step_time_s": round(state["elapsed"] / max(state["step"], 1), 6),
+            **peak,
+        }
         atomic_write_json(out / "eval.json", result)
     d.barrier()
     return result

@@ -26,10 +26,18 @@ def coco_ground_truth(targets: list[dict[str, Any]], num_classes: int) -> dict[s
     for t in targets:
         images.append({"id": int(t["image_id"]), "height": int(t["height"]), "width": int(t["width"])})
         masks = t.get("masks")
-        for j, (box, lab) in enumerate(zip(np.asarray(t["boxes"], np.float64).reshape(-1, 4), np.asarray(t["labels"]).reshape(-1))):
+        for j, (box, lab) in enumerate(
+            zip(np.asarray(t["boxes"], np.float64).reshape(-1, 4), np.asarray(t["labels"]).reshape(-1))
+        ):
             x1, y1, x2, y2 = (float(v) for v in box)
-            ann = {"id": len(anns) + 1, "image_id": int(t["image_id"]), "category_id": int(lab),
-                   "bbox": [x1, y1, x2 - x1, y2 - y1], "iscrowd": 0, "area": (x2 - x1) * (y2 - y1)}
+            ann = {
+                "id": len(anns) + 1,
+                "image_id": int(t["image_id"]),
+                "category_id": int(lab),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "iscrowd": 0,
+                "area": (x2 - x1) * (y2 - y1),
+            }
             if masks is not None:
                 m = np.asarray(masks[j])
                 ann["segmentation"] = _rle(m)
@@ -49,7 +57,12 @@ def coco_detections(preds: list[dict[str, Any]], image_ids: list[int], with_mask
         masks = p.get("masks") if with_masks else None
         for j in range(len(boxes)):
             x1, y1, x2, y2 = boxes[j]
-            d = {"image_id": int(iid), "category_id": int(labels[j]), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(scores[j])}
+            d = {
+                "image_id": int(iid),
+                "category_id": int(labels[j]),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": float(scores[j]),
+            }
             if masks is not None:
                 m = torch.as_tensor(masks[j]).detach().cpu().reshape(masks[j].shape[-2:]) > 0.5
                 d["segmentation"] = _rle(m.numpy())
@@ -57,7 +70,9 @@ def coco_detections(preds: list[dict[str, Any]], image_ids: list[int], with_mask
     return out
 
 
-def coco_map(targets: list[dict[str, Any]], preds: list[dict[str, Any]], num_classes: int, with_masks: bool) -> dict[str, float]:
+def coco_map(
+    targets: list[dict[str, Any]], preds: list[dict[str, Any]], num_classes: int, with_masks: bool
+) -> dict[str, float]:
     """bbox (and segm) AP, AP50, AP75 in percent through pycocotools' COCOeval."""
     from pycocotools.coco import COCO  # noqa: PLC0415 - only detection needs pycocotools (slow to import)
     from pycocotools.cocoeval import COCOeval
@@ -70,9 +85,13 @@ def coco_map(targets: list[dict[str, Any]], preds: list[dict[str, Any]], num_cla
         dets = coco_detections(preds, [int(t["image_id"]) for t in targets], with_masks)
         for kind in ("bbox", "segm") if with_masks else ("bbox",):
             if not dets or not gt.dataset["annotations"]:
-                results.update({f"{kind}_mAP": 0.0 if gt.dataset["annotations"] else float("nan"),
-                                f"{kind}_mAP_50": 0.0 if gt.dataset["annotations"] else float("nan"),
-                                f"{kind}_mAP_75": 0.0 if gt.dataset["annotations"] else float("nan")})
+                results.update(
+                    {
+                        f"{kind}_mAP": 0.0 if gt.dataset["annotations"] else float("nan"),
+                        f"{kind}_mAP_50": 0.0 if gt.dataset["annotations"] else float("nan"),
+                        f"{kind}_mAP_75": 0.0 if gt.dataset["annotations"] else float("nan"),
+                    }
+                )
                 continue
             dt = gt.loadRes(dets)
             ev = COCOeval(gt, dt, kind)
@@ -80,6 +99,11 @@ def coco_map(targets: list[dict[str, Any]], preds: list[dict[str, Any]], num_cla
             ev.accumulate()
             ev.summarize()
             s = ev.stats
-            results.update({f"{kind}_mAP": float(s[0]) * 100, f"{kind}_mAP_50": float(s[1]) * 100,
-                            f"{kind}_mAP_75": float(s[2]) * 100})
+            results.update(
+                {
+                    f"{kind}_mAP": float(s[0]) * 100,
+                    f"{kind}_mAP_50": float(s[1]) * 100,
+                    f"{kind}_mAP_75": float(s[2]) * 100,
+                }
+            )
     return results

@@ -25,15 +25,24 @@ from .coco import coco_map
 from .inference import same_size_batches, slide_inference
 from .metrics import DepthMetric, IoUMetric, finite_or_none
 
-
 # The numeric options' allowed values; the CLI checks the same table while parsing.
 EVAL_RANGES: dict[str, Range] = {"stride": COUNT, "batch_size": COUNT}
 
 
 @torch.no_grad()
-def evaluate_model(model: Any, dataset: Any, task: str, *, mode: str = "whole", crop: int | None = None,
-                   stride: int | None = None, batch_size: int = 4, device: torch.device | str = "cpu",
-                   autocast_dtype: torch.dtype | None = None, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
+def evaluate_model(
+    model: Any,
+    dataset: Any,
+    task: str,
+    *,
+    mode: str = "whole",
+    crop: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    progress: Progress = NULL_PROGRESS,
+) -> dict[str, Any]:
     """Metrics of ``model`` (eval mode) on ``dataset``.
 
     seg: mIoU/aAcc/mAcc/IoU (``mode`` whole or slide with ``crop`` and ``stride``; mmseg's default
@@ -49,12 +58,16 @@ def evaluate_model(model: Any, dataset: Any, task: str, *, mode: str = "whole", 
     crop = int(crop or 0)
     stride = int(stride if stride is not None else max(1, (2 * crop) // 3))
     if mode == "slide" and stride > crop:
-        raise UserError(f"--stride {stride} is larger than the {crop}-pixel window: pixels between windows would get "
-                        f"no prediction; use a stride of at most {crop}")
+        raise UserError(
+            f"--stride {stride} is larger than the {crop}-pixel window: pixels between windows would get "
+            f"no prediction; use a stride of at most {crop}"
+        )
     predicts = getattr(model, "num_classes", None)
     if task != "depth" and predicts is not None and predicts != dataset.num_classes:
-        raise UserError(f"the model predicts {predicts} classes, but the data has {dataset.num_classes}: evaluate it on "
-                        "data labelled with the classes it was trained on (--data)")
+        raise UserError(
+            f"the model predicts {predicts} classes, but the data has {dataset.num_classes}: evaluate it on "
+            "data labelled with the classes it was trained on (--data)"
+        )
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -69,8 +82,11 @@ def evaluate_model(model: Any, dataset: Any, task: str, *, mode: str = "whole", 
             images = torch.stack([it["image"] for it in group]).to(device)
             with amp:
                 if task == "seg":
-                    logits = (slide_inference(model, images, dataset.num_classes, crop, stride) if mode == "slide"
-                              else model(images))
+                    logits = (
+                        slide_inference(model, images, dataset.num_classes, crop, stride)
+                        if mode == "slide"
+                        else model(images)
+                    )
                     seg_metric.update(logits.float().argmax(1), torch.stack([it["seg"] for it in group]))
                 elif task == "depth":
                     depth_metric.update(model(images).float(), torch.stack([it["depth"] for it in group]))
@@ -78,8 +94,13 @@ def evaluate_model(model: Any, dataset: Any, task: str, *, mode: str = "whole", 
                     out = model(images)
                     for it, p in zip(group, out):
                         preds.append({k: v.float() if v.is_floating_point() else v for k, v in p.items()})
-                        t = {"image_id": int(it.get("index", len(targets))), "height": images.shape[-2],
-                             "width": images.shape[-1], "boxes": it["boxes"].numpy(), "labels": it["labels"].numpy()}
+                        t = {
+                            "image_id": int(it.get("index", len(targets))),
+                            "height": images.shape[-2],
+                            "width": images.shape[-1],
+                            "boxes": it["boxes"].numpy(),
+                            "labels": it["labels"].numpy(),
+                        }
                         if getattr(dataset, "has_masks", False) and "masks" in it:
                             t["masks"] = it["masks"].numpy()
                         targets.append(t)
@@ -94,16 +115,27 @@ def evaluate_model(model: Any, dataset: Any, task: str, *, mode: str = "whole", 
     elif task == "depth":
         res = depth_metric.compute()
     else:
-        with_masks = bool(getattr(dataset, "has_masks", False)) and all("masks" in t for t in targets) and \
-            all("masks" in p for p in preds)
+        with_masks = (
+            bool(getattr(dataset, "has_masks", False))
+            and all("masks" in t for t in targets)
+            and all("masks" in p for p in preds)
+        )
         res = coco_map(targets, preds, dataset.num_classes, with_masks)
     res["num_images"] = len(dataset)
     res["mode"] = mode
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in res.items()}
 
 
-def evaluate_checkpoint(path: Any, *, data: str | None = None, mode: str = "whole", stride: int | None = None,
-                        device: str = "auto", batch_size: int = 4, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: Any,
+    *,
+    data: str | None = None,
+    mode: str = "whole",
+    stride: int | None = None,
+    device: str = "auto",
+    batch_size: int = 4,
+    progress: Progress = NULL_PROGRESS,
+) -> dict[str, Any]:
     """Metrics of a trained model (OUT or OUT/model.safetensors) on the val split of ``data``
     (default: the data it was trained on), at its training crop and in the precision its run
     evaluated in (:func:`vitsplit.device.eval_autocast_dtype`), so that it reproduces eval.json."""
@@ -111,9 +143,26 @@ def evaluate_checkpoint(path: Any, *, data: str | None = None, mode: str = "whol
     check_not_in_use(folder, "evaluate it")  # a training run still writing there is not finished
     model, cfg = load_trained(path)
     dev = resolve_device(device)
-    val = build_dataset(data or cfg.get("val_data") or cfg["data"], "val", task=cfg["task"], crop=cfg["crop"],
-                        augment=False, length=cfg.get("val_length") if data is None else None, seed=cfg["seed"])
+    val = build_dataset(
+        data or cfg.get("val_data") or cfg["data"],
+        "val",
+        task=cfg["task"],
+        crop=cfg["crop"],
+        augment=False,
+        length=cfg.get("val_length") if data is None else None,
+        seed=cfg["seed"],
+    )
     model.to(dev)
     amp = eval_autocast_dtype(cfg.get("precision", "auto"), dev)  # the precision the run's own eval.json used
-    return evaluate_model(model, val, cfg["task"], mode=mode, crop=cfg["crop"], stride=stride, batch_size=batch_size,
-                          device=dev, autocast_dtype=amp, progress=progress)
+    return evaluate_model(
+        model,
+        val,
+        cfg["task"],
+        mode=mode,
+        crop=cfg["crop"],
+        stride=stride,
+        batch_size=batch_size,
+        device=dev,
+        autocast_dtype=amp,
+        progress=progress,
+    )

@@ -34,18 +34,29 @@ class ViTAdapterBaseline(nn.Module):
 
     method = "vit-adapter"
 
-    def __init__(self, backbone: Backbone, task: str, num_classes: int, *, head: str = "linear",
-                 config: AdapterConfig | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        task: str,
+        num_classes: int,
+        *,
+        head: str = "linear",
+        config: AdapterConfig | None = None,
+    ):
         super().__init__()
         if task != "seg":
-            raise UserError(f"--method vit-adapter is built for segmentation (the paper's comparison), not '{task}'; "
-                            "use vitsplit, linear, full or lora for det/depth")
+            raise UserError(
+                f"--method vit-adapter is built for segmentation (the paper's comparison), not '{task}'; "
+                "use vitsplit, linear, full or lora for det/depth"
+            )
         check_head(head, self.method, task)
         self.task, self.head_name, self.num_classes = task, head, int(num_classes)
         self._built_on_sha256 = state_hash(backbone)  # the weights training starts from (recorded, checked on load)
         self.adapter = ViTAdapter(backbone, config)
         c = backbone.embed_dim
-        self.head: nn.Module = UperNetSegHead([c] * 4, self.num_classes) if head == "upernet" else LinearSegHead(c, self.num_classes)
+        self.head: nn.Module = (
+            UperNetSegHead([c] * 4, self.num_classes) if head == "upernet" else LinearSegHead(c, self.num_classes)
+        )
 
     @property
     def backbone(self) -> Backbone:
@@ -71,7 +82,8 @@ class ViTAdapterBaseline(nn.Module):
         return {f"adapter.backbone.vit.{n}" for n, p in self.backbone.vit.named_parameters() if not p.requires_grad}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything training changes: adapter, ViT (all but its unused cls token, final norm, ...), head, BN buffers."""
+        """Everything training changes: adapter, ViT (all but its unused cls token, final norm, ...), head,
+        BN buffers."""
         frozen = self._frozen_keys()
         return {k: v for k, v in self.state_dict().items() if k not in frozen}
 
@@ -95,9 +107,12 @@ class ViTAdapterBaseline(nn.Module):
             no_decay = p.dim() == 1 or name.endswith(".bias")
             key = (layer, no_decay)
             if key not in groups:
-                groups[key] = {"params": [], "lr": lr * LAYER_DECAY ** (depth + 1 - layer),
-                               "weight_decay": 0.0 if no_decay else weight_decay,
-                               "name": f"layer{layer}{'_no_decay' if no_decay else ''}"}
+                groups[key] = {
+                    "params": [],
+                    "lr": lr * LAYER_DECAY ** (depth + 1 - layer),
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                    "name": f"layer{layer}{'_no_decay' if no_decay else ''}",
+                }
             groups[key]["params"].append(p)
         return [groups[k] for k in sorted(groups)]
 
@@ -107,6 +122,12 @@ class ViTAdapterBaseline(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """JSON-ready: method, task, head, the adapter configuration and the backbone it was built on."""
-        return {"method": self.method, "task": self.task, "head": self.head_name, "num_classes": self.num_classes,
-                "masks": False, "adapter": self.adapter.config.to_dict(),
-                "backbone": backbone_config(self.backbone, state_sha256=self._built_on_sha256)}
+        return {
+            "method": self.method,
+            "task": self.task,
+            "head": self.head_name,
+            "num_classes": self.num_classes,
+            "masks": False,
+            "adapter": self.adapter.config.to_dict(),
+            "backbone": backbone_config(self.backbone, state_sha256=self._built_on_sha256),
+        }

@@ -49,8 +49,12 @@ class SpatialPriorModule(nn.Module):
 
     def __init__(self, inplanes: int = 64, embed_dim: int = 384):
         super().__init__()
-        self.stem = nn.Sequential(*_conv_bn_relu(3, inplanes, 2), *_conv_bn_relu(inplanes, inplanes, 1),
-                                  *_conv_bn_relu(inplanes, inplanes, 1), nn.MaxPool2d(3, stride=2, padding=1))
+        self.stem = nn.Sequential(
+            *_conv_bn_relu(3, inplanes, 2),
+            *_conv_bn_relu(inplanes, inplanes, 1),
+            *_conv_bn_relu(inplanes, inplanes, 1),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
         self.conv2 = nn.Sequential(*_conv_bn_relu(inplanes, 2 * inplanes, 2))
         self.conv3 = nn.Sequential(*_conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
         self.conv4 = nn.Sequential(*_conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
@@ -81,7 +85,7 @@ class DWConv(nn.Module):
         b, _, d = x.shape
         outs, start = [], 0
         for h, w in shapes:
-            level = x[:, start:start + h * w].transpose(1, 2).reshape(b, d, h, w)
+            level = x[:, start : start + h * w].transpose(1, 2).reshape(b, d, h, w)
             outs.append(self.dwconv(level).flatten(2).transpose(1, 2))
             start += h * w
         return torch.cat(outs, dim=1)
@@ -117,7 +121,10 @@ class DropPath(nn.Module):
 
 
 class Injector(nn.Module):
-    """ViT tokens <- ViT tokens + gamma * MSDeformAttn(norm(tokens) -> norm(spatial), 3 levels); gamma starts at ``init_values``."""
+    """ViT tokens <- ViT tokens + gamma * MSDeformAttn(norm(tokens) -> norm(spatial), 3 levels).
+
+    gamma starts at ``init_values``.
+    """
 
     def __init__(self, dim: int, num_heads: int, n_points: int, deform_ratio: float, init_values: float = 0.0):
         super().__init__()
@@ -126,7 +133,9 @@ class Injector(nn.Module):
         self.attn = MSDeformAttn(dim, n_levels=3, n_heads=num_heads, n_points=n_points, ratio=deform_ratio)
         self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
 
-    def forward(self, query: torch.Tensor, ref: torch.Tensor, feat: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, ref: torch.Tensor, feat: torch.Tensor, shapes: Sequence[tuple[int, int]]
+    ) -> torch.Tensor:
         """query (B, N, C) ViT tokens; ref (1, N, 1, 2); feat (B, S, C) spatial features on ``shapes`` -> (B, N, C)."""
         return query + self.gamma * self.attn(self.query_norm(query), ref, self.feat_norm(feat), shapes)
 
@@ -134,8 +143,15 @@ class Injector(nn.Module):
 class Extractor(nn.Module):
     """Spatial features <- + MSDeformAttn(norm(spatial) -> norm(ViT tokens), 1 level), then + ConvFFN."""
 
-    def __init__(self, dim: int, num_heads: int, n_points: int, deform_ratio: float, cffn_ratio: float = 0.25,
-                 drop_path: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        n_points: int,
+        deform_ratio: float,
+        cffn_ratio: float = 0.25,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.query_norm = layer_norm(dim)
         self.feat_norm = layer_norm(dim)
@@ -144,8 +160,14 @@ class Extractor(nn.Module):
         self.ffn_norm = layer_norm(dim)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, query: torch.Tensor, ref: torch.Tensor, feat: torch.Tensor, feat_shape: tuple[int, int],
-                query_shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        ref: torch.Tensor,
+        feat: torch.Tensor,
+        feat_shape: tuple[int, int],
+        query_shapes: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
         """query (B, S, C) spatial features on ``query_shapes``; ref (1, S, 1, 2); feat (B, N, C) ViT
         tokens on the grid ``feat_shape`` -> (B, S, C)."""
         query = query + self.attn(self.query_norm(query), ref, self.feat_norm(feat), [feat_shape])
@@ -155,16 +177,37 @@ class Extractor(nn.Module):
 class InteractionBlock(nn.Module):
     """Injector -> a group of ViT blocks -> extractor (-> two extra extractors in the last block)."""
 
-    def __init__(self, dim: int, num_heads: int, n_points: int, deform_ratio: float, cffn_ratio: float,
-                 drop_path: float, init_values: float, extra_extractors: bool):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        n_points: int,
+        deform_ratio: float,
+        cffn_ratio: float,
+        drop_path: float,
+        init_values: float,
+        extra_extractors: bool,
+    ):
         super().__init__()
         self.injector = Injector(dim, num_heads, n_points, deform_ratio, init_values)
         self.extractor = Extractor(dim, num_heads, n_points, deform_ratio, cffn_ratio, drop_path)
         self.extra_extractors = nn.ModuleList(
-            [Extractor(dim, num_heads, n_points, deform_ratio, cffn_ratio, drop_path) for _ in range(2 if extra_extractors else 0)])
+            [
+                Extractor(dim, num_heads, n_points, deform_ratio, cffn_ratio, drop_path)
+                for _ in range(2 if extra_extractors else 0)
+            ]
+        )
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, blocks: Sequence[nn.Module], grid: tuple[int, int],
-                shapes: Sequence[tuple[int, int]], ref_vit: torch.Tensor, ref_sp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        blocks: Sequence[nn.Module],
+        grid: tuple[int, int],
+        shapes: Sequence[tuple[int, int]],
+        ref_vit: torch.Tensor,
+        ref_sp: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, N, C) ViT tokens on ``grid``; c (B, S, C) spatial features on ``shapes``; ref_vit
         (1, N, 1, 2) and ref_sp (1, S, 1, 2) their pixel centres. Returns the updated (x, c)."""
         x = self.injector(x, ref_vit, c, shapes)

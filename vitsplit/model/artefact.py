@@ -58,8 +58,10 @@ def read_trained(path: str | Path) -> TrainedFile:
         raise UserError(f"{path} does not exist: give a training output directory or its {FILE_NAME}")
     meta, state = read_safetensors(path)
     if "vitsplit_config" not in meta:
-        raise UserError(f"{path} has no model config in its metadata: it was not written by cka-split "
-                        "(cka-split train or vitsplit.model.save_trained)")
+        raise UserError(
+            f"{path} has no model config in its metadata: it was not written by cka-split "
+            "(cka-split train or vitsplit.model.save_trained)"
+        )
     try:
         model_config = json.loads(meta["vitsplit_config"])
         train_config = json.loads(meta["train_config"]) if "train_config" in meta else None
@@ -73,17 +75,23 @@ def check_backbone(trained: TrainedFile, backbone: Backbone) -> None:
     want = trained.model_config.get("backbone") or {}
     path = trained.path
     if (backbone.num_layers, backbone.embed_dim) != (want.get("num_layers"), want.get("embed_dim")):
-        raise UserError(f"{path} was trained on {want.get('name')} ({want.get('num_layers')} blocks, width "
-                        f"{want.get('embed_dim')}); the given backbone {backbone.name} has {backbone.num_layers} blocks, "
-                        f"width {backbone.embed_dim}")
+        raise UserError(
+            f"{path} was trained on {want.get('name')} ({want.get('num_layers')} blocks, width "
+            f"{want.get('embed_dim')}); the given backbone {backbone.name} has {backbone.num_layers} blocks, "
+            f"width {backbone.embed_dim}"
+        )
     recorded = want.get("state_sha256")
     if not recorded:
-        raise UserError(f"{path} does not record the hash of its backbone's weights, so it cannot be checked: "
-                        "train it again with this version")
+        raise UserError(
+            f"{path} does not record the hash of its backbone's weights, so it cannot be checked: "
+            "train it again with this version"
+        )
     got = state_hash(backbone)
     if got != recorded:
-        raise UserError(f"{path} was trained on backbone weights {recorded[:12]} ({want.get('weights_source')}); "
-                        f"the given backbone's weights are {got[:12]} ({backbone.weights_source}): load the same weights")
+        raise UserError(
+            f"{path} was trained on backbone weights {recorded[:12]} ({want.get('weights_source')}); "
+            f"the given backbone's weights are {got[:12]} ({backbone.weights_source}): load the same weights"
+        )
 
 
 def load_trainable(path: str | Path, backbone: Backbone, *, deform_impl: str = "fast") -> nn.Module:
@@ -103,11 +111,15 @@ def load_trained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     trained = read_trained(path)
     cfg = trained.train_config
     if cfg is None:
-        raise UserError(f"{trained.path} was not written by 'cka-split train' (no training config in its metadata); "
-                        "load it with vitsplit.model.load_trainable(path, backbone)")
+        raise UserError(
+            f"{trained.path} was not written by 'cka-split train' (no training config in its metadata); "
+            "load it with vitsplit.model.load_trainable(path, backbone)"
+        )
     if cfg.get("weights") == "given":
-        raise UserError(f"{trained.path} was trained on a backbone given through the Python API; rebuild that backbone "
-                        "and call vitsplit.model.load_trainable(path, backbone)")
+        raise UserError(
+            f"{trained.path} was trained on a backbone given through the Python API; rebuild that backbone "
+            "and call vitsplit.model.load_trainable(path, backbone)"
+        )
     seed = cfg.get("seed") if cfg.get("weights") == "random" else None
     backbone = build_backbone(cfg["model"], cfg["weights"], seed=seed)
     check_backbone(trained, backbone)

@@ -17,7 +17,8 @@ intermediate blocks (:mod:`.plain_pyramid`), the "DINOv2 + UperNet" rows of the 
 
 Detection and depth use :class:`~vitsplit.model.heads.DetHead` / :class:`~vitsplit.model.heads.DepthHead` on the
 final map, as ViT-Split uses them on its fused map. Learning rates: parameters that start from
-pretrained weights (the backbone under ``full``) get lr x ``PRETRAINED_LR_SCALE`` (0.1), as ViT-Split's task head (copied
+pretrained weights (the backbone under ``full``) get lr x ``PRETRAINED_LR_SCALE`` (0.1), as ViT-Split's task head
+(copied
 pretrained blocks) does; new parameters (heads, LoRA matrices) get lr.
 """
 
@@ -52,16 +53,18 @@ def call_qkv_as_module(vit: nn.Module) -> None:
             m.qkv_bias_separate = True
 
 
-
 def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Load ``state`` into ``model`` when its keys are exactly ``model.trainable_state_dict()``'s;
     otherwise a UserError naming ``what`` (e.g. "full baseline") and the first keys that differ."""
     want = set(model.trainable_state_dict())
     missing, unexpected = want - set(state), set(state) - want
     if missing or unexpected:
-        raise UserError(f"checkpoint does not fit this {what} (missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]}); build the model with the checkpoint's config")
+        raise UserError(
+            f"checkpoint does not fit this {what} (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); build the model with the checkpoint's config"
+        )
     model.load_state_dict(state, strict=False)
+
 
 class LinearSegHead(nn.Module):
     """(B, C, h, w) -> BatchNorm -> 1x1 conv -> logits (B, K, H, W), bilinear to the image size."""
@@ -83,15 +86,28 @@ def check_head(head: str, method: str, task: str) -> None:
     if head not in HEADS:
         raise UserError(f"unknown head '{head}': use {' or '.join(HEADS)}")
     if head == "upernet" and (task != "seg" or method not in UPERNET_METHODS):
-        raise UserError(f"--head upernet is a segmentation head for --method {', '.join(UPERNET_METHODS)}; "
-                        f"not for --method {method} --task {task}")
+        raise UserError(
+            f"--head upernet is a segmentation head for --method {', '.join(UPERNET_METHODS)}; "
+            f"not for --method {method} --task {task}"
+        )
 
 
 class Baseline(nn.Module):
     """``Baseline(backbone, method, task, num_classes, masks=True, lora_rank=8, lora_alpha=16, head="linear")``."""
 
-    def __init__(self, backbone: Backbone, method: str, task: str, num_classes: int = 1, *, masks: bool = True,
-                 lora_rank: int = 8, lora_alpha: int = 16, det_preset: str = "coco", head: str = "linear"):
+    def __init__(
+        self,
+        backbone: Backbone,
+        method: str,
+        task: str,
+        num_classes: int = 1,
+        *,
+        masks: bool = True,
+        lora_rank: int = 8,
+        lora_alpha: int = 16,
+        det_preset: str = "coco",
+        head: str = "linear",
+    ):
         super().__init__()
         self.det_preset = det_preset
         if method not in METHODS:
@@ -101,7 +117,10 @@ class Baseline(nn.Module):
         check_head(head, method, task)
         self.head_name = head
         if task in ("det", "depth") and backbone.embed_dim % 32:
-            raise UserError(f"{backbone.name} has width {backbone.embed_dim}; the det/depth heads' GroupNorm(32, C) needs a multiple of 32")
+            raise UserError(
+                f"{backbone.name} has width {backbone.embed_dim}; the det/depth heads' GroupNorm(32, C) needs a "
+                f"multiple of 32"
+            )
         self.method, self.task = method, task
         self.num_classes = int(num_classes) if task != "depth" else 1
         self.masks = bool(masks) if task == "det" else False
@@ -114,10 +133,13 @@ class Baseline(nn.Module):
         # trained-weights file records them, and loading checks them).
         self._built_on_sha256 = state_hash(backbone) if method == "full" else None
         if method == "lora":
-            from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - peft takes seconds to import; only LoRA needs it
+            # noqa: PLC0415 - peft takes seconds to import; only LoRA needs it
+            from peft import LoraConfig, inject_adapter_in_model
 
             call_qkv_as_module(backbone.vit)
-            cfg = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
+            cfg = LoraConfig(
+                r=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none"
+            )
             inject_adapter_in_model(cfg, backbone.vit)
             for n, p in backbone.named_parameters():
                 p.requires_grad_("lora_" in n)
@@ -153,8 +175,9 @@ class Baseline(nn.Module):
         final-normed, at 4x, 2x, 1x and 0.5x the patch grid (:class:`PlainPyramid`)."""
         hw = self.backbone.grid_size(*images.shape[-2:])
         layers = self.backbone.forward_layers(images, self.pyramid_layers)
-        return self.pyramid([self.backbone.tokens_to_map(self.backbone.final_norm(layers[i]), hw)
-                             for i in self.pyramid_layers])
+        return self.pyramid(
+            [self.backbone.tokens_to_map(self.backbone.final_norm(layers[i]), hw) for i in self.pyramid_layers]
+        )
 
     def forward(self, images: torch.Tensor) -> Any:
         """Seg logits (B, K, H, W) | depth (B, 1, H, W) metres | det list of dicts (torchvision style)."""
@@ -195,15 +218,24 @@ class Baseline(nn.Module):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_trainable(self, state, f"{self.method} baseline")
 
-    def param_groups(self, lr: float, weight_decay: float = 1e-2,
-                     pretrained_lr_scale: float = PRETRAINED_LR_SCALE) -> list[dict[str, Any]]:
+    def param_groups(
+        self, lr: float, weight_decay: float = 1e-2, pretrained_lr_scale: float = PRETRAINED_LR_SCALE
+    ) -> list[dict[str, Any]]:
         """The new weights (head, LoRA matrices) at lr; the backbone under ``full`` at lr x
         ``pretrained_lr_scale`` (the release: 0.1)."""
         pretrained = [p for p in self.backbone.parameters() if p.requires_grad] if self.method == "full" else []
         new = [p for n, p in self.named_parameters() if p.requires_grad and (n.startswith("head.") or "lora_" in n)]
         groups = [{"params": new, "lr": lr, "weight_decay": weight_decay, "name": "heads"}]
         if pretrained:
-            groups.insert(0, {"params": pretrained, "lr": lr * pretrained_lr_scale, "weight_decay": weight_decay, "name": "backbone"})
+            groups.insert(
+                0,
+                {
+                    "params": pretrained,
+                    "lr": lr * pretrained_lr_scale,
+                    "weight_decay": weight_decay,
+                    "name": "backbone",
+                },
+            )
         return groups
 
     def backbone_sha256(self) -> str:
@@ -213,15 +245,22 @@ class Baseline(nn.Module):
         if self.method == "full":
             return self._built_on_sha256
         if self.method == "lora":
-            return tensors_hash({k.replace(".base_layer.", "."): v for k, v in self.backbone.state_dict().items()
-                                 if "lora_" not in k})
+            return tensors_hash(
+                {k.replace(".base_layer.", "."): v for k, v in self.backbone.state_dict().items() if "lora_" not in k}
+            )
         return state_hash(self.backbone)
 
     def config(self) -> dict[str, Any]:
         """JSON-ready: method, task, head settings and the backbone it was built on (with its hash)."""
         info = backbone_config(self.backbone, state_sha256=self.backbone_sha256())
-        return {"method": self.method, "task": self.task, "head": self.head_name, "num_classes": self.num_classes,
-                "masks": self.masks,
-                "det_preset": self.det_preset if self.task == "det" else None,
-                "lora_rank": self.lora_rank if self.method == "lora" else None,
-                "lora_alpha": self.lora_alpha if self.method == "lora" else None, "backbone": info}
+        return {
+            "method": self.method,
+            "task": self.task,
+            "head": self.head_name,
+            "num_classes": self.num_classes,
+            "masks": self.masks,
+            "det_preset": self.det_preset if self.task == "det" else None,
+            "lora_rank": self.lora_rank if self.method == "lora" else None,
+            "lora_alpha": self.lora_alpha if self.method == "lora" else None,
+            "backbone": info,
+        }

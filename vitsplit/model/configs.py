@@ -20,8 +20,22 @@ from dataclasses import dataclass
 from ..data.labels import TASKS
 from ..errors import UserError
 
-__all__ = ["BASELINES", "PRETRAINED_LR_SCALE", "DEFAULT_B", "HEADS", "METHODS", "UPERNET_METHODS", "PUBLISHED", "PUBLISHED_K_P", "PUBLISHED_K_T", "PublishedSplit", "TASKS",
-           "default_k_t", "default_split", "prior_layers_uniform"]
+__all__ = [
+    "BASELINES",
+    "PRETRAINED_LR_SCALE",
+    "DEFAULT_B",
+    "HEADS",
+    "METHODS",
+    "UPERNET_METHODS",
+    "PUBLISHED",
+    "PUBLISHED_K_P",
+    "PUBLISHED_K_T",
+    "PublishedSplit",
+    "TASKS",
+    "default_k_t",
+    "default_split",
+    "prior_layers_uniform",
+]
 
 BASELINES = ("linear", "full", "lora")
 METHODS = ("vitsplit", *BASELINES, "vit-adapter")
@@ -84,5 +98,8 @@ def default_split(num_layers: int) -> tuple[int, list[int], str]:
         row = PUBLISHED[num_layers]
         return row.k_t, prior_layers_uniform(num_layers, row.k_p, row.b), "published default"
     b = DEFAULT_B if num_layers >= 8 else 0
-    return (default_k_t(num_layers), prior_layers_uniform(num_layers, min(4, num_layers - b), b),
-            "default rule (K_t=round(L/4), 4 uniform prior layers)")
+    return (
+        default_k_t(num_layers),
+        prior_layers_uniform(num_layers, min(4, num_layers - b), b),
+        "default rule (K_t=round(L/4), 4 uniform prior layers)",
+    )

@@ -49,8 +49,14 @@ class SegHead(nn.Module):
         logits = self.cls(self.bn(self.up(fused)))
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
-    def loss(self, logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX, *,
-             avg_non_ignore: bool = False) -> torch.Tensor:
+    def loss(
+        self,
+        logits: torch.Tensor,
+        label: torch.Tensor,
+        ignore_index: int = IGNORE_INDEX,
+        *,
+        avg_non_ignore: bool = False,
+    ) -> torch.Tensor:
         """Cross-entropy; logits (B, K, H', W') are resized to the label size (B, H, W) first.
 
         The release's MMSegmentation 0.20 computes per-pixel CE (0 on ignored pixels) and takes the
@@ -104,7 +110,7 @@ class DepthHead(nn.Module):
         if not bool(valid.any()):
             return log_depth.sum() * 0.0  # no valid pixel: zero loss, graph kept for DDP
         d = log_depth[:, 0][valid] - torch.log(depth[valid])
-        return torch.sqrt(((d ** 2).mean() - variance_focus * d.mean() ** 2).clamp_min(1e-12))
+        return torch.sqrt(((d**2).mean() - variance_focus * d.mean() ** 2).clamp_min(1e-12))
 
 
 class FixedStrideAnchorGenerator(nn.Module):
@@ -115,8 +121,12 @@ class FixedStrideAnchorGenerator(nn.Module):
     anchor centres are at ``(x * stride, y * stride)`` as in torchvision.
     """
 
-    def __init__(self, sizes: tuple[tuple[int, ...], ...], aspect_ratios: tuple[tuple[float, ...], ...],
-                 strides: tuple[float, ...]):
+    def __init__(
+        self,
+        sizes: tuple[tuple[int, ...], ...],
+        aspect_ratios: tuple[tuple[float, ...], ...],
+        strides: tuple[float, ...],
+    ):
         super().__init__()
         from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: PLC0415 - torchvision takes seconds to import; only detection needs it
 
@@ -198,8 +208,9 @@ class DetHead(nn.Module):
     aligned RoIAlign with adaptive sampling).
     """
 
-    def __init__(self, channels: int, num_classes: int, masks: bool = True, *, patch_size: int = 14,
-                 preset: str = "coco"):
+    def __init__(
+        self, channels: int, num_classes: int, masks: bool = True, *, patch_size: int = 14, preset: str = "coco"
+    ):
         super().__init__()
         if preset not in DET_PRESETS:
             raise UserError(f"unknown detection preset '{preset}': use {' or '.join(DET_PRESETS)}")
@@ -221,10 +232,16 @@ class DetHead(nn.Module):
         self.strides = (p / 4, p / 2, p, 2 * p, 4 * p)
         self.neck = DetNeck(channels)
         self.fpn = FeaturePyramidNetwork([channels] * 4, 256, extra_blocks=LastLevelMaxPool())
-        anchors = FixedStrideAnchorGenerator(tuple((s,) for s in hp["anchor_sizes"]), ((0.5, 1.0, 2.0),) * 5, self.strides)
+        anchors = FixedStrideAnchorGenerator(
+            tuple((s,) for s in hp["anchor_sizes"]), ((0.5, 1.0, 2.0),) * 5, self.strides
+        )
         self.rpn = RegionProposalNetwork(
-            anchors, RPNHead(256, anchors.num_anchors_per_location()[0]),
-            fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
+            anchors,
+            RPNHead(256, anchors.num_anchors_per_location()[0]),
+            fg_iou_thresh=0.7,
+            bg_iou_thresh=0.3,
+            batch_size_per_image=256,
+            positive_fraction=0.5,
             pre_nms_top_n=dict(training=hp["rpn_train"], testing=hp["rpn_test"]),
             post_nms_top_n=dict(training=hp["rpn_train"], testing=hp["rpn_test"]),
             nms_thresh=0.7,
@@ -241,12 +258,24 @@ class DetHead(nn.Module):
 
         mask_kwargs = {}
         if masks:
-            mask_kwargs = dict(mask_roi_pool=pooler(14), mask_head=MaskRCNNHeads(256, (256, 256, 256, 256), 1),
-                               mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1))
+            mask_kwargs = dict(
+                mask_roi_pool=pooler(14),
+                mask_head=MaskRCNNHeads(256, (256, 256, 256, 256), 1),
+                mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1),
+            )
         self.roi_heads = RoIHeads(
-            pooler(7), TwoMLPHead(256 * 7 * 7, 1024), FastRCNNPredictor(1024, num_classes + 1),
-            fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=hp["rois_per_image"], positive_fraction=0.25,
-            bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100, **mask_kwargs,
+            pooler(7),
+            TwoMLPHead(256 * 7 * 7, 1024),
+            FastRCNNPredictor(1024, num_classes + 1),
+            fg_iou_thresh=0.5,
+            bg_iou_thresh=0.5,
+            batch_size_per_image=hp["rois_per_image"],
+            positive_fraction=0.25,
+            bbox_reg_weights=None,
+            score_thresh=0.05,
+            nms_thresh=0.5,
+            detections_per_img=100,
+            **mask_kwargs,
         )
 
     def features(self, fused: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
@@ -260,7 +289,9 @@ class DetHead(nn.Module):
         ph, pw = fused.shape[-2] * self.patch_size, fused.shape[-1] * self.patch_size
         h, w = int(image_size[0]), int(image_size[1])
         if ph < h or pw < w or ph - h >= self.patch_size or pw - w >= self.patch_size:
-            raise ValueError(f"fused map {tuple(fused.shape[-2:])} does not match image size {image_size} at patch {self.patch_size}")
+            raise ValueError(
+                f"fused map {tuple(fused.shape[-2:])} does not match image size {image_size} at patch {self.patch_size}"
+            )
         return (ph, pw), (ph - h) // 2, (pw - w) // 2
 
     def _image_list(self, fused: torch.Tensor, padded_size: tuple[int, int]):
@@ -269,7 +300,9 @@ class DetHead(nn.Module):
         # Only image_sizes and the batch size are read downstream (anchors use our fixed strides).
         return ImageList(fused.new_empty((fused.shape[0], 0, *padded_size)), [padded_size] * fused.shape[0])
 
-    def loss(self, fused: torch.Tensor, targets: list[dict[str, torch.Tensor]], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def loss(
+        self, fused: torch.Tensor, targets: list[dict[str, torch.Tensor]], image_size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
         """Training losses.
 
         fused: (B, C, h, w) from images of ``image_size`` (H, W) centre-padded to (h*p, w*p);
@@ -282,11 +315,15 @@ class DetHead(nn.Module):
         shift = torch.tensor([left, top, left, top], dtype=torch.float32, device=fused.device)
         moved = []
         for t in targets:
-            m = {"boxes": t["boxes"].to(fused.device, torch.float32).reshape(-1, 4) + shift,
-                 "labels": t["labels"].to(fused.device, torch.int64)}
+            m = {
+                "boxes": t["boxes"].to(fused.device, torch.float32).reshape(-1, 4) + shift,
+                "labels": t["labels"].to(fused.device, torch.int64),
+            }
             if self.masks:
                 if "masks" not in t:
-                    raise ValueError("Mask R-CNN needs 'masks' in every target (build the model with masks=False for boxes only)")
+                    raise ValueError(
+                        "Mask R-CNN needs 'masks' in every target (build the model with masks=False for boxes only)"
+                    )
                 mk = t["masks"].to(fused.device)
                 m["masks"] = F.pad(mk, (left, padded[1] - left - mk.shape[-1], top, padded[0] - top - mk.shape[-2]))
             moved.append(m)
@@ -319,6 +356,6 @@ class DetHead(nn.Module):
             r = {"boxes": boxes[keep], "labels": d["labels"][keep], "scores": d["scores"][keep]}
             if self.masks:
                 pasted = paste_masks_in_image(d["masks"][keep], d["boxes"][keep], padded)
-                r["masks"] = pasted[:, :, top:top + h, left:left + w]
+                r["masks"] = pasted[:, :, top : top + h, left : left + w]
             out.append(r)
         return out

@@ -25,7 +25,9 @@ class MultiTaskViTSplit(nn.Module):
     ``{"k_t": 3, "prior_layers": [2, 5, 8, 11], "task": "seg", "num_classes": 150}``.
     """
 
-    def __init__(self, backbone: Backbone, heads: Mapping[str, SplitHeads | Mapping[str, Any]], *, deform_impl: str = "fast"):
+    def __init__(
+        self, backbone: Backbone, heads: Mapping[str, SplitHeads | Mapping[str, Any]], *, deform_impl: str = "fast"
+    ):
         super().__init__()
         if not heads:
             raise UserError("a multi-task model needs at least one task")
@@ -37,8 +39,15 @@ class MultiTaskViTSplit(nn.Module):
                 built[name] = h
             else:
                 kw = dict(h)
-                built[name] = SplitHeads(backbone, kw.pop("k_t"), kw.pop("prior_layers"), kw.pop("task"),
-                                         kw.pop("num_classes", 1), deform_impl=deform_impl, **kw)
+                built[name] = SplitHeads(
+                    backbone,
+                    kw.pop("k_t"),
+                    kw.pop("prior_layers"),
+                    kw.pop("task"),
+                    kw.pop("num_classes", 1),
+                    deform_impl=deform_impl,
+                    **kw,
+                )
         self.heads = nn.ModuleDict(built)
         self.backbone = backbone
         freeze_backbone(backbone)
@@ -48,7 +57,9 @@ class MultiTaskViTSplit(nn.Module):
         """Combine single-task models that share one backbone object (their heads are shared)."""
         backbones = {id(m.backbone) for m in models.values()}
         if len(backbones) != 1:
-            raise UserError("multi-task models must share one backbone object (build every ViTSplit on the same backbone)")
+            raise UserError(
+                "multi-task models must share one backbone object (build every ViTSplit on the same backbone)"
+            )
         bb = next(iter(models.values())).backbone
         return cls(bb, {name: m.split for name, m in models.items()})
 
@@ -87,7 +98,8 @@ class MultiTaskViTSplit(nn.Module):
         out["loss"] = total
         return out
 
-    def param_groups(self, lr: float, weight_decay: float = 1e-2,
-                     pretrained_lr_scale: float = PRETRAINED_LR_SCALE) -> list[dict[str, Any]]:
+    def param_groups(
+        self, lr: float, weight_decay: float = 1e-2, pretrained_lr_scale: float = PRETRAINED_LR_SCALE
+    ) -> list[dict[str, Any]]:
         """Every task's task heads at lr x ``pretrained_lr_scale`` (the release: 0.1), the rest at lr."""
         return _param_groups(self.heads.values(), lr, weight_decay, pretrained_lr_scale)

@@ -4,7 +4,8 @@
 Four intermediate blocks' patch-token maps (after the backbone's final norm), all on the patch
 grid (B, C, h, w), are brought to 4x, 2x, 1x and 0.5x that grid (strides p/4, p/2, p, 2p for patch
 size p: 4, 8, 16, 32 at p = 16) as BEiT's segmentation neck arranges them (Bao et al., ICLR 2022),
-but resized without parameters: bilinear 4x and 2x up-sampling, identity, 2x2 max-pooling. The published DINOv2-B/L + UperNet
+but resized without parameters: bilinear 4x and 2x up-sampling, identity, 2x2 max-pooling. The published DINOv2-B/L +
+UperNet
 totals (120.7 M / 341.2 M with 150 classes) are exactly the backbone plus UperNet and its auxiliary
 head, which leaves no room for a neck with weights (BEiT's transposed convs would add 7.1 M at B).
 
@@ -36,6 +37,9 @@ class PlainPyramid(nn.Module):
         if len(maps) != 4:
             raise ValueError(f"PlainPyramid takes 4 maps, got {len(maps)}")
         m0, m1, m2, m3 = maps
-        return [F.interpolate(m0, scale_factor=4, mode="bilinear", align_corners=False),
-                F.interpolate(m1, scale_factor=2, mode="bilinear", align_corners=False),
-                m2, F.max_pool2d(m3, kernel_size=2, stride=2)]
+        return [
+            F.interpolate(m0, scale_factor=4, mode="bilinear", align_corners=False),
+            F.interpolate(m1, scale_factor=2, mode="bilinear", align_corners=False),
+            m2,
+            F.max_pool2d(m3, kernel_size=2, stride=2),
+        ]

@@ -57,13 +57,20 @@ class _Classifier(nn.Sequential):
 class UPerHead(nn.Module):
     """Four maps [(B, C_i, h_i, w_i)] (finest first) -> logits (B, num_classes, h_0, w_0)."""
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 512,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        channels: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+    ):
         super().__init__()
         in_channels = [int(c) for c in in_channels]
         self.pool_scales = tuple(int(s) for s in pool_scales)
-        self.psp = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_channels[-1], channels, 1))
-                                  for s in self.pool_scales])
+        self.psp = nn.ModuleList(
+            [nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_channels[-1], channels, 1)) for s in self.pool_scales]
+        )
         self.bottleneck = ConvBNReLU(in_channels[-1] + len(self.pool_scales) * channels, channels, 3)
         self.lateral_convs = nn.ModuleList([ConvBNReLU(c, channels, 1) for c in in_channels[:-1]])
         self.fpn_convs = nn.ModuleList([ConvBNReLU(channels, channels, 3) for _ in in_channels[:-1]])
@@ -89,9 +96,13 @@ class FCNHead(nn.Module):
     """mmseg's FCNHead with ``num_convs`` 3x3 ConvBNReLU and no input concatenation:
     (B, C_in, h, w) -> (B, num_classes, h, w)."""
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 256, num_convs: int = 1, dropout: float = 0.1):
+    def __init__(
+        self, in_channels: int, num_classes: int, channels: int = 256, num_convs: int = 1, dropout: float = 0.1
+    ):
         super().__init__()
-        self.convs = nn.Sequential(*[ConvBNReLU(in_channels if i == 0 else channels, channels, 3) for i in range(num_convs)])
+        self.convs = nn.Sequential(
+            *[ConvBNReLU(in_channels if i == 0 else channels, channels, 3) for i in range(num_convs)]
+        )
         self.cls = _Classifier(channels, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,8 +117,16 @@ class UperNetSegHead(nn.Module):
     averaged as mmseg 0.20 does (:meth:`vitsplit.heads.SegHead.loss`), logits resized to the label.
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, *, channels: int = 512, aux_channels: int = 256,
-                 aux_index: int = 2, dropout: float = 0.1):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        *,
+        channels: int = 512,
+        aux_channels: int = 256,
+        aux_index: int = 2,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.aux_index = int(aux_index)
         self.decode = UPerHead(in_channels, num_classes, channels=channels, dropout=dropout)

@@ -81,12 +81,15 @@ _GROUPS_24 = ((0, 5), (6, 11), (12, 17), (18, 23))
 # The released ADE20K UperNet configs (upernet_{deit,augreg}_adapter_{small,base,large}_512_160k_ade20k),
 # keyed by (ViT depth, width).
 PUBLISHED_ADAPTERS: dict[tuple[int, int], AdapterConfig] = {
-    (12, 384): AdapterConfig(_GROUPS_12, deform_num_heads=6, deform_ratio=1.0, drop_path_rate=0.2,
-                             source="published ViT-Adapter-S"),
-    (12, 768): AdapterConfig(_GROUPS_12, deform_num_heads=12, deform_ratio=0.5, drop_path_rate=0.3,
-                             source="published ViT-Adapter-B"),
-    (24, 1024): AdapterConfig(_GROUPS_24, deform_num_heads=16, deform_ratio=0.5, drop_path_rate=0.4,
-                              source="published ViT-Adapter-L"),
+    (12, 384): AdapterConfig(
+        _GROUPS_12, deform_num_heads=6, deform_ratio=1.0, drop_path_rate=0.2, source="published ViT-Adapter-S"
+    ),
+    (12, 768): AdapterConfig(
+        _GROUPS_12, deform_num_heads=12, deform_ratio=0.5, drop_path_rate=0.3, source="published ViT-Adapter-B"
+    ),
+    (24, 1024): AdapterConfig(
+        _GROUPS_24, deform_num_heads=16, deform_ratio=0.5, drop_path_rate=0.4, source="published ViT-Adapter-L"
+    ),
 }
 
 
@@ -95,8 +98,10 @@ def interaction_groups(num_layers: int) -> tuple[tuple[int, int], ...]:
     and L (24) interaction indexes follow this rule. Raises ``UserError`` if ``num_layers`` is not a
     positive multiple of 4."""
     if num_layers < 4 or num_layers % 4:
-        raise UserError(f"ViT-Adapter splits the ViT into four equal groups of blocks; a ViT with {num_layers} blocks "
-                        "does not split (use a depth divisible by 4)")
+        raise UserError(
+            f"ViT-Adapter splits the ViT into four equal groups of blocks; a ViT with {num_layers} blocks "
+            "does not split (use a depth divisible by 4)"
+        )
     g = num_layers // 4
     return tuple((i * g, (i + 1) * g - 1) for i in range(4))
 
@@ -110,10 +115,17 @@ def adapter_config(num_layers: int, embed_dim: int, num_heads: int) -> AdapterCo
     groups = interaction_groups(num_layers)
     ratio = 0.5 if embed_dim >= 768 else 1.0
     if (embed_dim * ratio) % num_heads:
-        raise UserError(f"ViT-Adapter's deformable attention needs width x ratio ({embed_dim} x {ratio}) divisible by "
-                        f"its {num_heads} heads")
-    return AdapterConfig(groups, deform_num_heads=num_heads, deform_ratio=ratio, drop_path_rate=0.2,
-                         source=f"rule (4 groups of {num_layers // 4} blocks, {num_heads} heads, ratio {ratio})")
+        raise UserError(
+            f"ViT-Adapter's deformable attention needs width x ratio ({embed_dim} x {ratio}) divisible by "
+            f"its {num_heads} heads"
+        )
+    return AdapterConfig(
+        groups,
+        deform_num_heads=num_heads,
+        deform_ratio=ratio,
+        drop_path_rate=0.2,
+        source=f"rule (4 groups of {num_layers // 4} blocks, {num_heads} heads, ratio {ratio})",
+    )
 
 
 USED_VIT_PARAMS = ("blocks.", "patch_embed.", "pos_embed", "norm_pre.")  # what the adapter's forward runs
@@ -129,22 +141,42 @@ class ViTAdapter(nn.Module):
     def __init__(self, backbone: Backbone, config: AdapterConfig | None = None):
         super().__init__()
         if not isinstance(backbone.family, ViTFamily):
-            raise UserError(f"ViT-Adapter is built for timm VisionTransformer backbones (DeiT, AugReg, DINOv2, ...); "
-                            f"{backbone.name} is a {backbone.family.name} model, whose blocks need more than the tokens")
+            raise UserError(
+                f"ViT-Adapter is built for timm VisionTransformer backbones (DeiT, AugReg, DINOv2, ...); "
+                f"{backbone.name} is a {backbone.family.name} model, whose blocks need more than the tokens"
+            )
         vit = backbone.vit
         cfg = config or adapter_config(backbone.num_layers, backbone.embed_dim, vit.blocks[0].attn.num_heads)
         groups = [tuple(int(i) for i in g) for g in cfg.interaction_indexes]
-        if len(groups) != 4 or groups[0][0] != 0 or groups[-1][1] != backbone.num_layers - 1 or \
-                any(b[0] != a[1] + 1 or b[1] < b[0] for a, b in zip(groups, groups[1:])):
-            raise UserError(f"interaction indexes {groups} must be four consecutive groups covering blocks 0..{backbone.num_layers - 1}")
+        if (
+            len(groups) != 4
+            or groups[0][0] != 0
+            or groups[-1][1] != backbone.num_layers - 1
+            or any(b[0] != a[1] + 1 or b[1] < b[0] for a, b in zip(groups, groups[1:]))
+        ):
+            raise UserError(
+                f"interaction indexes {groups} must be four consecutive groups covering blocks "
+                f"0..{backbone.num_layers - 1}"
+            )
         self.backbone, self.config = backbone, cfg
         c = backbone.embed_dim
         self.level_embed = nn.Parameter(torch.zeros(3, c))
         self.spm = SpatialPriorModule(cfg.conv_inplane, c)
-        self.interactions = nn.ModuleList([
-            InteractionBlock(c, cfg.deform_num_heads, cfg.n_points, cfg.deform_ratio, cfg.cffn_ratio,
-                             cfg.drop_path_rate, cfg.init_values, extra_extractors=(i == len(groups) - 1))
-            for i in range(len(groups))])
+        self.interactions = nn.ModuleList(
+            [
+                InteractionBlock(
+                    c,
+                    cfg.deform_num_heads,
+                    cfg.n_points,
+                    cfg.deform_ratio,
+                    cfg.cffn_ratio,
+                    cfg.drop_path_rate,
+                    cfg.init_values,
+                    extra_extractors=(i == len(groups) - 1),
+                )
+                for i in range(len(groups))
+            ]
+        )
         self.up = nn.ConvTranspose2d(c, c, 2, stride=2)
         self.norms = nn.ModuleList([nn.BatchNorm2d(c) for _ in range(4)])
         init_adapter_weights(self.spm)
@@ -168,7 +200,7 @@ class ViTAdapter(nn.Module):
         else:
             p = self.backbone.patch_size
             h, w = x.shape[-2] // p, x.shape[-1] // p
-        pos = vit.pos_embed if vit.no_embed_class else vit.pos_embed[:, vit.num_prefix_tokens:]
+        pos = vit.pos_embed if vit.no_embed_class else vit.pos_embed[:, vit.num_prefix_tokens :]
         gh, gw = vit.patch_embed.grid_size
         if (gh, gw) != (h, w):
             pos = pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
@@ -194,6 +226,6 @@ class ViTAdapter(nn.Module):
             vit_maps.append(tokens.transpose(1, 2).reshape(b, dim, *grid))
         sizes = [h * w for h, w in shapes]
         c2, c3, c4 = (t.transpose(1, 2).reshape(b, dim, *hw) for t, hw in zip(torch.split(c, sizes, dim=1), shapes))
-        up = self.up(c2)[..., :c1.shape[-2], :c1.shape[-1]]  # 2*ceil(H/8) may exceed ceil(H/4) by one
+        up = self.up(c2)[..., : c1.shape[-2], : c1.shape[-1]]  # 2*ceil(H/8) may exceed ceil(H/4) by one
         levels = [up + c1, c2, c3, c4]
         return [norm(f + resize_to(v, tuple(f.shape[-2:]))) for norm, f, v in zip(self.norms, levels, vit_maps)]

@@ -104,7 +104,9 @@ def _check_args(backbone: Backbone, k_t: Any, prior_layers: Any, task: Any, num_
     if task not in TASKS:
         raise UserError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
     if not _is_int(k_t) or not 1 <= k_t <= L - 1:
-        raise UserError(f"K_t={k_t!r} is impossible for {backbone.name} with {L} blocks: use an integer in [1, {L - 1}]")
+        raise UserError(
+            f"K_t={k_t!r} is impossible for {backbone.name} with {L} blocks: use an integer in [1, {L - 1}]"
+        )
     layers = list(prior_layers) if isinstance(prior_layers, Iterable) and not isinstance(prior_layers, str) else None
     if not layers or not all(_is_int(i) for i in layers):
         raise UserError(f"prior layers {prior_layers!r} must be a non-empty list of block indices in [0, {L - 1}]")
@@ -114,7 +116,9 @@ def _check_args(backbone: Backbone, k_t: Any, prior_layers: Any, task: Any, num_
     if task in ("seg", "det") and (not _is_int(num_classes) or num_classes < 1):
         raise UserError(f"num_classes={num_classes!r} must be a positive integer for task '{task}'")
     if C % 32:
-        raise UserError(f"{backbone.name} has width {C}; ViT-Split's GroupNorm(32, C) heads need a width divisible by 32")
+        raise UserError(
+            f"{backbone.name} has width {C}; ViT-Split's GroupNorm(32, C) heads need a width divisible by 32"
+        )
     return int(k_t), [int(i) for i in layers]
 
 
@@ -125,8 +129,18 @@ class SplitHeads(nn.Module):
     :attr:`needed_layers`. ``deform_impl`` picks the deformable conv ("fast" or "torchvision").
     """
 
-    def __init__(self, backbone: Backbone, k_t: int, prior_layers: Iterable[int], task: str,
-                 num_classes: int = 1, *, masks: bool = True, deform_impl: str = "fast", det_preset: str = "coco"):
+    def __init__(
+        self,
+        backbone: Backbone,
+        k_t: int,
+        prior_layers: Iterable[int],
+        task: str,
+        num_classes: int = 1,
+        *,
+        masks: bool = True,
+        deform_impl: str = "fast",
+        det_preset: str = "coco",
+    ):
         super().__init__()
         self.det_preset = det_preset
         self.k_t, self.prior_layers = _check_args(backbone, k_t, prior_layers, task, num_classes)
@@ -163,7 +177,9 @@ class SplitHeads(nn.Module):
         t = self.task_head(feats[self.task_input_layer].detach(), backbone.block_context(hw))
         task_map = backbone.tokens_to_map(backbone.final_norm(t), hw)
         with torch.no_grad():  # prior features are frozen
-            prior = torch.cat([backbone.tokens_to_map(backbone.final_norm(feats[i]), hw) for i in self.prior_layers], dim=1)
+            prior = torch.cat(
+                [backbone.tokens_to_map(backbone.final_norm(feats[i]), hw) for i in self.prior_layers], dim=1
+            )
         return self.fusion(self.prior_head(prior), task_map)
 
     def predict(self, fused: torch.Tensor, image_size: tuple[int, int]) -> Any:
@@ -176,7 +192,9 @@ class SplitHeads(nn.Module):
         out = self.head(fused, image_size)
         return torch.exp(out) if self.task == "depth" else out  # the depth head predicts log-depth
 
-    def compute_loss(self, fused: torch.Tensor, batch: dict[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def compute_loss(
+        self, fused: torch.Tensor, batch: dict[str, Any], image_size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
         """Losses for a batch (the layout of :func:`vitsplit.data.collate`); key "loss" is the total."""
         if self.task == "seg":
             if "seg" not in batch:
@@ -190,17 +208,28 @@ class SplitHeads(nn.Module):
             return {"loss": si, "loss_silog": si.detach()}
         for key in ("boxes", "labels") + (("masks",) if self.masks else ()):
             if key not in batch:
-                raise UserError(f"the detection task needs '{key}' in the data" + (" (or build the model with masks=False)" if key == "masks" else ""))
+                raise UserError(
+                    f"the detection task needs '{key}' in the data"
+                    + (" (or build the model with masks=False)" if key == "masks" else "")
+                )
         n = fused.shape[0]
-        targets = [{k: batch[k][i] for k in ("boxes", "labels", "masks") if k in batch and (k != "masks" or self.masks)} for i in range(n)]
+        targets = [
+            {k: batch[k][i] for k in ("boxes", "labels", "masks") if k in batch and (k != "masks" or self.masks)}
+            for i in range(n)
+        ]
         parts = self.head.loss(fused, targets, image_size)
         total = sum(parts.values())
         return {"loss": total, **{k: v.detach() for k, v in parts.items()}}
 
     def head_config(self) -> dict[str, Any]:
-        return {"k_t": self.k_t, "prior_layers": list(self.prior_layers), "task": self.task,
-                "num_classes": self.num_classes, "masks": self.masks,
-                **({"det_preset": self.det_preset} if self.task == "det" else {})}
+        return {
+            "k_t": self.k_t,
+            "prior_layers": list(self.prior_layers),
+            "task": self.task,
+            "num_classes": self.num_classes,
+            "masks": self.masks,
+            **({"det_preset": self.det_preset} if self.task == "det" else {}),
+        }
 
 
 def freeze_backbone(backbone: Backbone) -> None:
@@ -217,8 +246,9 @@ def frozen_pass(backbone: Backbone, images: torch.Tensor, layers: Iterable[int])
         return backbone.forward_layers(images, layers)
 
 
-def _param_groups(heads: Iterable[SplitHeads], lr: float, weight_decay: float,
-                  pretrained_lr_scale: float) -> list[dict[str, Any]]:
+def _param_groups(
+    heads: Iterable[SplitHeads], lr: float, weight_decay: float, pretrained_lr_scale: float
+) -> list[dict[str, Any]]:
     task_params, other = [], []
     for h in heads:
         task_params += [p for p in h.task_head.parameters() if p.requires_grad]
@@ -236,11 +266,22 @@ class ViTSplit(nn.Module):
     seg | det | depth. ``masks=False`` makes the detection head Faster R-CNN.
     """
 
-    def __init__(self, backbone: Backbone, k_t: int, prior_layers: Iterable[int], task: str,
-                 num_classes: int = 1, *, masks: bool = True, deform_impl: str = "fast", det_preset: str = "coco"):
+    def __init__(
+        self,
+        backbone: Backbone,
+        k_t: int,
+        prior_layers: Iterable[int],
+        task: str,
+        num_classes: int = 1,
+        *,
+        masks: bool = True,
+        deform_impl: str = "fast",
+        det_preset: str = "coco",
+    ):
         super().__init__()
-        self.split = SplitHeads(backbone, k_t, prior_layers, task, num_classes, masks=masks, deform_impl=deform_impl,
-                                det_preset=det_preset)
+        self.split = SplitHeads(
+            backbone, k_t, prior_layers, task, num_classes, masks=masks, deform_impl=deform_impl, det_preset=det_preset
+        )
         self.backbone = backbone
         freeze_backbone(backbone)
 
@@ -283,7 +324,7 @@ class ViTSplit(nn.Module):
         return self.split.compute_loss(self.fused(images), batch, tuple(images.shape[-2:]))
 
     def set_deform_impl(self, impl: str) -> None:
-        """"fast" (grid_sample + matmul) or "torchvision" (``torchvision.ops.deform_conv2d``)."""
+        """ "fast" (grid_sample + matmul) or "torchvision" (``torchvision.ops.deform_conv2d``)."""
         self.split.set_deform_impl(impl)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -293,19 +334,31 @@ class ViTSplit(nn.Module):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing, unexpected = self.split.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise UserError(f"checkpoint does not fit this ViT-Split (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}); "
-                            "build the model with the checkpoint's config")
+            raise UserError(
+                f"checkpoint does not fit this ViT-Split (missing {list(missing)[:3]}, unexpected "
+                f"{list(unexpected)[:3]}); "
+                "build the model with the checkpoint's config"
+            )
 
-    def param_groups(self, lr: float, weight_decay: float = 1e-2,
-                     pretrained_lr_scale: float = PRETRAINED_LR_SCALE) -> list[dict[str, Any]]:
+    def param_groups(
+        self, lr: float, weight_decay: float = 1e-2, pretrained_lr_scale: float = PRETRAINED_LR_SCALE
+    ) -> list[dict[str, Any]]:
         """AdamW groups: the task head at lr x ``pretrained_lr_scale`` (the release: 0.1), everything else
         trainable at lr; the same weight decay on every trainable parameter (the release's setting)."""
         return _param_groups([self.split], lr, weight_decay, pretrained_lr_scale)
 
     def config(self, *, with_hash: bool = True) -> dict[str, Any]:
         """JSON-ready: the head config and the backbone's (``state_sha256`` only if ``with_hash``)."""
-        bb = backbone_config(self.backbone) if with_hash else {
-            "name": self.backbone.name, "weights_source": self.backbone.weights_source,
-            "num_layers": self.backbone.num_layers, "embed_dim": self.backbone.embed_dim,
-            "patch_size": self.backbone.patch_size, "num_prefix_tokens": self.backbone.num_prefix_tokens}
+        bb = (
+            backbone_config(self.backbone)
+            if with_hash
+            else {
+                "name": self.backbone.name,
+                "weights_source": self.backbone.weights_source,
+                "num_layers": self.backbone.num_layers,
+                "embed_dim": self.backbone.embed_dim,
+                "patch_size": self.backbone.patch_size,
+                "num_prefix_tokens": self.backbone.num_prefix_tokens,
+            }
+        )
         return {**self.split.head_config(), "backbone": bb}

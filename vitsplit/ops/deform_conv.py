@@ -26,8 +26,9 @@ from torch import nn
 IMPLEMENTATIONS = ("fast", "torchvision")
 
 
-def _kernel_grid(offset: torch.Tensor, height: int, width: int, kh: int, kw: int,
-                 stride: int, padding: int, dilation: int) -> torch.Tensor:
+def _kernel_grid(
+    offset: torch.Tensor, height: int, width: int, kh: int, kw: int, stride: int, padding: int, dilation: int
+) -> torch.Tensor:
     """Normalised sampling grid for every kernel tap.
 
     offset: (B, 2*kh*kw, Ho, Wo), channel 2k = y offset, 2k+1 = x offset of tap k = i*kw + j
@@ -48,8 +49,9 @@ def _kernel_grid(offset: torch.Tensor, height: int, width: int, kh: int, kw: int
     return torch.stack((gx, gy), dim=-1).reshape(b, kh * kw * ho, wo, 2)
 
 
-def deform_conv2d_fast(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, *,
-                       stride: int = 1, padding: int = 0, dilation: int = 1) -> torch.Tensor:
+def deform_conv2d_fast(
+    x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, *, stride: int = 1, padding: int = 0, dilation: int = 1
+) -> torch.Tensor:
     """DCNv1 deformable convolution, equal to ``torchvision.ops.deform_conv2d(x, offset, weight,
     stride=stride, padding=padding, dilation=dilation)`` with one offset group, no bias, no mask.
 
@@ -59,7 +61,9 @@ def deform_conv2d_fast(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tens
     b, cin, h, w = x.shape
     cout, cin_w, kh, kw = weight.shape
     if cin_w != cin or offset.shape[1] != 2 * kh * kw:
-        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, offset {tuple(offset.shape)}, weight {tuple(weight.shape)}")
+        raise ValueError(
+            f"shapes do not match: x {tuple(x.shape)}, offset {tuple(offset.shape)}, weight {tuple(weight.shape)}"
+        )
     ho, wo = offset.shape[-2:]
     grid = _kernel_grid(offset.to(x.dtype), h, w, kh, kw, stride, padding, dilation)
     cols = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -82,7 +86,7 @@ class DeformConv3x3(nn.Module):
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, not {impl!r}")
         self.impl = impl
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
-        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # as torchvision.ops.DeformConv2d
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # as torchvision.ops.DeformConv2d
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """x: (B, Cin, H, W), offset: (B, 18, H, W) -> (B, Cout, H, W)."""

@@ -46,8 +46,12 @@ def _shapes_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
     return shapes  # type: ignore[return-value]
 
 
-def ms_deform_attn(value: torch.Tensor, spatial_shapes: SpatialShapes, sampling_locations: torch.Tensor,
-                   attention_weights: torch.Tensor) -> torch.Tensor:
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
     """The core of multi-scale deformable attention: sample, weight, sum.
 
     Args:
@@ -69,25 +73,37 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: SpatialShapes, sampling_
     b, s, m, d = value.shape
     n_levels = len(shapes)
     if sum(h * w for h, w in shapes) != s:
-        raise ValueError(f"spatial_shapes {shapes} hold {sum(h * w for h, w in shapes)} positions but value "
-                         f"{tuple(value.shape)} has S = {s}")
-    if sampling_locations.dim() != 6 or sampling_locations.shape[0] != b or sampling_locations.shape[2] != m \
-            or sampling_locations.shape[3] != n_levels or sampling_locations.shape[5] != 2:
-        raise ValueError(f"sampling_locations must be (B={b}, Q, M={m}, L={n_levels}, P, 2), "
-                         f"got {tuple(sampling_locations.shape)}")
+        raise ValueError(
+            f"spatial_shapes {shapes} hold {sum(h * w for h, w in shapes)} positions but value "
+            f"{tuple(value.shape)} has S = {s}"
+        )
+    if (
+        sampling_locations.dim() != 6
+        or sampling_locations.shape[0] != b
+        or sampling_locations.shape[2] != m
+        or sampling_locations.shape[3] != n_levels
+        or sampling_locations.shape[5] != 2
+    ):
+        raise ValueError(
+            f"sampling_locations must be (B={b}, Q, M={m}, L={n_levels}, P, 2), got {tuple(sampling_locations.shape)}"
+        )
     q, p = sampling_locations.shape[1], sampling_locations.shape[4]
     if tuple(attention_weights.shape) != (b, q, m, n_levels, p):
-        raise ValueError(f"attention_weights must be (B, Q, M, L, P) = {(b, q, m, n_levels, p)}, "
-                         f"got {tuple(attention_weights.shape)}")
+        raise ValueError(
+            f"attention_weights must be (B, Q, M, L, P) = {(b, q, m, n_levels, p)}, "
+            f"got {tuple(attention_weights.shape)}"
+        )
     grids = 2.0 * sampling_locations - 1.0  # grid_sample's [-1, 1] with align_corners=False
     sampled = []
     start = 0
     for lvl, (h, w) in enumerate(shapes):
-        v = value[:, start:start + h * w]  # (B, HW, M, D)
+        v = value[:, start : start + h * w]  # (B, HW, M, D)
         start += h * w
         v = v.permute(0, 2, 3, 1).reshape(b * m, d, h, w)  # (B*M, D, H, W)
         g = grids[:, :, :, lvl].transpose(1, 2).reshape(b * m, q, p, 2)  # (B*M, Q, P, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))  # (B*M, D, Q, P)
+        sampled.append(
+            F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )  # (B*M, D, Q, P)
     stacked = torch.stack(sampled, dim=-2)  # (B*M, D, Q, L, P)
     weights = attention_weights.transpose(1, 2).reshape(b * m, 1, q, n_levels, p)
     out = (stacked * weights).sum(dim=(-2, -1))  # (B*M, D, Q)
@@ -103,8 +119,9 @@ def level_start_index(spatial_shapes: SpatialShapes) -> list[int]:
     return starts
 
 
-def reference_points(spatial_shapes: SpatialShapes, *, device: torch.device | None = None,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def reference_points(
+    spatial_shapes: SpatialShapes, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Pixel centres of every level, normalised to [0, 1]: ``((j + 0.5) / W, (i + 0.5) / H)``.
 
     Returns Tensor[1, sum_l H_l*W_l, 1, 2] as (x, y), levels in order, row-major; the two
@@ -140,7 +157,13 @@ class MSDeformAttn(nn.Module):
         value_dim = int(d_model * ratio)
         if value_dim % n_heads:
             raise ValueError(f"int(d_model * ratio) = {value_dim} must be divisible by n_heads = {n_heads}")
-        self.d_model, self.n_levels, self.n_heads, self.n_points, self.ratio = d_model, n_levels, n_heads, n_points, ratio
+        self.d_model, self.n_levels, self.n_heads, self.n_points, self.ratio = (
+            d_model,
+            n_levels,
+            n_heads,
+            n_points,
+            ratio,
+        )
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, value_dim)
@@ -163,8 +186,14 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
 
-    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, input_flatten: torch.Tensor,
-                spatial_shapes: SpatialShapes, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        spatial_shapes: SpatialShapes,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attend from each query to P points per head around its reference point on every level.
 
         Args:
@@ -186,20 +215,34 @@ class MSDeformAttn(nn.Module):
         b, q, _ = query.shape
         if input_flatten.dim() != 3 or input_flatten.shape[0] != b or input_flatten.shape[-1] != self.d_model:
             raise ValueError(f"input_flatten must be (B={b}, S, {self.d_model}), got {tuple(input_flatten.shape)}")
-        if reference_points.dim() != 4 or reference_points.shape[-1] != 2 or reference_points.shape[1] != q \
-                or reference_points.shape[0] not in (1, b) or reference_points.shape[2] not in (1, self.n_levels):
-            raise ValueError(f"reference_points must be (B or 1, Q={q}, L={self.n_levels} or 1, 2), "
-                             f"got {tuple(reference_points.shape)}")
+        if (
+            reference_points.dim() != 4
+            or reference_points.shape[-1] != 2
+            or reference_points.shape[1] != q
+            or reference_points.shape[0] not in (1, b)
+            or reference_points.shape[2] not in (1, self.n_levels)
+        ):
+            raise ValueError(
+                f"reference_points must be (B or 1, Q={q}, L={self.n_levels} or 1, 2), "
+                f"got {tuple(reference_points.shape)}"
+            )
         m, n_l, p = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(input_flatten)
         if padding_mask is not None:
             if tuple(padding_mask.shape) != tuple(input_flatten.shape[:2]):
-                raise ValueError(f"padding_mask must be (B, S) = {tuple(input_flatten.shape[:2])}, got {tuple(padding_mask.shape)}")
+                raise ValueError(
+                    f"padding_mask must be (B, S) = {tuple(input_flatten.shape[:2])}, got {tuple(padding_mask.shape)}"
+                )
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(b, value.shape[1], m, -1)  # (B, S, M, D)
         offsets = self.sampling_offsets(query).view(b, q, m, n_l, p, 2)
         weights = self.attention_weights(query).view(b, q, m, n_l * p).softmax(-1).view(b, q, m, n_l, p)
-        normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)  # (L, 2) as (W, H)
-        locations = reference_points[:, :, None, :, None, :].to(offsets.dtype) + offsets / normaliser[None, None, None, :, None, :]
+        normaliser = torch.tensor(
+            [[w, h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device
+        )  # (L, 2) as (W, H)
+        locations = (
+            reference_points[:, :, None, :, None, :].to(offsets.dtype)
+            + offsets / normaliser[None, None, None, :, None, :]
+        )
         out = ms_deform_attn(value, shapes, locations, weights)  # (B, Q, M*D)
         return self.output_proj(out)

@@ -39,8 +39,17 @@ import torch
 from torch import nn
 
 from ..backbones import Backbone
-from ..backbones.demo_vit import (CACHE_FOLDER, DEMO_RECIPE, PRETEXTS, DemoRecipe, cache_path, create_demo_vit,
-                                  load_demo_vit, save_demo_vit, weights_source)
+from ..backbones.demo_vit import (
+    CACHE_FOLDER,
+    DEMO_RECIPE,
+    PRETEXTS,
+    DemoRecipe,
+    cache_path,
+    create_demo_vit,
+    load_demo_vit,
+    save_demo_vit,
+    weights_source,
+)
 from ..data import build_dataset
 from ..errors import UserError
 from ..fileio import ensure_writable_dir
@@ -78,8 +87,9 @@ def render_images(recipe: DemoRecipe, progress: Progress = NULL_PROGRESS) -> tor
     per-step variety comes from a random horizontal flip and the pretext's random masks or views.
     """
     s = recipe.image_size
-    ds = build_dataset(recipe.data, "train", task="seg", crop=s, augment=False,
-                       length=recipe.dataset_length, seed=recipe.seed)
+    ds = build_dataset(
+        recipe.data, "train", task="seg", crop=s, augment=False, length=recipe.dataset_length, seed=recipe.seed
+    )
     n = min(len(ds), recipe.dataset_length)
     if n < recipe.batch_size:
         raise UserError(f"{recipe.data} has {n} training images; demo pretraining needs at least {recipe.batch_size}")
@@ -160,9 +170,14 @@ def _pretrain(recipe: DemoRecipe, progress: Progress) -> PretrainResult:
         bb = Backbone(vit, name="demo-vit", weights_source="being pretrained")
         model = pretext_model(bb, recipe)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "token" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "token" not in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
+        no_decay = [
+            p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "token" not in n)
+        ]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=recipe.lr,
+            betas=(0.9, 0.95),
+        )
         images = render_images(recipe, progress)
         gen = torch.Generator().manual_seed(recipe.seed + 1)  # batch order, flips, masks or views
         order = torch.randperm(len(images), generator=gen)
@@ -177,7 +192,7 @@ def _pretrain(recipe: DemoRecipe, progress: Progress) -> PretrainResult:
                     g["lr"] = _lr_at(step, recipe)
                 if pos + recipe.batch_size > len(order):  # a new epoch, a new order
                     order, pos = torch.randperm(len(images), generator=gen), 0
-                idx = order[pos:pos + recipe.batch_size]
+                idx = order[pos : pos + recipe.batch_size]
                 pos += recipe.batch_size
                 flip = torch.rand(len(idx), generator=gen) < 0.5
                 loss, baseline = model(_batch(images, idx, flip), gen)
@@ -201,11 +216,23 @@ def pretext_model(backbone: Backbone, recipe: DemoRecipe) -> nn.Module:
     """The recipe's pretext around ``backbone``: a module whose ``forward(images, generator)`` gives
     ``(loss, baseline)``."""
     if recipe.pretext == "simclr":
-        return SimCLR(backbone, view_size=recipe.view_size, crop_scale=(recipe.crop_min, 1.0),
-                      temperature=recipe.temperature, proj_hidden=recipe.proj_hidden, proj_dim=recipe.proj_dim)
+        return SimCLR(
+            backbone,
+            view_size=recipe.view_size,
+            crop_scale=(recipe.crop_min, 1.0),
+            temperature=recipe.temperature,
+            proj_hidden=recipe.proj_hidden,
+            proj_dim=recipe.proj_dim,
+        )
     grid = backbone.grid_size(recipe.image_size, recipe.image_size)
-    return MaskedAutoencoder(backbone, grid, mask_ratio=recipe.mask_ratio, decoder_dim=recipe.decoder_dim,
-                             decoder_depth=recipe.decoder_depth, decoder_heads=recipe.decoder_heads)
+    return MaskedAutoencoder(
+        backbone,
+        grid,
+        mask_ratio=recipe.mask_ratio,
+        decoder_dim=recipe.decoder_dim,
+        decoder_depth=recipe.decoder_depth,
+        decoder_heads=recipe.decoder_heads,
+    )
 
 
 def pretrain_demo_vit(recipe: DemoRecipe = DEMO_RECIPE, progress: Progress = NULL_PROGRESS) -> Backbone:
@@ -217,8 +244,9 @@ def pretrain_demo_vit(recipe: DemoRecipe = DEMO_RECIPE, progress: Progress = NUL
     return bb
 
 
-def load_or_pretrain_demo_vit(recipe: DemoRecipe = DEMO_RECIPE, cache_dir: str | os.PathLike | None = None,
-                              progress: Progress = NULL_PROGRESS) -> Backbone:
+def load_or_pretrain_demo_vit(
+    recipe: DemoRecipe = DEMO_RECIPE, cache_dir: str | os.PathLike | None = None, progress: Progress = NULL_PROGRESS
+) -> Backbone:
     """The demo-vit of ``recipe``: loaded from the cache if present, else pretrained and cached."""
     path = cache_path(recipe, cache_dir)
     if path.is_file():

@@ -46,8 +46,16 @@ class MaskedAutoencoder(nn.Module):
     MSE for a prediction of zero.
     """
 
-    def __init__(self, backbone: Backbone, grid: tuple[int, int], *, mask_ratio: float, decoder_dim: int,
-                 decoder_depth: int, decoder_heads: int):
+    def __init__(
+        self,
+        backbone: Backbone,
+        grid: tuple[int, int],
+        *,
+        mask_ratio: float,
+        decoder_dim: int,
+        decoder_depth: int,
+        decoder_heads: int,
+    ):
         super().__init__()
         from timm.models.vision_transformer import Block  # noqa: PLC0415 - timm takes seconds to import
 
@@ -66,7 +74,9 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, p * p * 3)
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         bb = self.backbone
         tokens = bb.embed(images)  # (B, 1 + N, C), position embeddings added
         npre = bb.num_prefix_tokens

@@ -33,28 +33,41 @@ class SimCLR(nn.Module):
     """``SimCLR(backbone, view_size=56, crop_scale=(0.25, 1.0), temperature=0.2, proj_hidden=512,
     proj_dim=128)``; ``forward(images (B, 3, S, S) normalised, generator) -> (loss, baseline)``."""
 
-    def __init__(self, backbone: Backbone, *, view_size: int, crop_scale: tuple[float, float], temperature: float,
-                 proj_hidden: int, proj_dim: int):
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        view_size: int,
+        crop_scale: tuple[float, float],
+        temperature: float,
+        proj_hidden: int,
+        proj_dim: int,
+    ):
         super().__init__()
         self.backbone = backbone
         self.view_size = view_size
         self.crop_scale = crop_scale
         self.temperature = temperature
-        self.projection = nn.Sequential(nn.Linear(backbone.embed_dim, proj_hidden), nn.GELU(),
-                                        nn.Linear(proj_hidden, proj_dim))
+        self.projection = nn.Sequential(
+            nn.Linear(backbone.embed_dim, proj_hidden), nn.GELU(), nn.Linear(proj_hidden, proj_dim)
+        )
 
     def embed_views(self, views: torch.Tensor) -> torch.Tensor:
         """(N, 3, v, v) views -> (N, proj_dim) unit vectors (final-normed class token, projected)."""
         cls = self.backbone(views)[:, 0]
         return F.normalize(self.projection(cls), dim=-1)
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if generator is None:
             generator = torch.default_generator
         b = images.shape[0]
-        views = [colour_change(resized_crops(images, self.view_size, self.crop_scale, generator), generator)
-                 for _ in range(2)]
-        z = self.embed_views(torch.cat(views))                     # (2B, D): views 0..B-1, then their partners
+        views = [
+            colour_change(resized_crops(images, self.view_size, self.crop_scale, generator), generator)
+            for _ in range(2)
+        ]
+        z = self.embed_views(torch.cat(views))  # (2B, D): views 0..B-1, then their partners
         sim = z @ z.T / self.temperature
         sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=sim.device), float("-inf"))
         partner = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(sim.device)

@@ -22,8 +22,9 @@ def _uniform(n: int, lo: float, hi: float, generator: torch.Generator, *shape: i
     return torch.empty(n, *shape).uniform_(lo, hi, generator=generator)
 
 
-def resized_crops(images: torch.Tensor, size: int, scale: tuple[float, float],
-                  generator: torch.Generator) -> torch.Tensor:
+def resized_crops(
+    images: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
     """One random square crop per image, resized to ``size`` (bilinear) and flipped left-right with
     probability 0.5.
 
@@ -32,12 +33,12 @@ def resized_crops(images: torch.Tensor, size: int, scale: tuple[float, float],
     """
     b, _, s, _ = images.shape
     area = _uniform(b, scale[0], scale[1], generator)
-    side = area.sqrt() * s                                         # crop side in pixels
+    side = area.sqrt() * s  # crop side in pixels
     cx = torch.rand(b, generator=generator) * (s - side) + side / 2
     cy = torch.rand(b, generator=generator) * (s - side) + side / 2
     flip = (torch.rand(b, generator=generator) < 0.5).float() * 2 - 1
     theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = side / s * flip                               # output [-1, 1] -> crop, mirrored or not
+    theta[:, 0, 0] = side / s * flip  # output [-1, 1] -> crop, mirrored or not
     theta[:, 1, 1] = side / s
     theta[:, 0, 2] = cx / s * 2 - 1
     theta[:, 1, 2] = cy / s * 2 - 1

@@ -68,7 +68,10 @@ def parse_k_t(spec: str, num_layers: int) -> list[int]:
     K_t copies the last K_t of the ``num_layers`` blocks into the task head; 1 <= K_t <= L-1 (K_t = L
     would leave no block shared with the prior head's frozen backbone)."""
     text = spec.replace(" ", "")
-    hint = f"--k-t takes K_t values from 1 to {num_layers - 1} ({num_layers} blocks): e.g. 1-{num_layers - 1}, 1,2,4,8 or all"
+    hint = (
+        f"--k-t takes K_t values from 1 to {num_layers - 1} ({num_layers} blocks): "
+        f"e.g. 1-{num_layers - 1}, 1,2,4,8 or all"
+    )
     if text == "all":
         return list(range(1, num_layers))
     values: set[int] = set()
@@ -139,12 +142,23 @@ class SweepPoint:
     def config(self, base: TrainConfig, out: Path) -> TrainConfig:
         """The point's training options: the base's, with this method, K_t, prior layers and seed;
         ``--head`` applies to the methods that take it (``UPERNET_METHODS``), the others keep their linear head."""
-        prior = list(self.prior_layers) if self.prior_layers is not None else base.prior_layers  # base's: the analysis's
+        prior = (
+            list(self.prior_layers) if self.prior_layers is not None else base.prior_layers
+        )  # base's: the analysis's
         head = base.head if self.method in UPERNET_METHODS else "linear"
-        return dataclasses.replace(base, method=self.method, head=head, seed=self.seed, k_t=self.k_t, out=str(out / self.name),
-                                   prior_layers=prior if self.method == "vitsplit" else None,
-                                   auto_split=None, split_source=None, resume=False,
-                                   pretrained_lr_scale=None if self.method == "vit-adapter" else base.pretrained_lr_scale)
+        return dataclasses.replace(
+            base,
+            method=self.method,
+            head=head,
+            seed=self.seed,
+            k_t=self.k_t,
+            out=str(out / self.name),
+            prior_layers=prior if self.method == "vitsplit" else None,
+            auto_split=None,
+            split_source=None,
+            resume=False,
+            pretrained_lr_scale=None if self.method == "vit-adapter" else base.pretrained_lr_scale,
+        )
 
 
 @dataclass
@@ -167,7 +181,9 @@ class SweepConfig:
         pts = []
         for s in range(self.base.seed, self.base.seed + self.seeds):
             if "vitsplit" in self.methods:
-                pts += [SweepPoint("vitsplit", s, k, p, prior_tag=bool(self.prior_layers)) for k in self.k_t for p in priors]
+                pts += [
+                    SweepPoint("vitsplit", s, k, p, prior_tag=bool(self.prior_layers)) for k in self.k_t for p in priors
+                ]
             pts += [SweepPoint(m, s) for m in self.methods if m != "vitsplit"]
         return pts
 
@@ -188,7 +204,7 @@ def resolve_sweep(cfg: SweepConfig, backbone: Backbone | None = None) -> tuple[S
     _check_methods(cfg.methods)
     COUNT.check("--seeds", cfg.seeds)
     b = cfg.base
-    for m in cfg.methods:   # before the base is resolved: resolving gives every other method the default scale
+    for m in cfg.methods:  # before the base is resolved: resolving gives every other method the default scale
         check_pretrained_lr_scale(m, b.pretrained_lr_scale)
     if backbone is not None:
         b.model, b.weights = backbone.name, b.weights or "given"
@@ -204,12 +220,21 @@ def resolve_sweep(cfg: SweepConfig, backbone: Backbone | None = None) -> tuple[S
             b.prior_layers = b.prior_layers or prior  # every point's, unless --prior-layers choices are given
     b.auto_split = None
     head = b.head
-    b = resolve_config(dataclasses.replace(b, head="linear"))  # the base is a ViT-Split config; --head is the baselines'
+    b = resolve_config(
+        dataclasses.replace(b, head="linear")
+    )  # the base is a ViT-Split config; --head is the baselines'
     b.head = head
     for m in cfg.methods:
         if m in UPERNET_METHODS:
-            resolve_config(dataclasses.replace(b, method=m, k_t=None, prior_layers=None,  # refuse a head it cannot take
-                                               pretrained_lr_scale=None if m == "vit-adapter" else b.pretrained_lr_scale))
+            resolve_config(
+                dataclasses.replace(
+                    b,
+                    method=m,
+                    k_t=None,
+                    prior_layers=None,  # refuse a head it cannot take
+                    pretrained_lr_scale=None if m == "vit-adapter" else b.pretrained_lr_scale,
+                )
+            )
     cfg.base = b
     L = backbone.num_layers if backbone is not None else num_layers_of(b.model)
     if isinstance(cfg.k_t, str):
@@ -221,12 +246,14 @@ def resolve_sweep(cfg: SweepConfig, backbone: Backbone | None = None) -> tuple[S
         raise UserError(f"K_t {bad[0]} is outside 1..{L - 1} for {b.model} ({L} blocks)")
     for p in cfg.prior_layers:
         if not p or any(not 0 <= i <= L - 1 for i in p):
-            raise UserError(f"--prior-layers {','.join(map(str, p)) or '(empty)'}: give block indices from 0 to {L - 1}")
+            raise UserError(
+                f"--prior-layers {','.join(map(str, p)) or '(empty)'}: give block indices from 0 to {L - 1}"
+            )
     return cfg, L, link
 
 
 def point_status(cfg: TrainConfig) -> str:
-    """"done" (eval.json and a matching config.json), "resume" (a last.pt to continue) or "new"."""
+    """ "done" (eval.json and a matching config.json), "resume" (a last.pt to continue) or "new"."""
     out = Path(cfg.out)
     if not (out / "eval.json").is_file():
         return "resume" if (out / "last.pt").is_file() else "new"
@@ -236,8 +263,10 @@ def point_status(cfg: TrainConfig) -> str:
         if k in RESUME_FREE or k in ("split_source", "auto_split") or v is None:
             continue
         if saved.get(k) != v:
-            raise UserError(f"{out} holds a finished run with other options ({k} was {saved.get(k)!r}, the sweep asks "
-                            f"for {v!r}); give the sweep another --out or remove that directory")
+            raise UserError(
+                f"{out} holds a finished run with other options ({k} was {saved.get(k)!r}, the sweep asks "
+                f"for {v!r}); give the sweep another --out or remove that directory"
+            )
     return "done"
 
 
@@ -245,13 +274,19 @@ def point_record(point: SweepPoint, run: Path, sweep_dir: Path, metric: str) -> 
     """sweep.json's entry of a finished point, read from its run directory."""
     ev, conf = read_json(run / "eval.json"), read_json(run / "config.json")
     value = ev.get(metric)
-    return {"name": point.name, "k_t": conf.get("k_t") if point.method == "vitsplit" else None,
-            "prior_layers": conf.get("prior_layers") if point.method == "vitsplit" else None, "method": point.method,
-            "head": conf.get("head") or "linear",
-            "seed": point.seed, "run": str(run.relative_to(sweep_dir)),
-            "metric": float(value) if isinstance(value, (int, float)) else None,
-            "trainable_params": conf.get("trainable_params"), "step_time_s": ev.get("step_time_s"),
-            "peak_memory_mb": ev.get("peak_memory_mb")}
+    return {
+        "name": point.name,
+        "k_t": conf.get("k_t") if point.method == "vitsplit" else None,
+        "prior_layers": conf.get("prior_layers") if point.method == "vitsplit" else None,
+        "method": point.method,
+        "head": conf.get("head") or "linear",
+        "seed": point.seed,
+        "run": str(run.relative_to(sweep_dir)),
+        "metric": float(value) if isinstance(value, (int, float)) else None,
+        "trainable_params": conf.get("trainable_params"),
+        "step_time_s": ev.get("step_time_s"),
+        "peak_memory_mb": ev.get("peak_memory_mb"),
+    }
 
 
 def summarize(points: list[dict[str, Any]], higher_is_better: bool = True) -> dict[str, Any]:
@@ -276,21 +311,40 @@ def summarize(points: list[dict[str, Any]], higher_is_better: bool = True) -> di
         sign = 1 if higher_is_better else -1
         best_key = max(summary, key=lambda k: (sign * summary[k]["mean"], -keys[k][0]))
         best = keys[best_key][0]
-    return {"summary": summary, "baselines": {m: stats(v) for m, v in base.items()},
-            "pooled_sd": pooled_sd(list(summary.values())), "best_k_t": best}
+    return {
+        "summary": summary,
+        "baselines": {m: stats(v) for m, v in base.items()},
+        "pooled_sd": pooled_sd(list(summary.values())),
+        "best_k_t": best,
+    }
 
 
-def sweep_json(cfg: SweepConfig, link: dict[str, Any], points: list[dict[str, Any]], pending: list[str]) -> dict[str, Any]:
+def sweep_json(
+    cfg: SweepConfig, link: dict[str, Any], points: list[dict[str, Any]], pending: list[str]
+) -> dict[str, Any]:
     metric, higher = METRICS[cfg.base.task]
     shared = {k: v for k, v in cfg.base.to_dict().items() if k not in POINT_FIELDS and k not in RESUME_FREE}
-    grid = {"k_t": cfg.k_t, "seeds": list(range(cfg.base.seed, cfg.base.seed + cfg.seeds)), "methods": cfg.methods,
-            "prior_layers": cfg.prior_layers or None}
-    return {"task": cfg.base.task, "metric": metric, "higher_is_better": higher, **link,
-            "config": {"train": shared, **grid}, "points": points, "pending": pending,
-            **summarize(points, higher)}
+    grid = {
+        "k_t": cfg.k_t,
+        "seeds": list(range(cfg.base.seed, cfg.base.seed + cfg.seeds)),
+        "methods": cfg.methods,
+        "prior_layers": cfg.prior_layers or None,
+    }
+    return {
+        "task": cfg.base.task,
+        "metric": metric,
+        "higher_is_better": higher,
+        **link,
+        "config": {"train": shared, **grid},
+        "points": points,
+        "pending": pending,
+        **summarize(points, higher),
+    }
 
 
-def run_sweep(cfg: SweepConfig, progress: Progress = NULL_PROGRESS, *, backbone: Backbone | None = None) -> dict[str, Any]:
+def run_sweep(
+    cfg: SweepConfig, progress: Progress = NULL_PROGRESS, *, backbone: Backbone | None = None
+) -> dict[str, Any]:
     """Train every point of ``cfg`` that is not finished (module docstring); write SWEEP/sweep.json.
 
     ``backbone``: train every point on this backbone (API use and tests; as for ``train``).
@@ -318,8 +372,10 @@ def _sweep_locked(cfg: SweepConfig, d: Dist, progress: Progress, backbone: Backb
     stopped = False
     status = {p.name: point_status(p.config(cfg.base, out)) for p in plan}
     done0 = sum(s == "done" for s in status.values())
-    progress.log(f"sweep of {len(plan)} points in {out}: {done0} finished, "
-                 f"{sum(s == 'resume' for s in status.values())} to resume, {sum(s == 'new' for s in status.values())} to start")
+    progress.log(
+        f"sweep of {len(plan)} points in {out}: {done0} finished, "
+        f"{sum(s == 'resume' for s in status.values())} to resume, {sum(s == 'new' for s in status.values())} to start"
+    )
     bar = progress.task(f"sweep {cfg.base.task}", len(plan), completed=done0)
     times: list[float] = []
     try:
@@ -334,7 +390,7 @@ def _sweep_locked(cfg: SweepConfig, d: Dist, progress: Progress, backbone: Backb
                     stopped = True
                     break
                 times.append(time.perf_counter() - t0)
-                left = sum(status[q.name] != "done" for q in plan[i + 1:]) * sum(times) / len(times)
+                left = sum(status[q.name] != "done" for q in plan[i + 1 :]) * sum(times) / len(times)
                 bar.advance(1, point=p.name, left=f"{left / 60:.1f} min")
             if d.main:
                 records[p.name] = point_record(p, run, out, metric)

@@ -39,8 +39,9 @@ def sweep(
     method: List[str] = typer.Option(
         ["vitsplit"],
         "--method",
-        help="vitsplit and/or the baselines linear, full, lora, vit-adapter at the same budget (repeatable or "
-        "comma-separated; --head upernet applies to full, lora and vit-adapter).",
+        help="vitsplit and/or the baselines linear, full, lora, vit-adapter, vit-comer at the same budget "
+        "(repeatable or "
+        "comma-separated; --head upernet applies to full, lora, vit-adapter and vit-comer).",
     ),
     auto_split: Optional[str] = typer.Option(
         None,

@@ -27,12 +27,13 @@ def train(
     prior_layers: Optional[str] = typer.Option(None, help="Comma-separated 0-based prior layers, e.g. 2,5,8,11."),
     task: str = typer.Option("seg", help="seg, det or depth."),
     method: str = typer.Option(
-        "vitsplit", help="vitsplit, linear, full, lora or vit-adapter (ViT-Adapter, segmentation)."
+        "vitsplit",
+        help="vitsplit, linear, full, lora, vit-adapter or vit-comer (ViT-Adapter, ViT-CoMer: segmentation).",
     ),
     head: str = typer.Option(
         "linear",
         help="Baseline segmentation head: linear, or upernet (UperNet + auxiliary FCN head; with full, lora, "
-        "vit-adapter).",
+        "vit-adapter, vit-comer).",
     ),
     model: Optional[str] = typer.Option(
         None,
@@ -141,5 +142,5 @@ def register(app: typer.Typer) -> None:
     """Add ``cka-split train`` to ``app``."""
     app.command(
         help="Train ViT-Split (with --auto-split: the split an analysis recommended) or a baseline: linear, full, "
-        "lora, vit-adapter (--head linear|upernet)."
+        "lora, vit-adapter, vit-comer (--head linear|upernet)."
     )(train)

@@ -46,7 +46,7 @@ STEP_TIME_KEYS = (
 )
 RATE_KEYS = ("it_s", "it_per_sec", "iters_per_sec", "its")  # iterations per second (metrics.jsonl rows)
 SAME_SETUP = ("task", "model", "data", "iters", "crop", "batch_size")  # what a baseline must share
-OWN_BACKBONE_METHODS = ("vit-adapter",)  # baselines compared on their own backbones (any "model")
+OWN_BACKBONE_METHODS = ("vit-adapter", "vit-comer")  # baselines compared on their own backbones (any "model")
 MEMORY_KEYS = (
     "peak_memory_mb",
     "peak_mem_mb",

@@ -73,6 +73,7 @@ def assert_same(a, b):
         ("full", "seg", "linear"),
         ("lora", "seg", "linear"),
         ("vit-adapter", "seg", "linear"),
+        ("vit-comer", "seg", "linear"),
     ],
 )
 def test_stop_after_checkpoint_then_resume_is_bit_identical(tmp_path, method, task, head):
@@ -83,7 +84,7 @@ def test_stop_after_checkpoint_then_resume_is_bit_identical(tmp_path, method, ta
         else dict(method=method, task=task, k_t=None, prior_layers=None)
     )
     kw["head"] = head
-    if method == "vit-adapter":  # at crop 32 its 1/32 level is 1x1: BatchNorm needs micro-batches of 2
+    if method in ("vit-adapter", "vit-comer"):  # at crop 32 its 1/32 level is 1x1: BatchNorm needs micro-batches of 2
         kw["grad_accum"] = 1
     straight = train(cfg(tmp_path / "a", **kw), backbone=bb)
     # stop at step 5: the checkpoint is at step 3, so steps 4-5 are lost work that resume redoes

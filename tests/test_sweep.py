@@ -110,7 +110,7 @@ def test_head_applies_to_the_baselines_that_take_it():
     b = base(head="upernet")
     heads = {
         m: SweepPoint(m, 0, k_t=1 if m == "vitsplit" else None).config(b, Path("sw")).head
-        for m in ("vitsplit", "linear", "full", "lora", "vit-adapter")
+        for m in ("vitsplit", "linear", "full", "lora", "vit-adapter", "vit-comer")
     }
     assert heads == {
         "vitsplit": "linear",
@@ -118,9 +118,10 @@ def test_head_applies_to_the_baselines_that_take_it():
         "full": "upernet",
         "lora": "upernet",
         "vit-adapter": "upernet",
+        "vit-comer": "upernet",
     }
     cfg, _, _ = resolve_sweep(
-        SweepConfig(base=b, k_t=[1], methods=["vitsplit", "vit-adapter"], out="sw"), tiny_backbone()
+        SweepConfig(base=b, k_t=[1], methods=["vitsplit", "vit-adapter", "vit-comer"], out="sw"), tiny_backbone()
     )
     assert cfg.base.head == "upernet" and cfg.base.method == "vitsplit"
     pts = [

@@ -14,7 +14,7 @@ from ..backbones.reading import weights_path
 from ..errors import UserError
 from ..fileio import read_json
 from ..model.baselines import check_head
-from ..model.configs import METHODS, PRETRAINED_LR_SCALE, TASKS, default_split
+from ..model.configs import LAYER_DECAY_METHODS, METHODS, PRETRAINED_LR_SCALE, TASKS, default_split
 from ..model.heads import DET_PRESETS, det_preset_for
 from ..ranges import COUNT, NON_NEGATIVE, POSITIVE, Range
 from .schedule import default_warmup
@@ -39,15 +39,16 @@ RESUME_FREE = (
 # Options added after runs were first written, with the value a run saved before them used implicitly:
 # a config.json without the key is read with it (resuming, and a sweep checking its finished points).
 IMPLICIT_BEFORE = {
-    "pretrained_lr_scale": lambda saved: None if saved.get("method") == "vit-adapter" else PRETRAINED_LR_SCALE
+    "pretrained_lr_scale": lambda saved: None if saved.get("method") in LAYER_DECAY_METHODS else PRETRAINED_LR_SCALE
 }
 
 
 def check_pretrained_lr_scale(method: str, scale: float | None) -> None:
-    """Refuse a ``--pretrained-lr-scale`` for vit-adapter, whose layer-wise lr decay sets the backbone's lr."""
-    if method == "vit-adapter" and scale is not None:
+    """Refuse a ``--pretrained-lr-scale`` for vit-adapter and vit-comer, whose layer-wise lr decay sets
+    the backbone's lr."""
+    if method in LAYER_DECAY_METHODS and scale is not None:
         raise UserError(
-            "--pretrained-lr-scale does not apply to vit-adapter (its layer-wise lr decay sets the backbone's lr)"
+            f"--pretrained-lr-scale does not apply to {method} (its layer-wise lr decay sets the backbone's lr)"
         )
 
 
@@ -96,9 +97,10 @@ class TrainConfig:
     the backbone is built, by :func:`finish_config`), weight decay 1e-2 (0.05 det), warm-up
     ``min(1500, iters // 10)``, ``pretrained_lr_scale`` (the lr multiplier of ViT-Split's task head and
     of full fine-tuning's backbone) :data:`~vitsplit.model.configs.PRETRAINED_LR_SCALE` (0.1, the
-    release's; vit-adapter has its own layer-wise decay and takes none). ``batch_size`` is the global batch of one
+    release's; vit-adapter and vit-comer have their own layer-wise decay
+    and take none). ``batch_size`` is the global batch of one
     optimizer step.
-    ``head``: a baseline's segmentation head, linear or upernet (full, lora, vit-adapter).
+    ``head``: a baseline's segmentation head, linear or upernet (full, lora, vit-adapter, vit-comer).
     """
 
     task: str = "seg"
@@ -207,8 +209,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"ViT-Split has its own linear segmentation head; --head {cfg.head} is for the baselines")
     if cfg.method != "vitsplit":
         check_head(cfg.head, cfg.method, cfg.task)
-    if cfg.method == "vit-adapter" and cfg.task != "seg":
-        raise UserError(f"--method vit-adapter is built for segmentation (the paper's comparison), not '{cfg.task}'")
+    if cfg.method in LAYER_DECAY_METHODS and cfg.task != "seg":
+        raise UserError(f"--method {cfg.method} is built for segmentation (the paper's comparison), not '{cfg.task}'")
     for name, allowed in TRAIN_RANGES.items():
         allowed.check(f"--{name.replace('_', '-')}", getattr(cfg, name))
     if cfg.eval_mode not in ("whole", "slide"):
@@ -239,7 +241,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.weight_decay is None:
         cfg.weight_decay = 0.05 if cfg.task == "det" else 1e-2
     check_pretrained_lr_scale(cfg.method, cfg.pretrained_lr_scale)
-    if cfg.method != "vit-adapter" and cfg.pretrained_lr_scale is None:
+    if cfg.method not in LAYER_DECAY_METHODS and cfg.pretrained_lr_scale is None:
         cfg.pretrained_lr_scale = PRETRAINED_LR_SCALE
     if cfg.warmup_iters is None:
         cfg.warmup_iters = default_warmup(cfg.iters)
@@ -257,8 +259,8 @@ def default_lr(task: str, backbone: Backbone, method: str = "vitsplit") -> float
     (the release's Mask R-CNN setting); otherwise 3e-4 for a ViT-S-width backbone (embedding width
     up to ``SMALL_WIDTH`` = 384, so narrower ViTs such as demo-vit too) and 2e-4 for wider ones
     (ViT-B/L/g, widths 768/1024/1536). ``vit-adapter``: the ViT-Adapter release's ``ADAPTER_LR``
-    (6e-5 up to 12 blocks, 2e-5 deeper)."""
-    if method == "vit-adapter":
+    (6e-5 up to 12 blocks, 2e-5 deeper), also for ``vit-comer`` (the ViT-CoMer-S/B configs' 6e-5)."""
+    if method in LAYER_DECAY_METHODS:
         return ADAPTER_LR[12] if backbone.num_layers <= 12 else ADAPTER_LR[24]
     if task == "det":
         return 1e-4

@@ -46,17 +46,24 @@ class ViTAdapterBaseline(nn.Module):
         super().__init__()
         if task != "seg":
             raise UserError(
-                f"--method vit-adapter is built for segmentation (the paper's comparison), not '{task}'; "
+                f"--method {self.method} is built for segmentation (the paper's comparison), not '{task}'; "
                 "use vitsplit, linear, full or lora for det/depth"
             )
         check_head(head, self.method, task)
         self.task, self.head_name, self.num_classes = task, head, int(num_classes)
         self._built_on_sha256 = state_hash(backbone)  # the weights training starts from (recorded, checked on load)
-        self.adapter = ViTAdapter(backbone, config)
+        self.adapter = self.build_body(backbone, config)
         c = backbone.embed_dim
         self.head: nn.Module = (
             UperNetSegHead([c] * 4, self.num_classes) if head == "upernet" else LinearSegHead(c, self.num_classes)
         )
+
+    config_key = "adapter"  # where config() records the body's configuration
+
+    @staticmethod
+    def build_body(backbone: Backbone, config: Any) -> nn.Module:
+        """The pyramid-producing body on the backbone (here :class:`ViTAdapter`)."""
+        return ViTAdapter(backbone, config)
 
     @property
     def backbone(self) -> Backbone:
@@ -88,7 +95,7 @@ class ViTAdapterBaseline(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k not in frozen}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_trainable(self, state, "vit-adapter model")
+        load_trainable(self, state, f"{self.method} model")
 
     def param_groups(self, lr: float, weight_decay: float = 1e-2) -> list[dict[str, Any]]:
         """Layer-wise lr decay (see the module docstring); one group per (scale, decay) pair (no
@@ -128,6 +135,6 @@ class ViTAdapterBaseline(nn.Module):
             "head": self.head_name,
             "num_classes": self.num_classes,
             "masks": False,
-            "adapter": self.adapter.config.to_dict(),
+            self.config_key: self.adapter.config.to_dict(),
             "backbone": backbone_config(self.backbone, state_sha256=self._built_on_sha256),
         }

@@ -1,4 +1,4 @@
-"""One constructor for every method: ViT-Split, a baseline or ViT-Adapter, from arguments or from a saved config."""
+"""One constructor for every method (ViT-Split, a baseline, ViT-Adapter, ViT-CoMer), from arguments or saved config."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from ..backbones import Backbone
 from ..errors import UserError
 from .adapter_baseline import ViTAdapterBaseline
 from .baselines import Baseline
+from .comer_baseline import ViTCoMerBaseline
 from .configs import METHODS
 from .vit_adapter import AdapterConfig
+from .vit_comer import CoMerConfig
 from .vit_split import ViTSplit
 
 
@@ -30,11 +32,13 @@ def build_model(
     deform_impl: str = "fast",
     head: str = "linear",
     adapter: AdapterConfig | None = None,
+    comer: CoMerConfig | None = None,
 ) -> nn.Module:
     """:class:`ViTSplit` (``method="vitsplit"``, with ``k_t`` and ``prior_layers``), a
     :class:`Baseline` (linear, full, lora; ``head`` linear or upernet) or a
     :class:`ViTAdapterBaseline` (``vit-adapter``; ``adapter``: its configuration, default the published
-    one for the backbone) on ``backbone``, which the model takes over."""
+    one for the backbone) or a :class:`ViTCoMerBaseline` (``vit-comer``; ``comer``: its configuration) on
+    ``backbone``, which the model takes over."""
     if method not in METHODS:
         raise UserError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
     if method == "vitsplit":
@@ -45,6 +49,8 @@ def build_model(
         )
     if method == "vit-adapter":
         return ViTAdapterBaseline(backbone, task, num_classes, head=head, config=adapter)
+    if method == "vit-comer":
+        return ViTCoMerBaseline(backbone, task, num_classes, head=head, config=comer)
     return Baseline(
         backbone,
         method,
@@ -80,6 +86,7 @@ def model_from_config(config: dict[str, Any], backbone: Backbone, *, deform_impl
             deform_impl=deform_impl,
             head=config.get("head") or "linear",
             adapter=adapter,
+            comer=CoMerConfig.from_dict(config["comer"]) if config.get("comer") is not None else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(

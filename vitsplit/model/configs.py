@@ -2,7 +2,9 @@
 
 - ``TASKS``, ``METHODS`` and ``HEADS``: what can be trained (``TASKS`` is defined with the data's
   labels, :mod:`vitsplit.data.labels`, and re-exported here). ``vit-adapter`` is ViT-Adapter (Chen et
-  al., ICLR 2023), whose published configurations live beside it in :mod:`.vit_adapter`.
+  al., ICLR 2023), whose published configurations live beside it in :mod:`.vit_adapter`; ``vit-comer``
+  is ViT-CoMer (Xia et al., CVPR 2024, :mod:`.vit_comer`). Both train with layer-wise lr decay
+  (``LAYER_DECAY_METHODS``).
   ``HEADS``: the segmentation head of a baseline, ``linear`` (BatchNorm + 1x1 conv) or ``upernet``
   (UperNet with its auxiliary FCN head, :mod:`.upernet`), which ``UPERNET_METHODS`` accept.
 - ``PUBLISHED``: the release's split by backbone depth L (Li et al., ICCV 2025, ADE20K table;
@@ -25,6 +27,7 @@ __all__ = [
     "PRETRAINED_LR_SCALE",
     "DEFAULT_B",
     "HEADS",
+    "LAYER_DECAY_METHODS",
     "METHODS",
     "UPERNET_METHODS",
     "PUBLISHED",
@@ -38,9 +41,12 @@ __all__ = [
 ]
 
 BASELINES = ("linear", "full", "lora")
-METHODS = ("vitsplit", *BASELINES, "vit-adapter")
+METHODS = ("vitsplit", *BASELINES, "vit-adapter", "vit-comer")
 HEADS = ("linear", "upernet")
-UPERNET_METHODS = ("full", "lora", "vit-adapter")  # the trained backbones (linear is the frozen-backbone probe)
+UPERNET_METHODS = ("full", "lora", "vit-adapter", "vit-comer")  # the trained backbones (linear is the probe)
+# The methods trained with the releases' layer-wise lr decay (ViT-Adapter's and ViT-CoMer's
+# LayerDecayOptimizerConstructor), which sets the backbone's lr: they take no pretrained-lr scale.
+LAYER_DECAY_METHODS = ("vit-adapter", "vit-comer")
 # The learning-rate multiplier of trained weights that start from the pretrained model: ViT-Split's task
 # head (copies of the last K_t blocks) and full fine-tuning's backbone; new heads train at the full lr.
 # 0.1 is the release's recipe (``lr_mult`` 0.1 on the task head, tens of thousands of iterations).

@@ -34,7 +34,7 @@ blocks take the tokens alone; RoPE (Eva: DINOv3, EVA-02) and SAM backbones are r
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +131,61 @@ def adapter_config(num_layers: int, embed_dim: int, num_heads: int) -> AdapterCo
 USED_VIT_PARAMS = ("blocks.", "patch_embed.", "pos_embed", "norm_pre.")  # what the adapter's forward runs
 
 
+def check_vit_family(backbone: Backbone, what: str) -> None:
+    """Refuse a backbone whose blocks need more than the tokens (RoPE, SAM): ``UserError``."""
+    if not isinstance(backbone.family, ViTFamily):
+        raise UserError(
+            f"{what} is built for timm VisionTransformer backbones (DeiT, AugReg, DINOv2, ...); "
+            f"{backbone.name} is a {backbone.family.name} model, whose blocks need more than the tokens"
+        )
+
+
+def check_interaction_groups(indexes: Sequence[Sequence[int]], num_layers: int) -> None:
+    """Four consecutive [first, last] groups covering blocks 0..num_layers-1, else ``UserError``."""
+    groups = [tuple(int(i) for i in g) for g in indexes]
+    if (
+        len(groups) != 4
+        or groups[0][0] != 0
+        or groups[-1][1] != num_layers - 1
+        or any(b[0] != a[1] + 1 or b[1] < b[0] for a, b in zip(groups, groups[1:]))
+    ):
+        raise UserError(
+            f"interaction indexes {groups} must be four consecutive groups covering blocks 0..{num_layers - 1}"
+        )
+
+
+def prepare_vit(backbone: Backbone, drop_path_rate: float) -> None:
+    """Stochastic depth linearly increasing over the ViT blocks (DeiT/timm's rule, as the releases
+    build their ViTs), and every parameter the forward does not run (cls/register tokens, final norm,
+    pooling head) frozen, so that it counts neither as trainable nor as unused under DDP."""
+    vit = backbone.vit
+    rates = torch.linspace(0, drop_path_rate, backbone.num_layers, device="cpu").tolist()
+    for blk, rate in zip(vit.blocks, rates):
+        if rate > 0:
+            blk.drop_path1, blk.drop_path2 = DropPath(rate), DropPath(rate)
+    for name, p in vit.named_parameters():
+        p.requires_grad_(name.startswith(USED_VIT_PARAMS))
+
+
+def vit_tokens(backbone: Backbone, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Padded images (B, 3, H, W) -> patch tokens + position embedding (B, h*w, C), grid (h, w)
+    (no prefix token: the releases drop the cls token)."""
+    vit = backbone.vit
+    t = vit.patch_embed(x)
+    if t.dim() == 4:  # timm's dynamic-size patch embedding returns NHWC
+        b, h, w, c = t.shape
+        t = t.reshape(b, h * w, c)
+    else:
+        p = backbone.patch_size
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+    pos = vit.pos_embed if vit.no_embed_class else vit.pos_embed[:, vit.num_prefix_tokens :]
+    gh, gw = vit.patch_embed.grid_size
+    if (gh, gw) != (h, w):
+        pos = pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    return vit.norm_pre(vit.pos_drop(t + pos)), (h, w)
+
+
 class ViTAdapter(nn.Module):
     """``ViTAdapter(backbone, config=None)``: (B, 3, H, W) normalised images -> four maps
     [(B, C, ceil(H'/4), .), 1/8, 1/16, 1/32] (H' = H padded to a multiple of the patch size).
@@ -140,24 +195,10 @@ class ViTAdapter(nn.Module):
 
     def __init__(self, backbone: Backbone, config: AdapterConfig | None = None):
         super().__init__()
-        if not isinstance(backbone.family, ViTFamily):
-            raise UserError(
-                f"ViT-Adapter is built for timm VisionTransformer backbones (DeiT, AugReg, DINOv2, ...); "
-                f"{backbone.name} is a {backbone.family.name} model, whose blocks need more than the tokens"
-            )
+        check_vit_family(backbone, "ViT-Adapter")
         vit = backbone.vit
         cfg = config or adapter_config(backbone.num_layers, backbone.embed_dim, vit.blocks[0].attn.num_heads)
-        groups = [tuple(int(i) for i in g) for g in cfg.interaction_indexes]
-        if (
-            len(groups) != 4
-            or groups[0][0] != 0
-            or groups[-1][1] != backbone.num_layers - 1
-            or any(b[0] != a[1] + 1 or b[1] < b[0] for a, b in zip(groups, groups[1:]))
-        ):
-            raise UserError(
-                f"interaction indexes {groups} must be four consecutive groups covering blocks "
-                f"0..{backbone.num_layers - 1}"
-            )
+        check_interaction_groups(cfg.interaction_indexes, backbone.num_layers)
         self.backbone, self.config = backbone, cfg
         c = backbone.embed_dim
         self.level_embed = nn.Parameter(torch.zeros(3, c))
@@ -172,9 +213,9 @@ class ViTAdapter(nn.Module):
                     cfg.cffn_ratio,
                     cfg.drop_path_rate,
                     cfg.init_values,
-                    extra_extractors=(i == len(groups) - 1),
+                    extra_extractors=(i == len(cfg.interaction_indexes) - 1),
                 )
-                for i in range(len(groups))
+                for i in range(len(cfg.interaction_indexes))
             ]
         )
         self.up = nn.ConvTranspose2d(c, c, 2, stride=2)
@@ -183,29 +224,10 @@ class ViTAdapter(nn.Module):
         init_adapter_weights(self.interactions)
         init_adapter_weights(self.up)
         nn.init.normal_(self.level_embed)
-        rates = torch.linspace(0, cfg.drop_path_rate, backbone.num_layers, device="cpu").tolist()
-        for blk, rate in zip(vit.blocks, rates):  # the release's ViT blocks: stochastic depth rule of DeiT/timm
-            if rate > 0:
-                blk.drop_path1, blk.drop_path2 = DropPath(rate), DropPath(rate)
-        for name, p in backbone.vit.named_parameters():
-            p.requires_grad_(name.startswith(USED_VIT_PARAMS))
+        prepare_vit(backbone, cfg.drop_path_rate)
 
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Padded images (B, 3, H, W) -> patch tokens + position embedding (B, h*w, C), grid (h, w)."""
-        vit = self.backbone.vit
-        t = vit.patch_embed(x)
-        if t.dim() == 4:  # timm's dynamic-size patch embedding returns NHWC
-            b, h, w, c = t.shape
-            t = t.reshape(b, h * w, c)
-        else:
-            p = self.backbone.patch_size
-            h, w = x.shape[-2] // p, x.shape[-1] // p
-        pos = vit.pos_embed if vit.no_embed_class else vit.pos_embed[:, vit.num_prefix_tokens :]
-        gh, gw = vit.patch_embed.grid_size
-        if (gh, gw) != (h, w):
-            pos = pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-            pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
-        return vit.norm_pre(vit.pos_drop(t + pos)), (h, w)
+        return vit_tokens(self.backbone, x)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B, 3, H, W) ImageNet-normalised -> [f1, f2, f3, f4], each (B, C, h_i, w_i) at strides

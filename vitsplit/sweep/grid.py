@@ -50,7 +50,7 @@ from vitsplit.engine.config import RESUME_FREE, check_pretrained_lr_scale, with_
 from vitsplit.engine.distributed import Dist, init_distributed
 from vitsplit.errors import UserError
 from vitsplit.fileio import atomic_write_json, read_json
-from vitsplit.model.configs import METHODS, UPERNET_METHODS
+from vitsplit.model.configs import LAYER_DECAY_METHODS, METHODS, UPERNET_METHODS
 from vitsplit.progress import NULL_PROGRESS, Progress
 from vitsplit.ranges import COUNT
 from vitsplit.runlock import RunLock
@@ -157,7 +157,7 @@ class SweepPoint:
             auto_split=None,
             split_source=None,
             resume=False,
-            pretrained_lr_scale=None if self.method == "vit-adapter" else base.pretrained_lr_scale,
+            pretrained_lr_scale=None if self.method in LAYER_DECAY_METHODS else base.pretrained_lr_scale,
         )
 
 
@@ -232,7 +232,7 @@ def resolve_sweep(cfg: SweepConfig, backbone: Backbone | None = None) -> tuple[S
                     method=m,
                     k_t=None,
                     prior_layers=None,  # refuse a head it cannot take
-                    pretrained_lr_scale=None if m == "vit-adapter" else b.pretrained_lr_scale,
+                    pretrained_lr_scale=None if m in LAYER_DECAY_METHODS else b.pretrained_lr_scale,
                 )
             )
     cfg.base = b
